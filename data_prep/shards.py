@@ -1,0 +1,340 @@
+"""Parquet shards and the manifest that commits them.
+
+Layout of an output folder ``DST`` (any fsspec URL)::
+
+    DST/part-<tag>.parquet      shards (zstd), one row per slice, schema in data_prep.schema
+    DST/_commits/<tag>.json     one commit record per finished unit of work (crash-resume)
+    DST/_manifest.json          written last: the commit marker readers trust
+
+A shard only counts once a commit record names it with its checksum, and a reader only trusts
+``_manifest.json``. So a crash at any point leaves either a committed output or one that a rerun
+completes: files without a commit record are orphans the rerun deletes, and work with a commit
+record is never redone, hence no duplicates.
+
+A *selection* (dataset reduction) is a manifest of ``kind: "selection"`` that names a base output and
+stores the kept ``slice_id`` s; every reader here resolves it, so a selection is usable wherever a
+prep output is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from data_prep import storage
+from data_prep.errors import ManifestError, UserError
+from data_prep.schema import SCHEMA_VERSION, SLICE_SCHEMA
+
+MANIFEST = "_manifest.json"
+COMMITS_DIR = "_commits"
+SELECTION_FILE = "selection.parquet"
+ROW_GROUP_ROWS = 128  # small row groups keep streaming readers' memory low
+ZSTD_LEVEL = 3
+
+
+# --------------------------------------------------------------------------------------------- writing
+@dataclass
+class ShardRecord:
+    path: str  # relative to the output folder
+    rows: int
+    sha256: str
+    bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "rows": self.rows, "sha256": self.sha256, "bytes": self.bytes}
+
+
+class ShardWriter:
+    """Builds one shard in memory (bounded by the caller's rows per shard) and uploads it whole.
+
+    Buffering the compressed file (tens of MB) instead of streaming it lets us checksum it and
+    publish it with a single atomic write on every backend.
+    """
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._writer = pq.ParquetWriter(self._buf, SLICE_SCHEMA, compression="zstd",
+                                        compression_level=ZSTD_LEVEL, write_statistics=["slice_index"])
+        self.rows = 0
+        self.raw_bytes = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+        self.raw_bytes += table.nbytes
+
+    def finish(self, url: str, name: str) -> ShardRecord:
+        """Upload the shard as ``url/name`` (atomically) and return its record."""
+        self._writer.close()
+        data = self._buf.getvalue()
+        fs, root = storage.open_fs(url)
+        storage.write_bytes_atomic(fs, storage.join(root, name), data)
+        return ShardRecord(path=name, rows=self.rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+
+def rows_to_table(rows: dict[str, Sequence[Any]]) -> pa.Table:
+    """A table in the shard schema from column lists (``image`` as a list of 2-D int16 arrays)."""
+    cols = dict(rows)
+    images = cols["image"]
+    cols["image"] = [np.ascontiguousarray(im, dtype="<i2").tobytes() for im in images]
+    cols.setdefault("height", [im.shape[0] for im in images])
+    cols.setdefault("width", [im.shape[1] for im in images])
+    return pa.Table.from_pydict({k: cols[k] for k in SLICE_SCHEMA.names}, schema=SLICE_SCHEMA)
+
+
+def write_commit(url: str, tag: str, record: dict[str, Any]) -> None:
+    fs, root = storage.open_fs(url)
+    storage.write_json_atomic(fs, storage.join(root, COMMITS_DIR, f"{tag}.json"), record)
+
+
+def read_commits(url: str) -> list[dict[str, Any]]:
+    """Commit records whose shard exists with the recorded size; others are treated as not done."""
+    fs, root = storage.open_fs(url)
+    cdir = storage.join(root, COMMITS_DIR)
+    if not fs.exists(cdir):
+        return []
+    out = []
+    for p in sorted(fs.glob(storage.join(cdir, "*.json"))):
+        try:
+            rec = storage.read_json(fs, p)
+        except (json.JSONDecodeError, OSError):
+            continue  # a torn record cannot exist (atomic writes), but never trust a broken one
+        ok = True
+        for sh in rec.get("shards", []):
+            sp = storage.join(root, sh["path"])
+            if not fs.exists(sp) or fs.size(sp) != sh["bytes"]:
+                ok = False
+        if ok:
+            out.append(rec)
+    return out
+
+
+def remove_orphans(url: str, keep: set[str]) -> list[str]:
+    """Delete shard files and temp files that no commit record names (left by a crash)."""
+    fs, root = storage.open_fs(url)
+    if not fs.exists(root):
+        return []
+    removed = []
+    for p in fs.ls(root, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if (name.startswith("part-") and name not in keep) or ".tmp-" in name:
+            fs.rm(p)
+            removed.append(name)
+    return removed
+
+
+def write_manifest(url: str, manifest: dict[str, Any]) -> None:
+    """Commit the output: after this write, readers see exactly the listed shards."""
+    fs, root = storage.open_fs(url)
+    manifest = {"schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **manifest}
+    storage.write_json_atomic(fs, storage.join(root, MANIFEST), manifest)
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_manifest(url: str) -> dict[str, Any]:
+    fs, root = storage.open_fs(url)
+    path = storage.join(root, MANIFEST)
+    try:
+        exists = fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - unreachable bucket, bad credentials...
+        raise ManifestError(f"{url}: cannot read ({type(e).__name__}: {e})") from e
+    if not exists:
+        raise ManifestError(f"{url}: no committed output here (no {MANIFEST}); run `ctssl prep` "
+                            "(or finish an interrupted run) first")
+    try:
+        m = storage.read_json(fs, path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{url}/{MANIFEST}: not valid JSON ({e})") from e
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"{url}/{MANIFEST}: schema_version {m.get('schema_version')!r} is not "
+                            f"{SCHEMA_VERSION}; this ctssl cannot read it")
+    return m
+
+
+@dataclass
+class Resolved:
+    """What a URL means for readers: the base prep output's files and an optional slice filter."""
+
+    base_url: str
+    manifest: dict[str, Any]  # the manifest at the URL asked for
+    base_manifest: dict[str, Any]
+    files: list[dict[str, Any]] = field(default_factory=list)
+    keep_ids: pa.Array | None = None  # slice_ids kept by a selection
+
+
+def resolve(url: str) -> Resolved:
+    m = read_manifest(url)
+    if m.get("kind", "prep") == "selection":
+        base_url = m["base"]
+        base = read_manifest(base_url)
+        if _manifest_digest(base) != m.get("base_manifest_sha256"):
+            raise ManifestError(f"{url}: selection was made from a different version of {base_url} "
+                                "(its manifest changed since); redo the reduction")
+        fs, root = storage.open_fs(url)
+        sel_path = storage.join(root, SELECTION_FILE)
+        data = fs.cat_file(sel_path)
+        if hashlib.sha256(data).hexdigest() != m["selection_sha256"]:
+            raise ManifestError(f"{url}/{SELECTION_FILE}: checksum does not match the manifest (tampered?)")
+        ids = pq.read_table(io.BytesIO(data)).column("slice_id").combine_chunks()
+        return Resolved(base_url, m, base, list(base["shards"]), ids)
+    return Resolved(url, m, m, list(m["shards"]), None)
+
+
+def _manifest_digest(m: dict[str, Any]) -> str:
+    """Digest of what a manifest commits (shards + checksums), independent of timestamps."""
+    body = json.dumps([(s["path"], s["rows"], s["sha256"]) for s in m.get("shards", [])], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _read_shard(url: str, shard: dict[str, Any], columns: list[str] | None, verify: bool) -> pa.Table:
+    fs, root = storage.open_fs(url)
+    path = storage.join(root, shard["path"])
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: shard {shard['path']} is listed in the manifest but missing") from None
+    if len(data) != shard["bytes"] or (verify and hashlib.sha256(data).hexdigest() != shard["sha256"]):
+        raise ManifestError(f"{url}: shard {shard['path']} does not match its manifest checksum (tampered "
+                            "or partially overwritten)")
+    t = pq.read_table(io.BytesIO(data), columns=columns)
+    if t.num_rows != shard["rows"]:
+        raise ManifestError(f"{url}: shard {shard['path']} has {t.num_rows} rows, manifest says {shard['rows']}")
+    return t
+
+
+def read_table(url: str, columns: list[str] | None = None, *, verify: bool = True) -> pa.Table:
+    """Exactly the committed rows at ``url`` (a prep output or a selection), verified by checksum."""
+    r = resolve(url)
+    cols = None if columns is None else list(dict.fromkeys([*columns, *(["slice_id"] if r.keep_ids is not None else [])]))
+    tables = [_read_shard(r.base_url, s, cols, verify) for s in r.files]
+    if not tables:
+        t = SLICE_SCHEMA.empty_table()
+        t = t.select(cols) if cols else t
+    else:
+        t = pa.concat_tables(tables)
+    if r.keep_ids is not None:
+        t = t.filter(pc.is_in(t["slice_id"], value_set=r.keep_ids))
+        if columns is not None and "slice_id" not in columns:
+            t = t.drop_columns(["slice_id"])
+    return t
+
+
+def decode_images(batch: pa.Table | pa.RecordBatch | dict[str, Any]) -> np.ndarray:
+    """(n, H, W) int16 from the ``image``/``height``/``width`` columns (all slices the same size)."""
+    if isinstance(batch, dict):
+        imgs, hs, ws = batch["image"], batch["height"], batch["width"]
+    else:
+        imgs, hs, ws = batch.column("image"), batch.column("height"), batch.column("width")
+        imgs = imgs.to_pylist() if not isinstance(imgs, list) else imgs
+        hs, ws = np.asarray(hs), np.asarray(ws)
+    n = len(imgs)
+    if n == 0:
+        return np.zeros((0, 0, 0), np.int16)
+    h, w = int(hs[0]), int(ws[0])
+    if not (np.all(np.asarray(hs) == h) and np.all(np.asarray(ws) == w)):
+        raise UserError("decode_images: slices of different sizes in one batch")
+    return np.frombuffer(b"".join(imgs), dtype="<i2").reshape(n, h, w)
+
+
+def iter_slices(url: str, batch_rows: int = 256, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Stream committed rows in batches: ``image`` decoded to (n, H, W) int16, other columns numpy.
+
+    Memory holds one shard's compressed bytes and one batch, whatever the dataset size.
+    """
+    r = resolve(url)
+    want = list(SLICE_SCHEMA.names) if columns is None else list(dict.fromkeys(["image", "height", "width", *columns]))
+    if r.keep_ids is not None and "slice_id" not in want:
+        want.append("slice_id")
+    fs, root = storage.open_fs(r.base_url)
+    for shard in r.files:
+        path = storage.join(root, shard["path"])
+        if not fs.exists(path) or fs.size(path) != shard["bytes"]:
+            raise ManifestError(f"{r.base_url}: shard {shard['path']} is missing or does not match the manifest")
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=want):
+                if r.keep_ids is not None:
+                    rb = rb.filter(pc.is_in(rb.column("slice_id"), value_set=r.keep_ids))
+                    if rb.num_rows == 0:
+                        continue
+                out: dict[str, Any] = {"image": decode_images(rb)}
+                for name in want:
+                    if name in ("image",):
+                        continue
+                    col = rb.column(name)
+                    out[name] = col.to_numpy(zero_copy_only=False) if name != "spacing_mm" else \
+                        np.asarray(col.to_pylist(), dtype=np.float32)
+                yield out
+
+
+def committed_files(url: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The committed shard paths of ``url`` (or of a selection's base) and a pyarrow filesystem for
+    them, for engines such as Ray Data's ``read_parquet``."""
+    r = resolve(url)
+    fs, root = storage.open_fs(r.base_url)
+    if storage.is_local(r.base_url):
+        return pafs.LocalFileSystem(), [storage.join(root, s["path"]) for s in r.files]
+    ep = storage.s3_endpoint()
+    kw: dict[str, Any] = {}
+    if ep:
+        scheme, host = ep.split("://", 1) if "://" in ep else ("https", ep)
+        kw = {"endpoint_override": host, "scheme": scheme}
+    return pafs.S3FileSystem(**kw), [storage.join(root, s["path"]) for s in r.files]
+
+
+def selection_filter(url: str) -> pc.Expression | None:
+    """A pyarrow filter on ``slice_id`` for a selection; None for a plain prep output."""
+    r = resolve(url)
+    return None if r.keep_ids is None else pc.field("slice_id").isin(r.keep_ids)
+
+
+def write_selection(dst_url: str, base_url: str, slice_ids: Sequence[str] | pa.Array,
+                    config: dict[str, Any], report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Commit a selection of ``base_url``'s rows at ``dst_url`` (no pixel copies).
+
+    ``base_url`` must be a prep output (a selection of a selection is flattened by the caller).
+    """
+    base = read_manifest(base_url)
+    if storage.is_local(base_url):
+        base_url = storage.open_fs(base_url)[1]  # absolute, so the selection resolves from anywhere
+    if base.get("kind", "prep") != "prep":
+        raise UserError(f"{base_url}: a selection must refer to a prep output, not to another selection")
+    ids = pa.array(list(slice_ids) if not isinstance(slice_ids, pa.Array) else slice_ids, type=pa.string())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"slice_id": ids}), buf, compression="zstd")
+    data = buf.getvalue()
+    fs, root = storage.open_fs(dst_url)
+    fs.makedirs(root, exist_ok=True)
+    storage.write_bytes_atomic(fs, storage.join(root, SELECTION_FILE), data)
+    manifest = {
+        "kind": "selection",
+        "base": base_url,
+        "base_manifest_sha256": _manifest_digest(base),
+        "intensity": base.get("intensity", "hu"),
+        "selection_sha256": hashlib.sha256(data).hexdigest(),
+        "shards": [],
+        "counts": {"base_rows": sum(s["rows"] for s in base["shards"]), "kept_rows": len(ids)},
+        "config": config,
+        "report": report or {},
+    }
+    write_manifest(dst_url, manifest)
+    return read_manifest(dst_url)
+
+
+def manifest_digest(url: str) -> str:
+    """Public digest of a prep output's committed content (to tie selections/checkpoints to it)."""
+    return _manifest_digest(read_manifest(url))

@@ -1,0 +1,81 @@
+"""The source interface and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from data_prep.errors import UserError
+from data_prep.records import Reject, SeriesData, SeriesTask
+
+
+@dataclass
+class PrepOptions:
+    """Options every source honours when loading slices."""
+
+    size: int | None = 256  # output in-plane size (square, aspect kept by padding); None = native
+    dataset: str = ""  # value for the ``source`` column; default: the source's name
+    labels_csv: str | None = None  # optional per-file / per-series labels
+    pad_hu: int = -1024  # value used for padding to square (air)
+
+
+class Source(ABC):
+    """A layout of CT data on disk."""
+
+    name: str = ""
+
+    @classmethod
+    def detect(cls, root: str) -> bool:
+        """Whether ``root`` looks like this source's layout (used when --source is not given)."""
+        return False
+
+    @abstractmethod
+    def discover(self, root: str, opts: PrepOptions) -> tuple[list[SeriesTask], list[Reject]]:
+        """List the series under ``root`` without decoding pixels; inputs that cannot belong to any
+        series (unreadable, not CT...) are returned as rejects so that nothing is silently lost."""
+
+    @abstractmethod
+    def load(self, task: SeriesTask, opts: PrepOptions) -> SeriesData:
+        """Decode one series into HU slices at the prep resolution. Bad slices become rejects in
+        the returned object; only a failure of the whole series raises :class:`UserError`."""
+
+    def count_slices(self, task: SeriesTask) -> int:
+        """Expected number of slices (for the progress bar); files by default."""
+        return len(task.inputs)
+
+
+_REGISTRY: dict[str, type[Source]] = {}
+
+
+def register_source(cls: type[Source]) -> type[Source]:
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def source_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_source(name: str) -> Source:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise UserError(f"unknown source {name!r}; known: {', '.join(source_names())}") from None
+
+
+def detect_source(root: str) -> Source:
+    """The first registered source whose layout matches ``root``."""
+    for name in source_names():
+        if _REGISTRY[name].detect(root):
+            return _REGISTRY[name]()
+    raise UserError(
+        f"{root}: could not tell the layout (DICOM tree, NIfTI files, MedMNIST .npz, image folder + "
+        f"labels CSV); pass --source {{{','.join(source_names())}}}"
+    )
+
+
+def iter_registry() -> Iterable[tuple[str, type[Source]]]:
+    return sorted(_REGISTRY.items())

@@ -1,0 +1,1 @@
+"""Distributed entry points (prep, pre-train, fine-tune sweep, report) and the ``ctssl`` CLI."""

@@ -1,0 +1,76 @@
+"""The one interface every pre-training method implements.
+
+A method owns its networks (online/target encoders, heads, prototypes, queues) and turns a batch of
+*un-augmented* slices into a loss; augmentation lives inside the method because each method has its
+own view recipe (two views, multi-crop, or SparK's crop + flip). Slices arrive in Hounsfield units and
+the method's augmentation windows them (with window jitter where the recipe has it) into ``in_chans``
+channels in [0, 1], so HU-window jitter is a real change of window, not a brightness trick. The training loop therefore never
+changes when a method is added: it calls :meth:`SSLMethod.training_step`, steps the optimiser, then
+:meth:`SSLMethod.after_optimizer_step` for EMA / queue / prototype work.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """Where training is, so schedules (EMA tau, frozen prototypes, queue start) can depend on it."""
+
+    step: int  # global optimiser step, 0-based
+    total_steps: int
+    epoch: int = 0
+    total_epochs: int = 1
+
+
+@dataclass
+class OptimizerDefaults:
+    """The optimiser recipe from the method's paper, scaled later by batch size."""
+
+    name: str  # "lars" | "lamb" | "sgd" | "adamw"
+    base_lr: float  # lr for a batch of ``base_batch_size``
+    weight_decay: float
+    base_batch_size: int = 256
+    warmup_epochs: float = 10.0
+    momentum: float = 0.9
+    weight_decay_end: float | None = None  # cosine weight-decay schedule end value (SparK 0.2)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SSLMethod(nn.Module, ABC):
+    """Base class: a pre-training method around a timm backbone."""
+
+    #: registry name, set by :func:`ssl_core.methods.register`
+    name: str = ""
+
+    @abstractmethod
+    def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Augment ``images`` (N, 1, H, W float32 in HU, un-windowed) and return losses.
+
+        The dict must hold ``"loss"`` (the scalar to back-propagate); other entries are logged.
+        """
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
+        """Momentum updates, queue pushes, prototype normalisation. Default: nothing."""
+
+    @abstractmethod
+    def encoder(self) -> nn.Module:
+        """The backbone whose weights are the product of pre-training (timm layout)."""
+
+    def optimizer_defaults(self) -> OptimizerDefaults:
+        return OptimizerDefaults(name="adamw", base_lr=1e-3, weight_decay=0.05)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameter groups; norm and bias parameters get no weight decay."""
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
