@@ -1,0 +1,89 @@
+"""Optimisers by name from a method's :class:`~ssl_core.methods.base.OptimizerDefaults`.
+
+Public API (stable): :data:`OPTIMIZERS`, :func:`create_optimizer`, :func:`build_schedule`.
+
+BYOL and SwAV were trained with LARS, SparK with LAMB (both from ``timm.optim``), MoCo v2 with SGD;
+AdamW is there for small runs. The lr is scaled linearly by the global batch size against the
+recipe's ``base_batch_size``. Param groups whose weight decay is 0 (norms and biases, see
+``SSLMethod.param_groups``) are also excluded from LARS's trust-ratio adaptation, as in BYOL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from timm.optim import Lamb, Lars
+
+from ssl_core.methods.base import OptimizerDefaults
+from ssl_core.schedules import ParamScheduler, ScheduleConfig, scale_lr
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[list[dict[str, Any]], float, OptimizerDefaults], torch.optim.Optimizer]
+
+
+def _sgd(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=d.momentum, weight_decay=d.weight_decay,
+                           nesterov=bool(d.extra.get("nesterov", False)))
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=d.weight_decay,
+                             betas=tuple(d.extra.get("betas", (0.9, 0.999))))
+
+
+def _lars(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torch.optim.Optimizer:
+    return Lars(groups, lr=lr, momentum=d.momentum, weight_decay=d.weight_decay,
+                trust_coeff=float(d.extra.get("trust_coeff", 0.001)), trust_clip=False, always_adapt=False)
+
+
+def _lamb(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torch.optim.Optimizer:
+    return Lamb(groups, lr=lr, weight_decay=d.weight_decay, betas=tuple(d.extra.get("betas", (0.9, 0.95))),
+                max_grad_norm=d.extra.get("max_grad_norm", 1.0))
+
+
+OPTIMIZERS: dict[str, Builder] = {"sgd": _sgd, "adamw": _adamw, "lars": _lars, "lamb": _lamb}
+
+
+def create_optimizer(params: Iterable[dict[str, Any]] | Iterable[torch.nn.Parameter] | torch.nn.Module,
+                     defaults: OptimizerDefaults, batch_size: int) -> torch.optim.Optimizer:
+    """Optimiser named by ``defaults.name`` with lr = ``base_lr * batch_size / base_batch_size``.
+
+    ``params`` may be a module with ``param_groups()`` (an :class:`SSLMethod`), a list of groups, or
+    plain parameters. Groups keep their own ``weight_decay`` when they set one (0 for norms/biases).
+    """
+    if hasattr(params, "param_groups") and callable(params.param_groups):
+        groups = params.param_groups()
+    elif isinstance(params, torch.nn.Module):
+        groups = [{"params": [p for p in params.parameters() if p.requires_grad]}]
+    else:
+        items = list(params)
+        groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups = [dict(g) for g in groups if len(list(g["params"])) > 0]
+    try:
+        builder = OPTIMIZERS[defaults.name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimiser {defaults.name!r}; known: {', '.join(OPTIMIZERS)}") from None
+    lr = scale_lr(defaults.base_lr, batch_size, defaults.base_batch_size)
+    log.info("optimizer %s: lr %.3g (base %.3g x batch %d / %d), weight decay %.3g", defaults.name, lr,
+             defaults.base_lr, batch_size, defaults.base_batch_size, defaults.weight_decay)
+    opt = builder(groups, lr, defaults)
+    for g in opt.param_groups:
+        g["peak_lr"] = lr
+    return opt
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, defaults: OptimizerDefaults, total_steps: int,
+                   steps_per_epoch: int, final_lr: float = 0.0) -> ParamScheduler:
+    """Warm-up + cosine lr and (if the recipe has one) the cosine weight-decay schedule."""
+    peak = optimizer.param_groups[0].get("peak_lr", optimizer.param_groups[0]["lr"])
+    warmup = min(int(round(defaults.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    return ParamScheduler(optimizer, ScheduleConfig(
+        total_steps=total_steps, peak_lr=peak, warmup_steps=warmup, final_lr=final_lr,
+        weight_decay=defaults.weight_decay, weight_decay_end=defaults.weight_decay_end))
+
+
+__all__ = ["OPTIMIZERS", "build_schedule", "create_optimizer"]
