@@ -1,0 +1,285 @@
+"""Fine-tuning a classifier on a pre-trained (or random) encoder, as in Wolf et al. (2023).
+
+The recipe: Adam, lr 1e-4, weight decay 5e-4, batch 64, 70 epochs, with the backbone frozen for the
+first 10 so the new, randomly initialised classifier settles before its gradients reach (and disturb)
+the pre-trained features. While frozen, the backbone's batch-norm layers also stay in eval mode by
+default: their running statistics are part of the pre-trained encoder, and letting them drift would
+change the frozen features under the classifier's feet.
+
+Pure PyTorch: batches are any re-iterable of ``(images, labels)`` — in-memory tensors via
+:class:`TensorBatches`, a DataLoader, a list — so Ray Tune trials, tests and notebooks all call the
+same :meth:`FineTuner.fit`. Images arrive as HU slices (N, 1, H, W) and are windowed here to the
+model's channels (with a light crop / flip / rotation for training), like pre-training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_core.augment import Compose, RandomResizedCrop, Window
+from ssl_core.backbones import classifier_keys, load_encoder_state_dict
+from ssl_core.ct_window import WindowSpec, default_windows
+from ssl_core.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class FinetuneConfig:
+    """Defaults are the paper's recipe; ``select_metric`` picks the best epoch on validation data."""
+
+    epochs: int = 70
+    freeze_epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    img_size: int | None = None  # None: keep the input size
+    windows: Sequence[WindowSpec] | None = None  # None: default windows for the model's in_chans
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    max_rotation_deg: float = 10.0
+    train_bn_when_frozen: bool = False
+    select_metric: str = "auc"  # any key of classification_metrics, or "loss" (lower is better)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or not 0 <= self.freeze_epochs <= self.epochs:
+            raise ValueError(f"need epochs >= 1 and 0 <= freeze_epochs <= epochs, got "
+                             f"epochs={self.epochs}, freeze_epochs={self.freeze_epochs}")
+        if self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"invalid lr={self.lr} or batch_size={self.batch_size}")
+
+
+def create_classifier(backbone: str, num_classes: int, in_chans: int = 1,
+                      encoder_state: dict[str, torch.Tensor] | None = None, **timm_kwargs: Any) -> nn.Module:
+    """A timm classifier; with ``encoder_state`` (an exported encoder) everything but the new
+    classifier is loaded, otherwise it is randomly initialised (the from-scratch baseline)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if encoder_state is not None:
+        return load_encoder_state_dict(backbone, encoder_state, in_chans=in_chans, num_classes=num_classes,
+                                       **timm_kwargs)
+    return timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=num_classes,
+                             **timm_kwargs)
+
+
+class TensorBatches:
+    """Re-iterable mini-batches over in-memory tensors; reshuffled (seeded) on every pass."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise ValueError("no images")
+        self.images, self.labels = images, torch.as_tensor(labels).long()
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        order = torch.randperm(n, generator=self._gen) if self.shuffle else torch.arange(n)
+        stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
+        for i in range(0, stop, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]  # one entry per epoch: train and validation metrics
+    best_epoch: int
+    best_metrics: dict[str, float]
+    best_state: dict[str, torch.Tensor] = field(repr=False)
+
+
+class FineTuner:
+    """Owns model, optimiser and the freeze schedule; one instance per fine-tuning run."""
+
+    def __init__(self, model: nn.Module, config: FinetuneConfig | None = None,
+                 device: torch.device | str | None = None):
+        self.config = cfg = config or FinetuneConfig()
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.on_cuda = self.device.type == "cuda"
+        self.model = model.to(self.device)
+        if self.on_cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        head = classifier_keys(model)
+        if not head:
+            raise ValueError(f"{type(model).__name__} has no classifier (build it with num_classes >= 2)")
+        self.head_params = {n for n, _ in model.named_parameters() if n in head}
+        self.backbone_modules = self._backbone_modules(model, head)
+        in_chans = self._in_chans(model)
+        windows = list(cfg.windows) if cfg.windows is not None else default_windows(in_chans)
+        if len(windows) != in_chans:
+            raise ValueError(f"{len(windows)} CT windows for a model with in_chans={in_chans}")
+        self._window = Window(windows, None)
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        # Adam skips parameters without gradients, so one optimiser covers both phases
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.frozen = False
+
+    # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _in_chans(model: nn.Module) -> int:
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                return m.in_channels
+        raise ValueError(f"{type(model).__name__} has no Conv2d stem")
+
+    @staticmethod
+    def _backbone_modules(model: nn.Module, head_keys: set[str]) -> list[nn.Module]:
+        head_prefixes = {k.rsplit(".", 1)[0] for k in head_keys}
+        return [m for n, m in model.named_modules() if n and not any(
+            n == p or n.startswith(p + ".") for p in head_prefixes)]
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        for n, p in self.model.named_parameters():
+            if n not in self.head_params:
+                p.requires_grad_(not frozen)
+        self.frozen = frozen
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.frozen and not self.config.train_bn_when_frozen:
+            for m in self.backbone_modules:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.on_cuda else nullcontext()
+
+    def _prepare(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        cfg = self.config
+        x = images.to(self.device, non_blocking=True).float()
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"fine-tuning expects HU slices (N, 1, H, W), got {tuple(images.shape)}")
+        size = cfg.img_size or x.shape[-1]
+        if train and cfg.augment:
+            crop = RandomResizedCrop(size, scale=cfg.crop_scale, ratio=(0.9, 1.1), hflip_p=0.5,
+                                     max_rotation_deg=cfg.max_rotation_deg)
+            x = Compose([crop, self._window])(x, generator=self._gen)
+        else:
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            x = self._window(x)
+        if self.on_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @staticmethod
+    def _check_reiterable(batches: Batches, what: str) -> None:
+        if iter(batches) is batches:
+            raise ValueError(f"{what} batches must be re-iterable (a list, DataLoader or TensorBatches), "
+                             "not a one-shot iterator, since every epoch reads them again")
+
+    # ------------------------------------------------------------ API
+    def batches(self, images: torch.Tensor, labels: torch.Tensor, train: bool) -> TensorBatches:
+        """In-memory batches of ``config.batch_size``; shuffled (seeded) for training."""
+        return TensorBatches(images, labels, self.config.batch_size, shuffle=train, seed=self.config.seed)
+
+    def train_one_epoch(self, batches: Batches, epoch: int) -> dict[str, float]:
+        """One pass; the backbone is frozen iff ``epoch < freeze_epochs`` (epochs count from 0)."""
+        self.set_backbone_frozen(epoch < self.config.freeze_epochs)
+        self._train_mode()
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        for images, labels in batches:
+            x = self._prepare(images, train=True)
+            y = torch.as_tensor(labels).long().to(self.device)
+            with self._autocast():
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+        if n == 0:
+            raise ValueError("training batches were empty")
+        dt = time.perf_counter() - t0
+        return {"train_loss": total / n, "frozen": float(self.frozen), "train_images": float(n),
+                "train_images_per_s": n / max(dt, 1e-9)}
+
+    @torch.no_grad()
+    def predict(self, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels (N,), class probabilities (N, K))`` in batch order."""
+        self.model.eval()
+        ys, ps = [], []
+        for images, labels in batches:
+            x = self._prepare(images, train=False)
+            with self._autocast():
+                logits = self.model(x)
+            ps.append(logits.float().softmax(dim=1).cpu())
+            ys.append(torch.as_tensor(labels).long().cpu())
+        if not ys:
+            raise ValueError("evaluation batches were empty")
+        return torch.cat(ys).numpy(), torch.cat(ps).numpy()
+
+    def evaluate(self, batches: Batches, prefix: str = "val_") -> dict[str, float]:
+        y, p = self.predict(batches)
+        out = {f"{prefix}{k}": v for k, v in classification_metrics(y, p).items()}
+        nll = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()
+        out[f"{prefix}loss"] = float(nll)
+        return out
+
+    def fit(self, train: Batches, val: Batches, epochs: int | None = None,
+            on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+        """Train for ``epochs`` (default: config), evaluating on ``val`` after every epoch.
+
+        The best epoch maximises ``val_<select_metric>`` (minimises for ``loss``; the earliest wins a
+        tie, and a NaN never wins); its weights are kept on CPU in :attr:`FitResult.best_state`.
+        ``on_epoch`` receives each epoch's record (e.g. to report to Ray Tune or MLflow).
+        """
+        self._check_reiterable(train, "training")
+        self._check_reiterable(val, "validation")
+        epochs = epochs or self.config.epochs
+        key = f"val_{self.config.select_metric}"
+        lower_better = self.config.select_metric == "loss"
+        history: list[dict[str, float]] = []
+        best_epoch, best_val, best_state = -1, math.nan, None
+        t_start = time.perf_counter()
+        for epoch in range(epochs):
+            rec = {"epoch": float(epoch), **self.train_one_epoch(train, epoch), **self.evaluate(val)}
+            if key not in rec:
+                raise ValueError(f"select_metric {self.config.select_metric!r} is not one of "
+                                 f"{sorted(k[4:] for k in rec if k.startswith('val_'))}")
+            history.append(rec)
+            v = rec[key]
+            better = math.isfinite(v) and (not math.isfinite(best_val) or
+                                           (v < best_val if lower_better else v > best_val))
+            if better or best_state is None:
+                best_epoch, best_val = epoch, v
+                best_state = {k: t.detach().to("cpu", copy=True) for k, t in self.model.state_dict().items()}
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+            log.info("fine-tune epoch %d/%d%s: train_loss %.4f, %s %.4f (best %.4f @ %d), "
+                     "%.1f img/s, ETA %.0fs", epoch + 1, epochs, " [frozen]" if rec["frozen"] else "",
+                     rec["train_loss"], key, v, best_val, best_epoch, rec["train_images_per_s"], eta)
+            if on_epoch is not None:
+                on_epoch(rec)
+        assert best_state is not None
+        return FitResult(history, best_epoch, history[best_epoch], best_state)
+
+
+__all__ = ["FineTuner", "FinetuneConfig", "FitResult", "TensorBatches", "create_classifier"]

@@ -1,0 +1,169 @@
+"""SparK (Tian et al., ICLR 2023): masked image modelling for CNNs via sparse convolution.
+
+Per step: crop + flip the HU slices and window them to ``in_chans`` channels; mask 60 % of the
+patches (patch = the encoder's downsample ratio, 32 for ResNet and ConvNeXt); run the encoder as a
+sparse CNN on the visible patches only; densify its stage features with mask tokens; decode with a
+light UNet; and regress the per-patch-normalised pixels of the *masked* patches.
+
+Optimiser (official ``pretrain/`` code): LAMB, lr = 2e-4 x batch / 256, betas (0.9, 0.95) for
+ResNets and (0.9, 0.999) for ConvNeXts, gradient-norm clip 5, weight decay cosine 0.04 -> 0.2,
+40 warmup epochs (of 1600).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_core.augment import create_views
+from ssl_core.backbones import create_backbone
+from ssl_core.methods import register
+from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
+from ssl_core.spark_decoder import Densify, LightDecoder
+from ssl_core.spark_encoder import SparseEncoder
+from ssl_core.sparse import random_mask
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, C*p*p), patches in row-major order of the patch grid."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, chans: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = x.shape[0]
+    gh, gw = hw[0] // p, hw[1] // p
+    x = x.reshape(b, gh, gw, chans, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, chans, gh * p, gw * p)
+
+
+def masked_patch_loss(target: torch.Tensor, recon: torch.Tensor, active: torch.Tensor, patch: int,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Mean squared error on per-patch-normalised pixels, averaged over masked patches only.
+
+    Each target patch is normalised by its own mean and (unbiased) std, so the loss rewards structure
+    rather than a patch's brightness. ``active`` (B, 1, h, w) is True for visible patches; those
+    contribute nothing, whatever ``recon`` holds there.
+    """
+    t = patchify(target.float(), patch)
+    r = patchify(recon.float(), patch)
+    mean = t.mean(dim=-1, keepdim=True)
+    std = (t.var(dim=-1, keepdim=True) + eps).sqrt()
+    t = (t - mean) / std
+    per_patch = (r - t).pow(2).mean(dim=-1)  # (B, L)
+    masked = (~active).flatten(1).to(per_patch.dtype)  # (B, L)
+    # where(), not a multiplication: a visible patch must not leak in even through inf/nan
+    per_patch = torch.where(masked > 0, per_patch, torch.zeros_like(per_patch))
+    return per_patch.sum() / masked.sum().clamp(min=1.0)
+
+
+def _uses_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@register("spark")
+class SparK(SSLMethod):
+    """Sparse masked modelling around any timm ResNet / ConvNeXt.
+
+    ``densify_norm="auto"`` picks batch norm for BN backbones (ResNets) and layer norm otherwise
+    (ConvNeXts), as the official code does.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet50",
+        in_chans: int = 1,
+        img_size: int = 224,
+        mask_ratio: float = 0.6,
+        decoder_width: int = 768,
+        densify_norm: str = "auto",
+        windows: list | None = None,
+        sync_bn: bool = False,
+        **backbone_kwargs: Any,
+    ):
+        super().__init__()
+        net = create_backbone(backbone, in_chans=in_chans, **backbone_kwargs) if isinstance(backbone, str) \
+            else backbone
+        self.backbone_name = backbone if isinstance(backbone, str) else type(backbone).__name__
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.mask_ratio = mask_ratio
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        is_bn = _uses_batch_norm(net)
+        self.sparse_encoder = SparseEncoder(net, sync_bn=sync_bn)
+        self.patch = self.sparse_encoder.downsample_ratio
+        if img_size % self.patch:
+            raise ValueError(f"img_size {img_size} must be a multiple of the patch size {self.patch} "
+                             f"(the downsample ratio of {self.backbone_name})")
+        if (img_size // self.patch) ** 2 < 2:
+            raise ValueError(f"img_size {img_size} gives a single {self.patch}-px patch; use >= {2 * self.patch}")
+        if densify_norm == "auto":
+            densify_norm = "bn" if is_bn else "ln"
+        self.densify = Densify(self.sparse_encoder.channels, self.sparse_encoder.reductions, decoder_width,
+                               self.sparse_encoder.mask_ctx, norm=densify_norm, sync_bn=sync_bn)
+        self.decoder = LightDecoder(self.sparse_encoder.levels, out_chans=in_chans, width=decoder_width)
+        self.views = create_views("spark", img_size, in_chans=in_chans, windows=windows)
+        self._uses_bn = is_bn
+
+    # ---------------------------------------------------------------- model
+    def grid(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return hw[0] // self.patch, hw[1] // self.patch
+
+    def make_mask(self, batch: int, hw: tuple[int, int], device: torch.device,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        return random_mask(batch, self.grid(hw), self.mask_ratio, device=device, generator=generator)
+
+    def reconstruct(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Decoder output (B, in_chans, H, W) for windowed images ``x`` and patch mask ``active``."""
+        ctx = self.sparse_encoder.mask_ctx
+        with ctx.masked(active):
+            feats = self.sparse_encoder(x, active)
+            dense = self.densify(feats)
+        return self.decoder(dense)
+
+    def forward(self, x: torch.Tensor, active: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss on windowed images ``x`` (B, in_chans, H, W); a random mask unless ``active`` is given."""
+        if active is None:
+            active = self.make_mask(x.shape[0], (x.shape[-2], x.shape[-1]), x.device, generator)
+        recon = self.reconstruct(x, active)
+        loss = masked_patch_loss(x, recon, active, self.patch)
+        return {"loss": loss, "recon": recon, "active": active}
+
+    # ---------------------------------------------------------------- SSLMethod
+    def training_step(self, images: torch.Tensor, ctx: StepContext,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        (view,) = self.views(images, generator=generator)
+        out = self.forward(view, generator=generator)
+        return {"loss": out["loss"], "visible_fraction": out["active"].float().mean()}
+
+    def encoder(self) -> nn.Module:
+        return self.sparse_encoder.backbone
+
+    def optimizer_defaults(self) -> OptimizerDefaults:
+        return OptimizerDefaults(
+            name="lamb", base_lr=2e-4, weight_decay=0.04, weight_decay_end=0.2, base_batch_size=256,
+            warmup_epochs=40.0,
+            extra={"betas": (0.9, 0.95 if self._uses_bn else 0.999), "max_grad_norm": 5.0,
+                   "clip_grad_norm": 5.0},
+        )
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Mask tokens, norms and biases get no weight decay (the official recipe)."""
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or n.endswith(".bias") or "mask_tokens" in n or n.endswith("gamma"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+__all__ = ["SparK", "masked_patch_loss", "patchify", "unpatchify"]
