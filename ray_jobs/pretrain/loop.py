@@ -1,0 +1,206 @@
+"""The code every Ray Train worker runs: stream batches, step the method, checkpoint, log (rank 0).
+
+Restart semantics: on a worker failure Ray Train restarts the worker group and
+``ray.train.get_checkpoint()`` returns the latest checkpoint. Its ``progress.json`` says which epoch
+and how many of its steps were done; the resumed epoch then trains only the *remaining* steps (on a
+freshly shuffled stream), so the global step counter, the LR schedule and the number of images seen
+continue instead of starting over. Rerunning a finished or interrupted run with the same
+``--experiment`` and ``--storage`` takes the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ray_jobs.pretrain import checkpoint as ckpt_io
+from ray_jobs.pretrain.config import PretrainConfig
+from ray_jobs.pretrain.data import decode_batch, to_training_tensor
+
+log = logging.getLogger("ctssl.pretrain")
+
+
+class StepModule(nn.Module):
+    """Makes ``training_step`` the module's ``forward`` so DDP's gradient hooks see every step."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor, step: int, total_steps: int, epoch: int,
+                total_epochs: int) -> dict[str, torch.Tensor]:
+        from ssl_core.methods import StepContext
+
+        return self.method.training_step(images, StepContext(step=step, total_steps=total_steps, epoch=epoch,
+                                                              total_epochs=total_epochs))
+
+
+def encoder_config(cfg: PretrainConfig, img_size: int, dataset: str, progress: ckpt_io.Progress) -> dict[str, Any]:
+    """What a user of the encoder needs besides the weights (``timm.create_model`` arguments)."""
+    return {
+        "format": "timm-state-dict",
+        "backbone": cfg.backbone,
+        "in_chans": cfg.in_chans,
+        "img_size": img_size,
+        "method": cfg.method,
+        "dataset": dataset,
+        "selection": cfg.selection,
+        "steps": progress.step,
+        "epochs": progress.epoch,
+        "images_seen": progress.images_seen,
+    }
+
+
+def _scalar_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    res = {}
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            res[k] = float(v.detach())
+        elif isinstance(v, int | float):
+            res[k] = float(v)
+    return res
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ray_jobs.ray_cluster import apply_env
+    from ssl_core.backbones import export_encoder_state_dict
+    from ssl_core.methods import create_method
+
+    apply_env(payload.get("env"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = PretrainConfig.from_dict(payload["config"])
+    img_size: int = payload["img_size"]
+    steps_per_epoch: int = payload["steps_per_epoch"]
+    total_steps = steps_per_epoch * cfg.epochs
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_cuda = device.type == "cuda"
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    method = create_method(cfg.method, backbone=cfg.backbone, in_chans=cfg.in_chans, img_size=img_size,
+                           **payload.get("method_options", {}))
+    method.to(device)
+    if on_cuda:
+        method.to(memory_format=torch.channels_last)
+    from ray_jobs.pretrain.optim_setup import build_optimizer, max_grad_norm
+
+    optimizer, scheduler = build_optimizer(method, cfg, total_steps, steps_per_epoch)
+    clip = max_grad_norm(method)
+    progress = ckpt_io.Progress(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            progress = ckpt_io.load(d, method=method, optimizer=optimizer, scheduler=scheduler)
+        progress.restarts += 1
+        if progress.steps_per_epoch != steps_per_epoch:
+            raise RuntimeError(f"checkpoint was made with {progress.steps_per_epoch} steps per epoch, this run "
+                               f"has {steps_per_epoch}: batch size, workers or data changed; use a new "
+                               "--experiment name")
+        log.info("rank %d resumed from step %d (epoch %d, %d/%d steps into it)", rank, progress.step,
+                 progress.epoch, progress.step_in_epoch, steps_per_epoch)
+    torch.manual_seed(cfg.seed + 1000 * rank + progress.step)  # different augmentations per rank and restart
+
+    model = ray.train.torch.prepare_model(
+        StepModule(method),
+        # SwAV freezes its prototypes for the first iterations and target networks get no gradient:
+        # parameters without a gradient in a step must not stall DDP's reducer
+        parallel_strategy_kwargs={"find_unused_parameters": True},
+    )
+
+    mlog = None
+    if rank == 0:
+        from ray_jobs import tracking
+
+        mlog = tracking.MetricLogger(tracking.client(payload["tracking_uri"]), payload["mlflow_run_id"],
+                                     flush_every=cfg.log_every)
+        if resumed is not None:
+            mlog.log({"resumed_from_step": progress.step, "restarts": progress.restarts}, progress.step)
+            mlog.flush()
+
+    def save_checkpoint(final: bool, metrics: dict[str, float]) -> None:
+        report = {"step": progress.step, "epoch": progress.epoch, **metrics}
+        if mlog is not None:
+            mlog.flush()
+        if rank != 0:
+            ray.train.report(report, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_io.save(tmp, method=method, optimizer=optimizer, scheduler=scheduler, progress=progress)
+            if final:
+                ckpt_io.save_encoder(tmp, export_encoder_state_dict(method.encoder()),
+                                     encoder_config(cfg, img_size, payload.get("dataset", ""), progress))
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        log.info("checkpoint at step %d%s", progress.step, " (final)" if final else "")
+
+    shard = ray.train.get_dataset_shard("train")
+    per_bs = cfg.per_worker_batch
+    last = {"loss": float("nan")}
+    t_run = time.perf_counter()
+    steps_this_run = 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
+    while progress.epoch < cfg.epochs:
+        model.train()
+        t_epoch = time.perf_counter()
+        t_step = time.perf_counter()
+        epoch_done = False
+        batches = shard.iter_batches(batch_size=per_bs, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None, prefetch_batches=2)
+        for batch in batches:
+            images = to_training_tensor(decode_batch(batch), img_size, device)
+            with autocast:
+                out = model(images, progress.step, total_steps, progress.epoch, cfg.epochs)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            from ssl_core.methods import StepContext
+
+            method.after_optimizer_step(StepContext(step=progress.step, total_steps=total_steps,
+                                                    epoch=progress.epoch, total_epochs=cfg.epochs))
+            now = time.perf_counter()
+            dt, t_step = now - t_step, now
+            progress.step += 1
+            progress.step_in_epoch += 1
+            progress.images_seen += per_bs * world
+            steps_this_run += 1
+            last = _scalar_metrics(out)
+            if mlog is not None:
+                mlog.log({**last, "lr": optimizer.param_groups[0]["lr"], "images_per_s": per_bs * world / dt,
+                          "epoch": progress.epoch}, progress.step)
+                if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                    rate = steps_this_run / (now - t_run)
+                    eta = (total_steps - progress.step) / max(rate, 1e-9)
+                    log.info("step %d/%d epoch %d loss %.4f %.1f img/s ETA %.0fs", progress.step, total_steps,
+                             progress.epoch, last.get("loss", float("nan")), per_bs * world / dt, eta)
+            if progress.step_in_epoch >= steps_per_epoch:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+                epoch_done = True
+            if progress.step % cfg.checkpoint_every == 0 and progress.step < total_steps:
+                save_checkpoint(False, last)
+            if epoch_done:
+                break
+        if not epoch_done:
+            # the stream ended before steps_per_epoch (cannot happen with an equal split; never loop forever)
+            log.warning("epoch %d ended after %d of %d steps", progress.epoch, progress.step_in_epoch,
+                        steps_per_epoch)
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+        if mlog is not None:
+            mlog.log({"epoch_time_s": time.perf_counter() - t_epoch}, progress.step)
+    progress.finished = True
+    save_checkpoint(True, last)
+    if mlog is not None:
+        mlog.flush()

@@ -1,0 +1,139 @@
+"""MLflow helpers shared by pre-training, the fine-tuning study and the report.
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` with an explicit tracking URI rather
+than mlflow's global "active run": Ray workers, Tune trials and the driver are different processes,
+and each must log into the same run (identified by its id) without relying on process-global state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ray_jobs.errors import CLIError
+
+log = logging.getLogger(__name__)
+
+#: tag keys (the MLflow UI groups and filters by them)
+TAG_KIND = "ctssl.kind"  # "pretrain" | "study" | "trial"
+TAG_RUN_KEY = "ctssl.run_key"  # identifies a pre-training run across restarts
+TAG_STUDY = "ctssl.study"
+PARENT_TAG = "mlflow.parentRunId"
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in a local storage folder.
+
+    A remote (S3) storage with no tracking server is an error rather than a silent local database that
+    nobody would find again.
+    """
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    from data_prep import storage as st
+
+    if storage and st.is_local(storage):
+        _, path = st.open_fs(storage)
+        os.makedirs(path, exist_ok=True)
+        return f"sqlite:///{os.path.join(path, DEFAULT_DB)}"
+    raise CLIError(f"--storage {storage} is not a local folder: give --tracking-uri (or set "
+                   "MLFLOW_TRACKING_URI) so the runs are recorded where they can be found again")
+
+
+def default_artifact_location(tracking_uri: str, storage: str | None) -> str | None:
+    """Artifacts of a SQLite-tracked experiment live beside the database, not in the current folder."""
+    if tracking_uri.startswith("sqlite:") and storage:
+        from data_prep import storage as st
+
+        if st.is_local(storage):
+            _, path = st.open_fs(storage)
+            return "file://" + os.path.join(path, "mlflow-artifacts")
+    return None
+
+
+def client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def get_or_create_experiment(cl, name: str, artifact_location: str | None = None) -> str:
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            cl.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return cl.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # noqa: BLE001 - another process created it between our two calls
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(cl, experiment_id: str, tags: dict[str, str]) -> Any | None:
+    """The most recent run of the experiment carrying all ``tags`` (None when there is none)."""
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = cl.search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                          max_results=1)
+    return runs[0] if runs else None
+
+
+def log_params(cl, run_id: str, params: dict[str, Any]) -> None:
+    """Params in batches (MLflow caps a batch at 100); values cut to MLflow's 6000-char limit."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        cl.log_batch(run_id, params=items[i:i + 100])
+
+
+class MetricLogger:
+    """Buffers metrics and writes them with ``log_batch``: one request per flush, not per value."""
+
+    def __init__(self, cl, run_id: str, flush_every: int = 10):
+        self.cl, self.run_id, self.flush_every = cl, run_id, max(1, flush_every)
+        self._buf: list = []
+        self._n = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._buf.append(Metric(k, float(v), ts, int(step)))
+        self._n += 1
+        if self._n >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        buf, self._buf, self._n = self._buf, [], 0
+        for i in range(0, len(buf), 1000):
+            try:
+                self.cl.log_batch(self.run_id, metrics=buf[i:i + 1000])
+            except Exception as e:  # noqa: BLE001 - losing a metric must not kill a training run
+                log.warning("MLflow metric logging failed (%s); continuing", e)
+
+
+def set_tags(cl, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    cl.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def metric_history(cl, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in cl.get_metric_history(run_id, key))
+
+
+def log_artifacts(cl, run_id: str, paths: Iterable[str], artifact_path: str | None = None) -> None:
+    for p in paths:
+        cl.log_artifact(run_id, p, artifact_path=artifact_path)
