@@ -1,0 +1,103 @@
+"""``ctssl finetune``: the fine-tuning study (encoders x training-set sizes x folds) as a Ray Tune sweep."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "finetune"
+HELP = "fine-tuning study on Ray Tune: encoders x training-set sizes x patient-level folds"
+DESCRIPTION = """\
+Fine-tune every encoder (pre-trained encoders and the random-init baseline) on a labelled prep output,
+over training-set sizes (reduction levels or samples per class) and patient-level stratified folds,
+one Ray Tune trial per (encoder, size, fold, seed). Defaults follow Wolf et al. 2023: Adam lr 1e-4,
+weight decay 5e-4, batch 64, 70 epochs with the backbone frozen for the first 10, best epoch chosen on
+validation. MLflow gets one parent run per study and one child run per trial.
+
+Encoders (--encoder, repeatable): "random", a pre-training checkpoint or encoder folder (local or s3://),
+or runs:/<mlflow-run-id> of a pre-training run; prefix NAME= to choose the label, e.g. byol=s3://b/runs/byol.
+
+Example:
+  ctssl finetune --data s3://bucket/covid --encoder random --encoder byol=runs:/3f2a... \\
+      --samples-per-class 5,10,20,40,60,100,all --folds 5 --storage s3://bucket/tune --experiment covid-study
+"""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="URL", help="labelled prep output (local path or s3://)")
+    p.add_argument("--encoder", action="append", dest="encoders", metavar="[NAME=]SOURCE",
+                   help="random | checkpoint/encoder folder | runs:/RUN_ID (repeatable; default: random)")
+    p.add_argument("--backbone", default="resnet50", metavar="NAME",
+                   help="timm model for the random-init baseline (pre-trained encoders carry their own)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--reductions", metavar="PCTS",
+                       help="training-set reduction levels in %% (default 0,25,50,75,90)")
+    sizes.add_argument("--samples-per-class", metavar="NS",
+                       help="training-set sizes as samples per class, e.g. 5,10,20,40,60,100,all")
+    p.add_argument("--folds", type=int, default=5, help="patient-level stratified folds (default 5)")
+    p.add_argument("--seeds", type=_int_list, default=[0], metavar="S1,S2", help="subset/initialisation seeds")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of each fold's training patients held out for choosing the best epoch")
+    p.add_argument("--epochs", type=int, default=70)
+    p.add_argument("--frozen-epochs", type=int, default=10, help="epochs with the backbone frozen")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, metavar="S", help="fine-tuning resolution (default: the shards' size)")
+    p.add_argument("--in-chans", type=int, choices=(1, 3), help="default: the encoder's (1 for random)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials at once (default: as many as the cluster's resources allow)")
+    p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on validation AUC)")
+    p.add_argument("--search-target-auc", type=float, metavar="AUC",
+                   help="search the smallest samples-per-class reaching this mean test AUC")
+    p.add_argument("--search-margin", type=float, metavar="DELTA",
+                   help="search the smallest samples-per-class within DELTA of the full-data AUC")
+    p.add_argument("--search-candidates", type=_int_list, metavar="NS",
+                   help="samples-per-class values the search may try (default 5..200 on a x1.5 ladder)")
+    p.add_argument("--storage", required=True, metavar="URL", help="Ray Tune results folder (local or s3://)")
+    p.add_argument("--experiment", required=True, metavar="NAME", help="study name (MLflow experiment)")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite under a local --storage)")
+    p.add_argument("--metrics-ci", type=int, default=0, metavar="N",
+                   help="bootstrap resamples for test-metric confidence intervals (0 = off)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+
+    sizes = parse_sizes(reductions=args.reductions, samples_per_class=args.samples_per_class)
+    return FinetuneConfig(
+        data=args.data, encoders=args.encoders or ["random"], backbone=args.backbone, sizes=sizes,
+        folds=args.folds, seeds=args.seeds, val_fraction=args.val_fraction, epochs=args.epochs,
+        frozen_epochs=args.frozen_epochs, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, img_size=args.img_size, in_chans=args.in_chans,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent, asha=args.asha, search_target_auc=args.search_target_auc,
+        search_margin=args.search_margin, search_candidates=args.search_candidates, storage=args.storage,
+        experiment=args.experiment, address=args.address, tracking_uri=args.tracking_uri,
+        metrics_ci=args.metrics_ci,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ray_jobs.finetune.study import run_study
+
+    result = run_study(config_from_args(args))
+    print(result.summary_markdown())
+    return 0

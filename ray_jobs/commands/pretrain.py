@@ -1,0 +1,76 @@
+"""``ctssl pretrain``: self-supervised pre-training on Ray Train (DDP), data streamed from Parquet shards."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "pretrain"
+HELP = "pre-train an encoder with BYOL / MoCo v2 / SwAV / SparK on Ray Train"
+DESCRIPTION = """\
+Pre-train a timm CNN with a self-supervised method on the slices of a prep output (or a selection of
+it), with N data-parallel Ray Train workers. Checkpoints go to --storage every --checkpoint-every steps
+and at the end; rerunning with the same --experiment resumes from the latest checkpoint. Metrics and
+the final encoder (timm layout) are logged to MLflow.
+
+Example:
+  ctssl pretrain --method byol --data s3://bucket/lidc --backbone resnet50 --workers 4 \\
+      --gpus-per-worker 1 --epochs 100 --batch-size 256 --storage s3://bucket/runs --experiment byol-r50
+  ray job submit --working-dir . -- ctssl pretrain ... --address auto
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="byol | mocov2 | swav | spark")
+    p.add_argument("--data", required=True, metavar="URL", help="prep output folder (local path or s3://)")
+    p.add_argument("--selection", metavar="URL", help="a selection (reduction output) of --data to train on")
+    p.add_argument("--backbone", default="resnet50", metavar="NAME", help="timm model name (default resnet50)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="Ray Train workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default 0)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default 1)")
+    p.add_argument("--epochs", type=int, default=100, metavar="E")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="global batch size over all workers")
+    p.add_argument("--storage", required=True, metavar="URL", help="checkpoint folder (local path or s3://)")
+    p.add_argument("--experiment", required=True, metavar="NAME",
+                   help="run name: checkpoints under STORAGE/NAME, MLflow experiment NAME; rerun resumes")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster: ray://host:10001, auto, or local (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite under a local --storage)")
+    p.add_argument("--img-size", type=int, metavar="S", help="training resolution (default: the shards' size)")
+    p.add_argument("--in-chans", type=int, default=1, choices=(1, 3),
+                   help="1 = one HU window, 3 = three CT windows as channels")
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="K", help="steps between checkpoints")
+    p.add_argument("--max-failures", type=int, default=3, metavar="F",
+                   help="worker failures to recover from (restart from the last checkpoint)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the method's, scaled by batch size)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: the method's)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default: the method's)")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N", help="cap on steps per epoch (default: one pass)")
+    p.add_argument("--shuffle-buffer", type=int, default=1024, metavar="ROWS", help="per-worker shuffle buffer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between MLflow flushes")
+    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="method constructor option, e.g. queue_size=1024 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ray_jobs.pretrain.config import PretrainConfig, parse_method_options
+
+    return PretrainConfig(
+        method=args.method, data=args.data, selection=args.selection, backbone=args.backbone,
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        epochs=args.epochs, batch_size=args.batch_size, storage=args.storage, experiment=args.experiment,
+        address=args.address, tracking_uri=args.tracking_uri, img_size=args.img_size, in_chans=args.in_chans,
+        checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, steps_per_epoch=args.steps_per_epoch,
+        shuffle_buffer=args.shuffle_buffer, seed=args.seed, log_every=args.log_every,
+        method_options=parse_method_options(args.method_option),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ray_jobs.pretrain.driver import run_pretrain
+
+    result = run_pretrain(config_from_args(args))
+    print(f"pre-training finished: {result.summary()}")
+    return 0

@@ -1,0 +1,1 @@
+"""The study report, built from MLflow runs alone: tables, plots, paired tests, minimal label counts."""
