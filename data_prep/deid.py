@@ -69,3 +69,16 @@ def load_key(key_file: str | None = None, *, allow_generate: bool = False,
         f"(e.g. `python -c 'import secrets; print(secrets.token_hex(32))' > deid.key`); "
         "patient identifiers are replaced by keyed pseudonyms and the key must stay the same across runs"
     )
+
+
+def redact(text: str, phi: list[str] | set[str]) -> str:
+    """``text`` with every identifying value in ``phi`` replaced by ``[redacted]``.
+
+    Used on input paths in reject lists and logs: folders are often named by PatientID (LIDC-IDRI)
+    and files by SOPInstanceUID, so a path alone can identify a patient. The rest of the path stays,
+    so a person can still find the file.
+    """
+    for v in sorted({v for v in phi if len(v) >= 3}, key=len, reverse=True):
+        if v in text:
+            text = text.replace(v, "[redacted]")
+    return text

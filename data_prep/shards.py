@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data_prep import storage
+from data_prep import failpoints, storage
 from data_prep.errors import ManifestError, UserError
 from data_prep.schema import SCHEMA_VERSION, SLICE_SCHEMA
 
@@ -81,7 +81,9 @@ class ShardWriter:
         self._writer.close()
         data = self._buf.getvalue()
         fs, root = storage.open_fs(url)
+        failpoints.hit("shard.before_write")
         storage.write_bytes_atomic(fs, storage.join(root, name), data)
+        failpoints.hit("shard.after_write")
         return ShardRecord(path=name, rows=self.rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
@@ -122,15 +124,16 @@ def read_commits(url: str) -> list[dict[str, Any]]:
     return out
 
 
-def remove_orphans(url: str, keep: set[str]) -> list[str]:
-    """Delete shard files and temp files that no commit record names (left by a crash)."""
+def remove_orphans(url: str, keep: set[str], prefix: str = "part-") -> list[str]:
+    """Delete shard files (named ``prefix*``) and temp files that no commit record names (left by a
+    crash)."""
     fs, root = storage.open_fs(url)
     if not fs.exists(root):
         return []
     removed = []
     for p in fs.ls(root, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if (name.startswith("part-") and name not in keep) or ".tmp-" in name:
+        if (name.startswith(prefix) and name not in keep) or (name.startswith(prefix) and ".tmp-" in name):
             fs.rm(p)
             removed.append(name)
     return removed

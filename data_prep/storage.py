@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from data_prep import failpoints
 from data_prep.errors import UserError
 
 _ENDPOINT_VARS = ("CTSSL_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -78,7 +79,9 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            failpoints.hit("write.half")  # a crash mid-write leaves only a temp file behind
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -24,6 +24,11 @@ class Source(ABC):
     """A layout of CT data on disk."""
 
     name: str = ""
+    #: inputs seen by the last discover() that are not images (CSV, JSON...): listed, not rejected
+    ignored: list[str]
+
+    def __init__(self) -> None:
+        self.ignored = []
 
     @classmethod
     def detect(cls, root: str) -> bool:

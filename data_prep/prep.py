@@ -1,0 +1,318 @@
+"""The prep pipeline: discover series, load them in parallel, write shards, commit the manifest.
+
+Units of work are *chunks* of whole series, each written as one shard plus a commit record, so:
+- memory is bounded by one chunk's compressed shard and one series' slices, whatever the dataset size;
+- a crash loses at most the chunks in flight: a rerun reads the commit records, deletes files no
+  record names, and processes only series no record covers (no duplicates);
+- ``--shard-index I --num-shards K`` splits the series list across K independent processes (a
+  Kubernetes Indexed Job); whichever finishes last finds every series committed and writes the
+  manifest.
+Workers only ever see pseudonymised identifiers for output and the raw header values needed to
+redact their error messages; the de-identification key stays in the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from data_prep import shards, storage
+from data_prep.deid import Pseudonymizer, redact
+from data_prep.dhash import dhash64_hu
+from data_prep.errors import UserError
+from data_prep.records import Reject, SeriesTask
+from data_prep.schema import SCHEMA_VERSION
+from data_prep.sources import get_source
+from data_prep.sources.base import PrepOptions, detect_source
+
+log = logging.getLogger("ctssl.prep")
+
+
+@dataclass
+class PrepConfig:
+    src: str
+    dst: str
+    source: str | None = None  # registry name; auto-detected when None
+    size: int | None = 256
+    dataset: str | None = None
+    labels_csv: str | None = None
+    workers: int = 1
+    executor: str = "ray"  # "ray" (local or --address cluster) or "local" (in-process, no Ray)
+    address: str | None = None
+    shard_index: int = 0
+    num_shards: int = 1
+    rows_per_shard: int = 1024
+    max_reject_fraction: float | None = None
+    progress: bool = True
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What must be equal for a rerun to continue an existing output."""
+        labels_sha = None
+        if self.labels_csv:
+            with open(self.labels_csv, "rb") as f:
+                labels_sha = hashlib.sha256(f.read()).hexdigest()
+        return {"source": self.source, "size": self.size, "dataset": self.dataset, "labels_sha256": labels_sha,
+                "schema_version": SCHEMA_VERSION}
+
+
+@dataclass
+class PrepSummary:
+    inputs: int = 0
+    series: int = 0
+    slices_written: int = 0
+    rejected: int = 0
+    ignored: int = 0
+    resumed_series: int = 0
+    removed_orphans: int = 0
+    seconds: float = 0.0
+    committed: bool = False
+    rejects: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def reject_fraction(self) -> float:
+        return self.rejected / self.inputs if self.inputs else 0.0
+
+
+# ------------------------------------------------------------------------------------- worker side
+def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOptions,
+                  rows_per_shard: int, fingerprint: str) -> dict[str, Any]:
+    """Load the chunk's series, write its shard(s) and commit record; return the record.
+
+    ``tasks`` carry the pseudonyms computed by the driver (``ids``), so the worker never needs the key.
+    """
+    source = get_source(tasks[0]["task"].source)
+    writer: shards.ShardWriter | None = None
+    shard_records: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    slices = 0
+    inputs = 0
+
+    def flush() -> None:
+        nonlocal writer
+        if writer is not None and writer.rows:
+            rec = writer.finish(dst, f"part-{tag}-{len(shard_records):03d}.parquet")
+            shard_records.append(rec.as_dict())
+        writer = None
+
+    for item in tasks:
+        task: SeriesTask = item["task"]
+        ids = item["ids"]
+        phi = list(task.options.get("phi", [])) + [task.options.get("patient", ""), task.options.get("study", "")]
+        inputs += len(task.inputs)
+        try:
+            data = source.load(task, opts)
+        except UserError as e:
+            rejects.extend(Reject(redact(os.path.relpath(p, task.options.get("base", "/")), phi),
+                                  redact(str(e), phi)).as_dict() for p in task.inputs)
+            continue
+        rejects.extend(Reject(redact(r.input, phi), redact(r.reason, phi)).as_dict() for r in data.rejects)
+        if not data.slices:
+            continue
+        hu = np.stack([s.hu for s in data.slices])
+        hashes = dhash64_hu(hu)
+        table = shards.rows_to_table({
+            "slice_id": [f"{ids['series']}-{s.slice_index:05d}" for s in data.slices],
+            "image": list(hu),
+            "patient_id": [ids["patient"]] * len(hu),
+            "study_id": [ids["study"]] * len(hu),
+            "series_id": [ids["series"]] * len(hu),
+            "slice_index": [s.slice_index for s in data.slices],
+            "z_mm": [None if math.isnan(s.z_mm) else s.z_mm for s in data.slices],
+            "spacing_mm": [list(s.spacing_mm) for s in data.slices],
+            "source": [data.dataset] * len(hu),
+            "label": [s.label for s in data.slices],
+            "dhash": hashes,
+        })
+        if writer is None:
+            writer = shards.ShardWriter()
+        writer.write(table)
+        slices += len(hu)
+        del hu, data, table
+        if writer.rows >= rows_per_shard:
+            flush()
+    flush()
+    record = {"tag": tag, "tasks": [t["ids"]["task"] for t in tasks], "shards": shard_records,
+              "rejects": rejects, "slices": slices, "inputs": inputs, "fingerprint": fingerprint}
+    shards.write_commit(dst, tag, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------- driver side
+def _chunks(items: list[dict[str, Any]], sizes: list[int], target_rows: int, min_chunks: int) -> list[list[dict[str, Any]]]:
+    """Group whole series into chunks of about ``target_rows`` slices (at least ``min_chunks``)."""
+    total = sum(sizes)
+    target = max(1, min(target_rows, math.ceil(total / max(1, min_chunks))))
+    chunks: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    rows = 0
+    for it, n in zip(items, sizes, strict=True):
+        if cur and rows + n > target:
+            chunks.append(cur)
+            cur, rows = [], 0
+        cur.append(it)
+        rows += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _chunk_tag(chunk: list[dict[str, Any]], shard_index: int) -> str:
+    """Shard files are named by the index that owns them, so one index's cleanup never touches
+    another index's work in flight."""
+    digest = hashlib.sha1("\n".join(sorted(c["ids"]["task"] for c in chunk)).encode()).hexdigest()[:16]
+    return f"i{shard_index:03d}-{digest}"
+
+
+def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
+    t0 = time.perf_counter()
+    if not (0 <= cfg.shard_index < cfg.num_shards):
+        raise UserError(f"--shard-index {cfg.shard_index} is outside 0..{cfg.num_shards - 1}")
+    if cfg.workers < 1:
+        raise UserError("--workers must be at least 1")
+    pseudo = Pseudonymizer(key)
+    source = get_source(cfg.source) if cfg.source else detect_source(cfg.src)
+    cfg.source = source.name
+    cfg.dataset = cfg.dataset or source.name
+    opts = PrepOptions(size=cfg.size, dataset=cfg.dataset, labels_csv=cfg.labels_csv)
+    storage.check_writable(cfg.dst)
+
+    fingerprint = {**cfg.fingerprint_fields(), "key": pseudo.fingerprint(), "src": pseudo("task", os.path.abspath(cfg.src) if storage.is_local(cfg.src) else cfg.src)}
+    _check_existing(cfg.dst, fingerprint)
+
+    log.info("discovering %s inputs under the source folder", source.name)
+    tasks, discover_rejects = source.discover(cfg.src, opts)
+    all_phi = {v for t in tasks for v in t.options.get("phi", [])}
+    all_phi |= {t.options.get("patient", "") for t in tasks} | {t.options.get("study", "") for t in tasks}
+    discover_rejects = [Reject(redact(r.input, all_phi), redact(r.reason, all_phi)) for r in discover_rejects]
+    items = []
+    for t in tasks:
+        ids = {"task": pseudo("task", f"{t.source}:{t.key}"), "patient": pseudo("patient", t.options["patient"]),
+               "study": pseudo("study", t.options["study"]), "series": pseudo("series", t.key)}
+        items.append({"task": t, "ids": ids})
+    all_task_ids = {it["ids"]["task"] for it in items}
+
+    fp = _fp_digest(fingerprint)
+    commits = [c for c in shards.read_commits(cfg.dst) if c.get("fingerprint") == fp]
+    done = {tid for c in commits for tid in c["tasks"]}
+    keep = {s["path"] for c in commits for s in c["shards"]}
+    removed = shards.remove_orphans(cfg.dst, keep, prefix=f"part-i{cfg.shard_index:03d}-")
+    if removed:
+        log.info("removed %d orphan file(s) left by an interrupted run", len(removed))
+
+    mine = [it for i, it in enumerate(items) if i % cfg.num_shards == cfg.shard_index]
+    todo = [it for it in mine if it["ids"]["task"] not in done]
+    summary = PrepSummary(resumed_series=len(mine) - len(todo), removed_orphans=len(removed))
+    if summary.resumed_series:
+        log.info("resuming: %d of %d series already committed, %d to do", summary.resumed_series, len(mine), len(todo))
+
+    sizes = [source.count_slices(it["task"]) for it in todo]
+    chunks = _chunks(todo, sizes, cfg.rows_per_shard, min_chunks=cfg.workers * 4)
+    chunk_sizes = [sum(source.count_slices(c["task"]) for c in ch) for ch in chunks]
+    _execute(cfg, opts, chunks, chunk_sizes, fp)
+
+    # Re-read: with --num-shards > 1 other indexes may have committed meanwhile.
+    commits = [c for c in shards.read_commits(cfg.dst) if c.get("fingerprint") == fp]
+    covered = {tid for c in commits for tid in c["tasks"]}
+    committed = all_task_ids <= covered
+    rejects = [r.as_dict() for r in discover_rejects] + [r for c in commits for r in c["rejects"]]
+    n_inputs = sum(c["inputs"] for c in commits) + len(discover_rejects)
+    summary.inputs = n_inputs
+    summary.series = len(tasks)
+    summary.slices_written = sum(c["slices"] for c in commits)
+    summary.rejected = len(rejects)
+    summary.ignored = len(source.ignored)
+    summary.rejects = rejects
+    if committed:
+        shard_list = sorted((s for c in commits for s in c["shards"]), key=lambda s: s["path"])
+        shards.write_manifest(cfg.dst, {
+            "kind": "prep",
+            "intensity": getattr(source, "intensity", "hu"),
+            "shards": shard_list,
+            "counts": {"inputs": n_inputs, "series": len(tasks), "slices_written": summary.slices_written,
+                       "rejected": len(rejects), "ignored": len(source.ignored),
+                       "patients": len({it["ids"]["patient"] for it in items})},
+            "rejects": rejects,
+            "ignored": [redact(p, all_phi) for p in source.ignored],
+            "config": {**{k: v for k, v in asdict(cfg).items() if k in ("source", "size", "dataset", "rows_per_shard")},
+                       "labels": bool(cfg.labels_csv), "fingerprint": _fp_digest(fingerprint),
+                       "deid_key_fingerprint": pseudo.fingerprint()},
+        })
+        summary.committed = True
+    else:
+        log.info("shard %d/%d done; the manifest is written by the last index to finish",
+                 cfg.shard_index, cfg.num_shards)
+    summary.seconds = time.perf_counter() - t0
+    if cfg.max_reject_fraction is not None and summary.reject_fraction > cfg.max_reject_fraction:
+        raise RejectThresholdExceeded(summary, cfg.max_reject_fraction)
+    return summary
+
+
+class RejectThresholdExceeded(UserError):
+    def __init__(self, summary: PrepSummary, limit: float):
+        super().__init__(f"{summary.rejected} of {summary.inputs} inputs rejected "
+                         f"({summary.reject_fraction:.1%} > --max-reject-fraction {limit:.1%}); "
+                         "the good inputs were written, see the rejects in the manifest")
+        self.summary = summary
+
+
+def _fp_digest(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:16]
+
+
+def _check_existing(dst: str, fingerprint: dict[str, Any]) -> None:
+    try:
+        m = shards.read_manifest(dst)
+    except UserError:
+        return
+    if m.get("kind") != "prep":
+        raise UserError(f"{dst}: holds a {m.get('kind')} output, not a prep output; choose another destination")
+    if m.get("config", {}).get("fingerprint") != _fp_digest(fingerprint):
+        raise UserError(f"{dst}: already holds a prep output made with other settings (source, size, dataset, "
+                        "labels or de-identification key differ); choose a new destination")
+
+
+def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any]]], chunk_sizes: list[int],
+             fp: str) -> list[dict[str, Any]]:
+    from data_prep.progress import Progress
+
+    total = sum(chunk_sizes)
+    records: list[dict[str, Any]] = []
+    if not chunks:
+        return records
+    with Progress(total=total, unit="slices", desc="prep", enabled=cfg.progress) as bar:
+        if cfg.executor == "local" or (cfg.executor == "auto" and cfg.workers == 1):
+            for ch, n in zip(chunks, chunk_sizes, strict=True):
+                records.append(process_chunk(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp))
+                bar.update(n)
+            return records
+        import ray
+
+        from data_prep.ray_runtime import ensure_ray
+
+        ensure_ray(cfg.address, num_cpus=cfg.workers)
+        remote = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
+        pending: dict[Any, int] = {}
+        queue = list(zip(chunks, chunk_sizes, strict=True))
+        while queue or pending:
+            while queue and len(pending) < cfg.workers * 2:
+                ch, n = queue.pop(0)
+                pending[remote.remote(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp)] = n
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                n = pending.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+                    raise cause from None
+                records.append(rec)
+                bar.update(n)
+    return records
+
