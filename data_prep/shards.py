@@ -321,7 +321,7 @@ def write_selection(dst_url: str, base_url: str, slice_ids: Sequence[str] | pa.A
     pq.write_table(pa.table({"slice_id": ids}), buf, compression="zstd")
     data = buf.getvalue()
     fs, root = storage.open_fs(dst_url)
-    fs.makedirs(root, exist_ok=True)
+    storage.ensure_dir(fs, root)
     storage.write_bytes_atomic(fs, storage.join(root, SELECTION_FILE), data)
     manifest = {
         "kind": "selection",

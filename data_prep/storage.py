@@ -69,13 +69,25 @@ def full_url(url: str, path: str) -> str:
     return f"{url.split('://', 1)[0]}://{path}"
 
 
+def _is_local_fs(fs: AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def ensure_dir(fs: AbstractFileSystem, path: str) -> None:
+    """Create a local folder. Object stores have no folders, and s3fs's ``makedirs`` would create a
+    missing *bucket* instead of failing, which hides a misspelt bucket name."""
+    if _is_local_fs(fs):
+        fs.makedirs(path, exist_ok=True)
+
+
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see either the old content or the whole new one.
 
     Local files: write a temp file beside it, fsync, rename (atomic on POSIX). Object stores: a
     single PUT is already all-or-nothing, so a plain write is atomic there.
     """
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if _is_local_fs(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
@@ -104,7 +116,7 @@ def check_writable(url: str) -> None:
     fs, path = open_fs(url)
     probe = join(path, f".ctssl-write-probe-{uuid.uuid4().hex[:8]}")
     try:
-        fs.makedirs(path, exist_ok=True)
+        ensure_dir(fs, path)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
