@@ -1,7 +1,7 @@
 """What a pre-training checkpoint holds, and how it is written and read back.
 
 A checkpoint is a folder: ``state.pt`` (method state incl. EMA targets / queues / prototypes,
-optimiser, LR scheduler, RNG), ``progress.json`` (step counters, readable without torch) and, in the
+optimiser, RNG; the lr / weight-decay schedule is a function of the step, so it needs no state), ``progress.json`` (step counters, readable without torch) and, in the
 final one, ``encoder.pt`` (timm-layout state_dict) + ``encoder_config.json``. The folder is what Ray
 Train uploads to ``--storage``; the fine-tuning study reads the encoder files from it directly.
 """
@@ -35,13 +35,12 @@ class Progress:
     finished: bool = False
 
 
-def save(path: str, *, method: torch.nn.Module, optimizer, scheduler, progress: Progress,
+def save(path: str, *, method: torch.nn.Module, optimizer, progress: Progress,
          extra: dict[str, Any] | None = None) -> None:
     os.makedirs(path, exist_ok=True)
     state = {
         "method": method.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "torch_rng": torch.get_rng_state(),
         "extra": extra or {},
     }
@@ -58,14 +57,12 @@ def load_progress(path: str) -> Progress:
         return Progress(**json.load(f))
 
 
-def load(path: str, *, method: torch.nn.Module, optimizer, scheduler) -> Progress:
+def load(path: str, *, method: torch.nn.Module, optimizer) -> Progress:
     state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
     method.load_state_dict(state["method"])
     if "method_extra" in state and hasattr(method, "load_extra_state_dict"):
         method.load_extra_state_dict(state["method_extra"])
     optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return load_progress(path)
 

@@ -99,7 +99,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            progress = ckpt_io.load(d, method=method, optimizer=optimizer, scheduler=scheduler)
+            progress = ckpt_io.load(d, method=method, optimizer=optimizer)
         progress.restarts += 1
         if progress.steps_per_epoch != steps_per_epoch:
             raise RuntimeError(f"checkpoint was made with {progress.steps_per_epoch} steps per epoch, this run "
@@ -134,7 +134,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt_io.save(tmp, method=method, optimizer=optimizer, scheduler=scheduler, progress=progress)
+            ckpt_io.save(tmp, method=method, optimizer=optimizer, progress=progress)
             if final:
                 ckpt_io.save_encoder(tmp, export_encoder_state_dict(method.encoder()),
                                      encoder_config(cfg, img_size, payload.get("dataset", ""), progress))
@@ -160,11 +160,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 out = model(images, progress.step, total_steps, progress.epoch, cfg.epochs)
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
+            sched_values = scheduler.step(progress.step)
             loss.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
             optimizer.step()
-            scheduler.step()
             from ssl_core.methods import StepContext
 
             method.after_optimizer_step(StepContext(step=progress.step, total_steps=total_steps,
@@ -177,7 +177,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             steps_this_run += 1
             last = _scalar_metrics(out)
             if mlog is not None:
-                mlog.log({**last, "lr": optimizer.param_groups[0]["lr"], "images_per_s": per_bs * world / dt,
+                mlog.log({**last, **sched_values, "images_per_s": per_bs * world / dt,
                           "epoch": progress.epoch}, progress.step)
                 if progress.step % cfg.log_every == 0 or progress.step == total_steps:
                     rate = steps_this_run / (now - t_run)

@@ -1,27 +1,34 @@
-"""Optimiser and per-step LR schedule of a pre-training run, from the method's paper recipe.
+"""Optimiser and per-step schedule of a pre-training run, from the method's paper recipe.
 
-The method states its recipe (:class:`ssl_core.methods.OptimizerDefaults`); here it is scaled to the
-run's global batch size (linear scaling rule) and turned into a warm-up + cosine schedule stepped once
-per optimiser step, so a resumed run continues the schedule exactly where the checkpoint left it.
+The method states its recipe (:class:`ssl_core.methods.OptimizerDefaults`); command-line overrides
+replace single values of it, ``ssl_core.optim`` scales the lr to the global batch, and the schedule
+is a pure function of the global step — so a resumed run continues it exactly by step number, with
+no scheduler state to restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-
-import torch
 
 from ray_jobs.pretrain.config import PretrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def peak_lr(method, cfg: PretrainConfig) -> float:
+def recipe(method, cfg: PretrainConfig):
+    """The method's :class:`OptimizerDefaults` with the run's overrides applied."""
     d = method.optimizer_defaults()
-    if cfg.lr is not None:
-        return cfg.lr
-    return d.base_lr * cfg.batch_size / d.base_batch_size
+    changes = {}
+    if cfg.lr is not None:  # a peak lr for this batch: make the linear scaling an identity
+        changes.update(base_lr=cfg.lr, base_batch_size=cfg.batch_size)
+    if cfg.weight_decay is not None:
+        changes["weight_decay"] = cfg.weight_decay
+        if d.weight_decay_end is not None:
+            changes["weight_decay_end"] = None  # an explicit value means a constant one
+    if cfg.warmup_epochs is not None:
+        changes["warmup_epochs"] = cfg.warmup_epochs
+    return dataclasses.replace(d, **changes)
 
 
 def max_grad_norm(method) -> float | None:
@@ -32,34 +39,17 @@ def max_grad_norm(method) -> float | None:
 
 
 def build_optimizer(method, cfg: PretrainConfig, total_steps: int, steps_per_epoch: int):
-    """(optimizer, LambdaLR scheduler) for ``method`` following its defaults unless overridden."""
-    from timm.optim import create_optimizer_v2
+    """(optimizer, schedule) where ``schedule.step(global_step)`` sets lr and weight decay."""
+    from ssl_core.optim import build_schedule, create_optimizer
 
-    d = method.optimizer_defaults()
-    lr = peak_lr(method, cfg)
-    wd = d.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    kwargs = {}
-    if d.name in ("sgd", "lars", "momentum", "nesterov"):
-        kwargs["momentum"] = d.momentum
-    if "betas" in d.extra and d.name in ("adam", "adamw", "lamb", "lambc", "nadam", "adan"):
-        kwargs["betas"] = tuple(d.extra["betas"])
-    groups = method.param_groups()
-    optimizer = create_optimizer_v2(groups, opt=d.name, lr=lr, weight_decay=wd, **kwargs)
-    warmup_epochs = d.warmup_epochs if cfg.warmup_epochs is None else cfg.warmup_epochs
-    warmup = int(round(warmup_epochs * steps_per_epoch))
-    if warmup > total_steps // 2:
-        # a short run would otherwise never leave warm-up; say so rather than silently change the recipe
-        log.info("warm-up of %.1f epochs (%d steps) exceeds half of this %d-step run; using %d steps",
-                 warmup_epochs, warmup, total_steps, total_steps // 2)
-        warmup = total_steps // 2
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        span = max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    log.info("optimiser %s, peak lr %.3g (batch %d), weight decay %.3g, warm-up %d of %d steps",
-             d.name, lr, cfg.batch_size, wd, warmup, total_steps)
-    return optimizer, scheduler
+    d = recipe(method, cfg)
+    warmup_steps = d.warmup_epochs * steps_per_epoch
+    if warmup_steps > total_steps // 2 and total_steps > 1:
+        # a short run would otherwise never leave warm-up; say so rather than silently keep it there
+        new = (total_steps // 2) / steps_per_epoch
+        log.info("warm-up of %.1f epochs exceeds half of this %d-step run; using %.2f epochs",
+                 d.warmup_epochs, total_steps, new)
+        d = dataclasses.replace(d, warmup_epochs=new)
+    optimizer = create_optimizer(method, d, cfg.batch_size)
+    schedule = build_schedule(optimizer, d, total_steps, steps_per_epoch)
+    return optimizer, schedule

@@ -1,0 +1,132 @@
+"""Assembling the report: markdown + PNG + one self-contained HTML page (image embedded as base64)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from ray_jobs import tracking
+from ray_jobs.errors import CLIError
+from ray_jobs.report.collect import load_study
+from ray_jobs.report.plots import plot_auc_vs_size
+from ray_jobs.report.tables import (
+    minimal_samples,
+    summarise,
+    summary_markdown,
+    wilcoxon_markdown,
+    wilcoxon_vs_baseline,
+)
+
+DEFAULT_MARGIN = 0.02  # used when neither the study nor the report names a target
+
+
+@dataclass
+class ReportConfig:
+    experiment: str
+    out: str
+    study_run: str | None = None
+    tracking_uri: str | None = None
+    storage: str | None = None
+    baseline: str = "random"
+    target_auc: float | None = None
+    margin: float | None = None
+
+
+@dataclass
+class ReportPaths:
+    markdown: str
+    html: str
+    plot: str
+    summary_csv: str
+
+
+def _param_float(params: dict[str, str], key: str) -> float | None:
+    v = params.get(key)
+    try:
+        f = float(v) if v not in (None, "None", "") else None
+    except ValueError:
+        return None
+    return f if f is not None and math.isfinite(f) else None
+
+
+def _minimal_markdown(table: pd.DataFrame, searched: dict[str, str]) -> str:
+    lines = ["| encoder | AUC threshold | smallest size reaching it | samples/class | AUC there | full-data AUC |"
+             + (" searched minimum |" if searched else ""),
+             "|---|---|---|---|---|---|" + ("---|" if searched else "")]
+    for r in table.itertuples(index=False):
+        thr = "n/a" if not math.isfinite(r.threshold) else f"{r.threshold:.3f}"
+        spc = "not reached" if not math.isfinite(r.min_samples_per_class) else f"{r.min_samples_per_class:.0f}"
+        auc = "n/a" if not math.isfinite(r.auc_at_min) else f"{r.auc_at_min:.3f}"
+        line = f"| {r.encoder} | {thr} | {r.min_size or '-'} | {spc} | {auc} | {r.full_auc:.3f} |"
+        if searched:
+            line += f" {searched.get(r.encoder, '-')} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def build_report(cfg: ReportConfig) -> ReportPaths:
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if not cfg.storage:
+            raise CLIError("give --tracking-uri (or MLFLOW_TRACKING_URI), or the study's local --storage")
+        uri = tracking.resolve_tracking_uri(None, cfg.storage)
+    study = load_study(uri, cfg.experiment, cfg.study_run)
+    trials = study.trials
+    if trials.empty:
+        raise CLIError(f"study run {study.parent_run_id} of {cfg.experiment!r} has no finished trials")
+    os.makedirs(cfg.out, exist_ok=True)
+    summary = summarise(trials)
+    wil = wilcoxon_vs_baseline(trials, cfg.baseline)
+    target = cfg.target_auc if cfg.target_auc is not None else _param_float(study.params, "search_target_auc")
+    margin = cfg.margin if cfg.margin is not None else _param_float(study.params, "search_margin")
+    if target is None and margin is None:
+        margin = DEFAULT_MARGIN
+    minimal = minimal_samples(summary, target, margin)
+    searched = {k[len("min_spc."):]: v for k, v in study.tags.items() if k.startswith("min_spc.")}
+
+    plot = plot_auc_vs_size(trials, os.path.join(cfg.out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
+    csv = os.path.join(cfg.out, "summary.csv")
+    summary.to_csv(csv, index=False)
+    rule = f"mean test AUC >= {target}" if target is not None else f"within {margin} of the largest size's AUC"
+    sections = [
+        (f"Fine-tuning study `{cfg.experiment}`",
+         f"MLflow parent run `{study.parent_run_id}`; {len(trials)} finished trials; dataset "
+         f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."),
+        ("Test metrics (mean ± std over folds)", summary_markdown(summary)),
+        ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
+        (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
+         wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
+        (f"Minimal samples per class ({rule})", _minimal_markdown(minimal, searched)),
+    ]
+    md_text = "\n\n".join(f"## {h}\n\n{b}" for h, b in sections) + "\n"
+    md_path = os.path.join(cfg.out, "report.md")
+    with open(md_path, "w") as f:
+        f.write(md_text)
+    html_path = os.path.join(cfg.out, "report.html")
+    with open(html_path, "w") as f:
+        f.write(_html(cfg.experiment, sections, plot, summary, wil, minimal))
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
+                   "searched_minimal": searched}, f, indent=1, default=str)
+    return ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv)
+
+
+def _html(title: str, sections, plot: str, summary: pd.DataFrame, wil: pd.DataFrame, minimal: pd.DataFrame) -> str:
+    with open(plot, "rb") as f:
+        img = base64.b64encode(f.read()).decode()
+    fmt = {"float_format": lambda v: f"{v:.4g}", "index": False, "na_rep": "n/a", "border": 0}
+    body = [f"<h1>{html.escape(sections[0][0])}</h1>", f"<p>{html.escape(sections[0][1])}</p>",
+            "<h2>Test metrics (mean ± std over folds)</h2>", summary.to_html(**fmt),
+            "<h2>AUC vs training-set size</h2>", f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">',
+            f"<h2>{html.escape(sections[3][0])}</h2>", wil.to_html(**fmt),
+            f"<h2>{html.escape(sections[4][0])}</h2>", minimal.to_html(**fmt)]
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

@@ -1,0 +1,81 @@
+"""Reading a study back from MLflow: the parent run and one row per finished trial.
+
+Only MLflow is read — no Ray results, no local files — so a study run on Kubernetes can be reported
+from a laptop that can reach its tracking server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from ray_jobs import tracking
+from ray_jobs.errors import CLIError
+
+METRIC_KEYS = ("test_auc", "test_f1_macro", "test_accuracy", "best_val_auc", "best_epoch", "trial_time_s",
+               "n_train", "train_per_class_min")
+TRIAL_COLUMNS = ["run_id", "encoder", "size", "size_kind", "size_value", "fold", "seed", "phase", "status",
+                 *METRIC_KEYS]
+
+
+@dataclass
+class Study:
+    parent_run_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    trials: pd.DataFrame
+
+
+def find_study_run(cl, experiment: str, study_run: str | None = None):
+    exp = cl.get_experiment_by_name(experiment)
+    if exp is None:
+        raise CLIError(f"--experiment {experiment!r}: no such MLflow experiment at {cl.tracking_uri}")
+    if study_run:
+        try:
+            return cl.get_run(study_run)
+        except Exception as e:  # noqa: BLE001 - MlflowException for unknown ids
+            raise CLIError(f"--study-run {study_run}: {e}") from None
+    runs = cl.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'study'",
+                          order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise CLIError(f"--experiment {experiment!r} has no fine-tuning study run (tag {tracking.TAG_KIND}=study)")
+    return runs[0]
+
+
+def _all_runs(cl, exp_id: str, flt: str) -> list:
+    out, token = [], None
+    while True:
+        page = cl.search_runs([exp_id], filter_string=flt, max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def collect_trials(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
+                   include_unfinished: bool = False) -> pd.DataFrame:
+    """One row per trial (child run) of the study: tags + final metrics."""
+    return load_study(tracking_uri, experiment, parent_run_id, include_unfinished).trials
+
+
+def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
+               include_unfinished: bool = False) -> Study:
+    cl = tracking.client(tracking_uri)
+    parent = find_study_run(cl, experiment, parent_run_id)
+    pid = parent.info.run_id
+    runs = _all_runs(cl, parent.info.experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{pid}'")
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        if not include_unfinished and r.info.status != "FINISHED":
+            continue
+        t, m = r.data.tags, r.data.metrics
+        row = {"run_id": r.info.run_id, "encoder": t.get("method"), "size": t.get("size"),
+               "size_kind": t.get("size_kind"), "size_value": int(t.get("size_value", "0")),
+               "fold": int(t.get("fold", "0")), "seed": int(t.get("seed", "0")), "phase": t.get("ctssl.phase", "grid"),
+               "status": r.info.status}
+        row.update({k: m.get(k, float("nan")) for k in METRIC_KEYS})
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+    return Study(parent_run_id=pid, params=dict(parent.data.params), tags=dict(parent.data.tags), trials=df)

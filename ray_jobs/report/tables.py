@@ -1,0 +1,123 @@
+"""The numbers of the report: fold statistics, paired tests against the baseline, minimal label counts.
+
+All functions take the trial table of :mod:`ray_jobs.report.collect` (one row per trial) and return
+plain DataFrames / dicts, so the study driver, the report command and tests share them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ray_jobs.finetune.config import SizeSpec
+
+METRICS = {"auc": "test_auc", "f1": "test_f1_macro", "acc": "test_accuracy"}
+
+
+def _size_key(label: str) -> float:
+    try:
+        return SizeSpec.from_label(label).sort_key()
+    except ValueError:
+        return math.nan
+
+
+def summarise(trials: pd.DataFrame) -> pd.DataFrame:
+    """Mean +- std over folds (and seeds) of AUC / F1 / accuracy per encoder x size, smallest size first."""
+    cols = ["encoder", "size", "n_trials", "samples_per_class"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]
+    if trials.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (enc, size), g in trials.groupby(["encoder", "size"], sort=False):
+        row: dict[str, Any] = {"encoder": enc, "size": size, "n_trials": len(g),
+                               "samples_per_class": float(np.nanmean(g["train_per_class_min"]))}
+        for k, col in METRICS.items():
+            vals = g[col].astype(float).to_numpy()
+            row[f"{k}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
+            row[f"{k}_std"] = float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols)
+    out["_k"] = out["size"].map(_size_key)
+    return out.sort_values(["encoder", "_k"]).drop(columns="_k").reset_index(drop=True)
+
+
+def _pm(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.3f}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    head = "| encoder | size | samples/class | trials | AUC | F1 | accuracy |\n|---|---|---|---|---|---|---|"
+    lines = [head]
+    for r in summary.itertuples(index=False):
+        lines.append(f"| {r.encoder} | {r.size} | {r.samples_per_class:.0f} | {r.n_trials} | "
+                     f"{_pm(r.auc_mean, r.auc_std)} | {_pm(r.f1_mean, r.f1_std)} | {_pm(r.acc_mean, r.acc_std)} |")
+    return "\n".join(lines)
+
+
+def wilcoxon_vs_baseline(trials: pd.DataFrame, baseline: str = "random", metric: str = "test_auc") -> pd.DataFrame:
+    """Paired Wilcoxon signed-rank test of each encoder against ``baseline`` per size, pairs = (fold, seed).
+
+    With five folds the smallest attainable two-sided p is 0.0625, so "not significant" is expected
+    for a single seed; the table reports the pair count so a reader can judge.
+    """
+    from scipy.stats import wilcoxon
+
+    cols = ["encoder", "size", "n_pairs", "median_diff", "statistic", "p_value"]
+    rows = []
+    base = trials[trials["encoder"] == baseline]
+    if base.empty:
+        return pd.DataFrame(columns=cols)
+    for (enc, size), g in trials[trials["encoder"] != baseline].groupby(["encoder", "size"], sort=False):
+        b = base[base["size"] == size]
+        merged = g.merge(b, on=["fold", "seed"], suffixes=("", "_base"))
+        merged = merged[np.isfinite(merged[metric]) & np.isfinite(merged[f"{metric}_base"])]
+        diff = (merged[metric] - merged[f"{metric}_base"]).to_numpy(dtype=float)
+        stat, p = math.nan, math.nan
+        if len(diff) >= 2:
+            if np.allclose(diff, 0):
+                stat, p = 0.0, 1.0
+            else:
+                res = wilcoxon(diff, zero_method="zsplit")
+                stat, p = float(res.statistic), float(res.pvalue)
+        rows.append({"encoder": enc, "size": size, "n_pairs": len(diff),
+                     "median_diff": float(np.median(diff)) if len(diff) else math.nan, "statistic": stat,
+                     "p_value": p})
+    out = pd.DataFrame(rows, columns=cols)
+    out["_k"] = out["size"].map(_size_key)
+    return out.sort_values(["encoder", "_k"]).drop(columns="_k").reset_index(drop=True)
+
+
+def wilcoxon_markdown(table: pd.DataFrame, baseline: str) -> str:
+    lines = [f"| encoder | size | pairs | median ΔAUC vs {baseline} | W | p |", "|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        p = "n/a" if not math.isfinite(r.p_value) else f"{r.p_value:.3g}"
+        w = "n/a" if not math.isfinite(r.statistic) else f"{r.statistic:g}"
+        d = "n/a" if not math.isfinite(r.median_diff) else f"{r.median_diff:+.3f}"
+        lines.append(f"| {r.encoder} | {r.size} | {r.n_pairs} | {d} | {w} | {p} |")
+    return "\n".join(lines)
+
+
+def minimal_samples(summary: pd.DataFrame, target_auc: float | None = None,
+                    margin: float | None = None) -> pd.DataFrame:
+    """Per encoder, the smallest evaluated size (as samples per class) whose mean AUC reaches the
+    target, or is within ``margin`` of that encoder's largest-size AUC."""
+    cols = ["encoder", "threshold", "min_size", "min_samples_per_class", "auc_at_min", "full_auc"]
+    rows = []
+    for enc, g in summary.groupby("encoder", sort=False):
+        g = g.assign(_k=g["size"].map(_size_key)).sort_values("_k")
+        full_auc = float(g["auc_mean"].iloc[-1])
+        thr = target_auc if target_auc is not None else (full_auc - margin if margin is not None else math.nan)
+        ok = g[g["auc_mean"] >= thr] if math.isfinite(thr) else g.iloc[0:0]
+        if ok.empty:
+            rows.append({"encoder": enc, "threshold": thr, "min_size": None, "min_samples_per_class": math.nan,
+                         "auc_at_min": math.nan, "full_auc": full_auc})
+        else:
+            first = ok.iloc[0]
+            rows.append({"encoder": enc, "threshold": thr, "min_size": first["size"],
+                         "min_samples_per_class": float(first["samples_per_class"]),
+                         "auc_at_min": float(first["auc_mean"]), "full_auc": full_auc})
+    return pd.DataFrame(rows, columns=cols)
