@@ -7,8 +7,8 @@ Units of work are *chunks* of whole series, each written as one shard plus a com
 - ``--shard-index I --num-shards K`` splits the series list across K independent processes (a
   Kubernetes Indexed Job); whichever finishes last finds every series committed and writes the
   manifest.
-Workers only ever see pseudonymised identifiers for output and the raw header values needed to
-redact their error messages; the de-identification key stays in the driver.
+Workers pseudonymise what they load (a DICOM folder's series are only known once read), so the
+key travels to them in memory, never to storage or logs.
 """
 
 from __future__ import annotations
@@ -82,15 +82,14 @@ class PrepSummary:
 
 # ------------------------------------------------------------------------------------- worker side
 def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOptions,
-                  rows_per_shard: int, fingerprint: str) -> dict[str, Any]:
-    """Load the chunk's series, write its shard(s) and commit record; return the record.
-
-    ``tasks`` carry the pseudonyms computed by the driver (``ids``), so the worker never needs the key.
-    """
+                  rows_per_shard: int, fingerprint: str, pseudo: Pseudonymizer) -> dict[str, Any]:
+    """Load the chunk's series, write its shard(s) and commit record; return the record."""
     source = get_source(tasks[0]["task"].source)
     writer: shards.ShardWriter | None = None
     shard_records: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
+    patients: set[str] = set()
+    series_ids: set[str] = set()
     slices = 0
     inputs = 0
 
@@ -103,43 +102,48 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
 
     for item in tasks:
         task: SeriesTask = item["task"]
-        ids = item["ids"]
-        phi = list(task.options.get("phi", [])) + [task.options.get("patient", ""), task.options.get("study", "")]
         inputs += len(task.inputs)
         try:
-            data = source.load(task, opts)
+            series_list = source.load_many(task, opts)
         except UserError as e:
-            rejects.extend(Reject(redact(os.path.relpath(p, task.options.get("base", "/")), phi),
-                                  redact(str(e), phi)).as_dict() for p in task.inputs)
+            base = task.options.get("base", "/")
+            rejects.extend(Reject(os.path.relpath(p, base), str(e)).as_dict() for p in task.inputs)
             continue
-        rejects.extend(Reject(redact(r.input, phi), redact(r.reason, phi)).as_dict() for r in data.rejects)
-        if not data.slices:
-            continue
-        hu = np.stack([s.hu for s in data.slices])
-        hashes = dhash64_hu(hu)
-        table = shards.rows_to_table({
-            "slice_id": [f"{ids['series']}-{s.slice_index:05d}" for s in data.slices],
-            "image": list(hu),
-            "patient_id": [ids["patient"]] * len(hu),
-            "study_id": [ids["study"]] * len(hu),
-            "series_id": [ids["series"]] * len(hu),
-            "slice_index": [s.slice_index for s in data.slices],
-            "z_mm": [None if math.isnan(s.z_mm) else s.z_mm for s in data.slices],
-            "spacing_mm": [list(s.spacing_mm) for s in data.slices],
-            "source": [data.dataset] * len(hu),
-            "label": [s.label for s in data.slices],
-            "dhash": hashes,
-        })
-        if writer is None:
-            writer = shards.ShardWriter()
-        writer.write(table)
-        slices += len(hu)
-        del hu, data, table
-        if writer.rows >= rows_per_shard:
-            flush()
+        for data in series_list:
+            phi = [*data.phi, data.patient, data.study, data.series]
+            rejects.extend(Reject(redact(r.input, phi), redact(r.reason, phi)).as_dict() for r in data.rejects)
+            if not data.slices:
+                continue
+            hu = np.stack([s.hu for s in data.slices])
+            n = len(hu)
+            series_id = pseudo("series", f"{task.source}:{data.series}")
+            patient_id = pseudo("patient", data.patient)
+            patients.add(patient_id)
+            series_ids.add(series_id)
+            table = shards.table_from_arrays(
+                hu,
+                slice_id=[f"{series_id}-{s.slice_index:05d}" for s in data.slices],
+                patient_id=[patient_id] * n,
+                study_id=[pseudo("study", data.study)] * n,
+                series_id=[series_id] * n,
+                slice_index=[s.slice_index for s in data.slices],
+                z_mm=[None if math.isnan(s.z_mm) else s.z_mm for s in data.slices],
+                spacing_mm=[s.spacing_mm for s in data.slices],
+                source=[data.dataset] * n,
+                label=[s.label for s in data.slices],
+                dhash=dhash64_hu(hu),
+            )
+            if writer is None:
+                writer = shards.ShardWriter()
+            writer.write(table)
+            slices += n
+            del hu, table
+            if writer.rows >= rows_per_shard:
+                flush()
     flush()
-    record = {"tag": tag, "tasks": [t["ids"]["task"] for t in tasks], "shards": shard_records,
-              "rejects": rejects, "slices": slices, "inputs": inputs, "fingerprint": fingerprint}
+    record = {"tag": tag, "tasks": [t["task_id"] for t in tasks], "shards": shard_records,
+              "rejects": rejects, "slices": slices, "inputs": inputs, "patients": sorted(patients),
+              "series": sorted(series_ids), "fingerprint": fingerprint}
     shards.write_commit(dst, tag, record)
     return record
 
@@ -166,7 +170,7 @@ def _chunks(items: list[dict[str, Any]], sizes: list[int], target_rows: int, min
 def _chunk_tag(chunk: list[dict[str, Any]], shard_index: int) -> str:
     """Shard files are named by the index that owns them, so one index's cleanup never touches
     another index's work in flight."""
-    digest = hashlib.sha1("\n".join(sorted(c["ids"]["task"] for c in chunk)).encode()).hexdigest()[:16]
+    digest = hashlib.sha1("\n".join(sorted(c["task_id"] for c in chunk)).encode()).hexdigest()[:16]
     return f"i{shard_index:03d}-{digest}"
 
 
@@ -188,15 +192,8 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
 
     log.info("discovering %s inputs under the source folder", source.name)
     tasks, discover_rejects = source.discover(cfg.src, opts)
-    all_phi = {v for t in tasks for v in t.options.get("phi", [])}
-    all_phi |= {t.options.get("patient", "") for t in tasks} | {t.options.get("study", "") for t in tasks}
-    discover_rejects = [Reject(redact(r.input, all_phi), redact(r.reason, all_phi)) for r in discover_rejects]
-    items = []
-    for t in tasks:
-        ids = {"task": pseudo("task", f"{t.source}:{t.key}"), "patient": pseudo("patient", t.options["patient"]),
-               "study": pseudo("study", t.options["study"]), "series": pseudo("series", t.key)}
-        items.append({"task": t, "ids": ids})
-    all_task_ids = {it["ids"]["task"] for it in items}
+    items = [{"task": t, "task_id": pseudo("task", f"{t.source}:{t.key}")} for t in tasks]
+    all_task_ids = {it["task_id"] for it in items}
 
     fp = _fp_digest(fingerprint)
     commits = [c for c in shards.read_commits(cfg.dst) if c.get("fingerprint") == fp]
@@ -207,7 +204,7 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
         log.info("removed %d orphan file(s) left by an interrupted run", len(removed))
 
     mine = [it for i, it in enumerate(items) if i % cfg.num_shards == cfg.shard_index]
-    todo = [it for it in mine if it["ids"]["task"] not in done]
+    todo = [it for it in mine if it["task_id"] not in done]
     summary = PrepSummary(resumed_series=len(mine) - len(todo), removed_orphans=len(removed))
     if summary.resumed_series:
         log.info("resuming: %d of %d series already committed, %d to do", summary.resumed_series, len(mine), len(todo))
@@ -215,7 +212,7 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     sizes = [source.count_slices(it["task"]) for it in todo]
     chunks = _chunks(todo, sizes, cfg.rows_per_shard, min_chunks=cfg.workers * 4)
     chunk_sizes = [sum(source.count_slices(c["task"]) for c in ch) for ch in chunks]
-    _execute(cfg, opts, chunks, chunk_sizes, fp)
+    _execute(cfg, opts, chunks, chunk_sizes, fp, pseudo)
 
     # Re-read: with --num-shards > 1 other indexes may have committed meanwhile.
     commits = [c for c in shards.read_commits(cfg.dst) if c.get("fingerprint") == fp]
@@ -224,7 +221,8 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     rejects = [r.as_dict() for r in discover_rejects] + [r for c in commits for r in c["rejects"]]
     n_inputs = sum(c["inputs"] for c in commits) + len(discover_rejects)
     summary.inputs = n_inputs
-    summary.series = len(tasks)
+    # Series are only known once loaded (a DICOM folder may hold several): count distinct ids.
+    summary.series = len({s for c in commits for s in c.get("series", [])}) or len(tasks)
     summary.slices_written = sum(c["slices"] for c in commits)
     summary.rejected = len(rejects)
     summary.ignored = len(source.ignored)
@@ -235,11 +233,11 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
             "kind": "prep",
             "intensity": getattr(source, "intensity", "hu"),
             "shards": shard_list,
-            "counts": {"inputs": n_inputs, "series": len(tasks), "slices_written": summary.slices_written,
+            "counts": {"inputs": n_inputs, "series": summary.series, "slices_written": summary.slices_written,
                        "rejected": len(rejects), "ignored": len(source.ignored),
-                       "patients": len({it["ids"]["patient"] for it in items})},
+                       "patients": len({p for c in commits for p in c.get("patients", [])})},
             "rejects": rejects,
-            "ignored": [redact(p, all_phi) for p in source.ignored],
+            "ignored": list(source.ignored),
             "config": {**{k: v for k, v in asdict(cfg).items() if k in ("source", "size", "dataset", "rows_per_shard")},
                        "labels": bool(cfg.labels_csv), "fingerprint": _fp_digest(fingerprint),
                        "deid_key_fingerprint": pseudo.fingerprint()},
@@ -279,7 +277,7 @@ def _check_existing(dst: str, fingerprint: dict[str, Any]) -> None:
 
 
 def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any]]], chunk_sizes: list[int],
-             fp: str) -> list[dict[str, Any]]:
+             fp: str, pseudo: Pseudonymizer) -> list[dict[str, Any]]:
     from data_prep.progress import Progress
 
     total = sum(chunk_sizes)
@@ -289,7 +287,8 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
     with Progress(total=total, unit="slices", desc="prep", enabled=cfg.progress) as bar:
         if cfg.executor == "local" or (cfg.executor == "auto" and cfg.workers == 1):
             for ch, n in zip(chunks, chunk_sizes, strict=True):
-                records.append(process_chunk(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp))
+                records.append(process_chunk(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp,
+                                             pseudo))
                 bar.update(n)
             return records
         import ray
@@ -298,12 +297,14 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
 
         ensure_ray(cfg.address, num_cpus=cfg.workers)
         remote = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
+        pseudo_ref = ray.put(pseudo)
         pending: dict[Any, int] = {}
         queue = list(zip(chunks, chunk_sizes, strict=True))
         while queue or pending:
             while queue and len(pending) < cfg.workers * 2:
                 ch, n = queue.pop(0)
-                pending[remote.remote(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp)] = n
+                pending[remote.remote(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp,
+                                      pseudo_ref)] = n
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 n = pending.pop(ref)

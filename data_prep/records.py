@@ -62,3 +62,5 @@ class SeriesData:
     series: str
     slices: list[SliceData] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    #: identifying header values seen while loading (never written): used to redact messages
+    phi: list[str] = field(default_factory=list)

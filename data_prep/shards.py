@@ -97,6 +97,23 @@ def rows_to_table(rows: dict[str, Sequence[Any]]) -> pa.Table:
     return pa.Table.from_pydict({k: cols[k] for k in SLICE_SCHEMA.names}, schema=SLICE_SCHEMA)
 
 
+def table_from_arrays(images: np.ndarray, **cols: Any) -> pa.Table:
+    """A table in the shard schema from an (n, H, W) int16 stack and per-row column lists.
+
+    The ``image`` column is built over the stack's own memory (offsets + one data buffer) instead of
+    one ``bytes`` object per slice, which halves the copying on prep's hot path.
+    """
+    n, h, w = images.shape
+    data = np.ascontiguousarray(images, dtype="<i2")
+    offsets = np.arange(0, (n + 1) * h * w * 2, h * w * 2, dtype=np.int32)
+    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    arrays = {"image": image, "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, w, np.int32))}
+    for name in SLICE_SCHEMA.names:
+        if name not in arrays:
+            arrays[name] = pa.array(cols[name], type=SLICE_SCHEMA.field(name).type)
+    return pa.Table.from_pydict(arrays, schema=SLICE_SCHEMA)
+
+
 def write_commit(url: str, tag: str, record: dict[str, Any]) -> None:
     fs, root = storage.open_fs(url)
     storage.write_json_atomic(fs, storage.join(root, COMMITS_DIR, f"{tag}.json"), record)

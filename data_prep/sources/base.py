@@ -45,6 +45,11 @@ class Source(ABC):
         """Decode one series into HU slices at the prep resolution. Bad slices become rejects in
         the returned object; only a failure of the whole series raises :class:`UserError`."""
 
+    def load_many(self, task: SeriesTask, opts: PrepOptions) -> list[SeriesData]:
+        """All series in a task. Sources whose unit of discovery can hold several series (a DICOM
+        folder) override this; the default is the one series of :meth:`load`."""
+        return [self.load(task, opts)]
+
     def count_slices(self, task: SeriesTask) -> int:
         """Expected number of slices (for the progress bar); files by default."""
         return len(task.inputs)

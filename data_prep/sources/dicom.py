@@ -1,9 +1,14 @@
 """DICOM trees of any layout -> CT series.
 
-Files are grouped by SeriesInstanceUID. Anonymised data often has that UID emptied (see the real
-series under shared/data/real_ct), so without it we fall back to folder + geometry (rows, columns,
-orientation, pixel spacing): files of one folder with one geometry are one series. Slices are
-ordered by their position along the slice normal (ImagePositionPatient . (row x col direction)),
+Discovery only lists files, so listing LIDC-IDRI's ~244k files costs a directory walk, not a header
+parse of every file twice (once to group, once to decode). One task is one top-level folder of the
+input (a patient folder in LIDC-style trees; single-child chains are descended first), so everything
+that can name a patient - headers of any of its series, its folder name - is seen by the same worker,
+which can then redact reject paths even for files that do not parse. A worker reads each file once
+and groups files into series by SeriesInstanceUID. Anonymised data often has that UID emptied (see
+shared/data/real_ct), so the fallback is folder + geometry (orientation, pixel spacing).
+
+Slices are ordered by position along the slice normal (ImagePositionPatient . (row x col)),
 never by file name or InstanceNumber, which scanners and anonymisers reorder freely.
 """
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from data_prep.errors import UserError
 from data_prep.hu import resize_square, to_hu
@@ -27,29 +33,13 @@ from data_prep.sources.base import PrepOptions, Source, register_source
 #: Files next to DICOMs that are not images: listed as "ignored", not rejected.
 NON_IMAGE_SUFFIXES = (".csv", ".json", ".txt", ".md", ".xml", ".pdf", ".html", ".yaml", ".yml", ".py", ".key")
 
-#: Header values that identify a person or an exam; collected per series to redact messages.
+#: Header values that identify a person or an exam; collected to redact messages, never written.
 PHI_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
             "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstitutionName",
             "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
             "StudyID", "FrameOfReferenceUID")
 
-_HEADER_TAGS = ["Modality", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Rows", "Columns",
-                "ImageOrientationPatient", "PixelSpacing", "NumberOfFrames", *PHI_TAGS]
-
-
-@dataclass
-class _Header:
-    path: str
-    modality: str
-    series_uid: str
-    study_uid: str
-    patient_id: str
-    rows: int
-    cols: int
-    orientation: tuple[float, ...]
-    spacing: tuple[float, ...]
-    frames: int
-    phi: list[str]
+_RAW_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 def phi_values(ds: pydicom.Dataset) -> list[str]:
@@ -68,25 +58,6 @@ def phi_values(ds: pydicom.Dataset) -> list[str]:
     return out
 
 
-def _read_header(path: str) -> _Header:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    iop = ds.get("ImageOrientationPatient")
-    ps = ds.get("PixelSpacing")
-    return _Header(
-        path=path,
-        modality=str(ds.get("Modality", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        patient_id=str(ds.get("PatientID", "") or ""),
-        rows=int(ds.get("Rows", 0) or 0),
-        cols=int(ds.get("Columns", 0) or 0),
-        orientation=tuple(round(float(x), 3) for x in iop) if iop else (),
-        spacing=tuple(round(float(x), 4) for x in ps) if ps else (),
-        frames=int(ds.get("NumberOfFrames", 1) or 1),
-        phi=phi_values(ds),
-    )
-
-
 def _walk(root: str) -> list[str]:
     if os.path.isfile(root):
         return [root]
@@ -95,6 +66,43 @@ def _walk(root: str) -> list[str]:
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         files.extend(os.path.join(d, n) for n in sorted(names) if not n.startswith("."))
     return files
+
+
+def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """The stored values of a single-frame grayscale image.
+
+    Uncompressed little-endian data is viewed straight from the PixelData bytes (what pydicom's
+    ``pixel_array`` does too, minus its generic handler overhead, which costs more than the copy);
+    compressed transfer syntaxes (JPEG 2000, JPEG lossless, RLE) go through pydicom's decoders.
+    """
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    bits, spp = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("SamplesPerPixel", 1) or 1)
+    if ts in _RAW_LE and bits == 16 and spp == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        buf = ds.PixelData
+        if len(buf) < rows * cols * 2:
+            raise ValueError(f"pixel data has {len(buf)} bytes, {rows}x{cols}x2 expected (truncated file?)")
+        arr = np.frombuffer(buf, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+        stored_bits = int(ds.get("BitsStored", 16) or 16)
+        if signed and stored_bits < 16:  # sign-extend from BitsStored, as the standard defines
+            shift = 16 - stored_bits
+            arr = (arr.astype(np.int16) << shift) >> shift
+        return arr
+    return ds.pixel_array
+
+
+@dataclass
+class _Slice:
+    rel: str
+    series_key: str
+    size: tuple[int, int]
+    order: float
+    z: float
+    hu: np.ndarray
+    spacing: tuple[float, float]
+    patient: str
+    study: str
 
 
 @register_source
@@ -122,71 +130,27 @@ class DicomSource(Source):
             raise UserError(f"{root}: input folder does not exist")
         base = root if os.path.isdir(root) else os.path.dirname(root)
         rejects: list[Reject] = []
-        headers: list[_Header] = []
-        ignored: list[str] = []
+        self.ignored = []
+        top = _effective_root(base) if os.path.isdir(root) else base
+        by_dir: dict[str, list[str]] = defaultdict(list)
         for p in _walk(root):
-            rel = os.path.relpath(p, base)
             if p.lower().endswith(NON_IMAGE_SUFFIXES):
-                ignored.append(rel)
-                continue
-            try:
-                h = _read_header(p)
-            except InvalidDicomError:
-                rejects.append(Reject(rel, "not a DICOM file (no DICM preamble and no parsable header)"))
-                continue
-            except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
-                rejects.append(Reject(rel, f"unreadable DICOM header ({type(e).__name__}: {_short(e)})"))
-                continue
-            if h.modality and h.modality.upper() != "CT":
-                rejects.append(Reject(rel, f"modality {h.modality}, not CT"))
-                continue
-            if h.rows <= 0 or h.cols <= 0:
-                rejects.append(Reject(rel, "no image (Rows/Columns missing: not an image object)"))
-                continue
-            if h.frames > 1:
-                rejects.append(Reject(rel, f"multi-frame object ({h.frames} frames) is not supported yet"))
-                continue
-            headers.append(h)
-
-        groups: dict[str, list[_Header]] = defaultdict(list)
-        for h in headers:
-            if h.series_uid:
-                key = f"uid:{h.series_uid}"
+                self.ignored.append(os.path.relpath(p, base))
             else:
-                folder = os.path.relpath(os.path.dirname(h.path), base)
-                key = f"dir:{folder}|{h.orientation}|{h.spacing}"
-            groups[key].append(h)
-
-        labels = self._labels(opts, base, rejects, {os.path.relpath(h.path, base) for h in headers})
-        tasks: list[SeriesTask] = []
-        for key in sorted(groups):
-            hs = groups[key]
-            sizes = Counter((h.rows, h.cols) for h in hs)
-            (rows, cols), _ = sizes.most_common(1)[0]
-            keep = []
-            for h in hs:
-                if (h.rows, h.cols) != (rows, cols):
-                    rejects.append(Reject(os.path.relpath(h.path, base),
-                                          f"slice size {h.rows}x{h.cols} differs from the rest of its "
-                                          f"series ({rows}x{cols}); a series must have one size"))
-                else:
-                    keep.append(h)
-            first = keep[0]
-            folder = os.path.relpath(os.path.dirname(first.path), base)
-            patient = first.patient_id or f"dir:{folder}"
-            study = first.study_uid or f"dir:{folder}"
-            inputs = [h.path for h in keep]
+                rel = os.path.relpath(p, top)
+                by_dir[os.path.join(top, rel.split(os.sep, 1)[0]) if os.sep in rel else top].append(p)
+        labels = self._labels(opts, base, rejects, {os.path.relpath(p, base) for ps in by_dir.values() for p in ps})
+        tasks = []
+        for d in sorted(by_dir):
+            files = by_dir[d]
             file_labels = {}
             if labels is not None:
-                for h in keep:
-                    lab = _label_for(labels, os.path.relpath(h.path, base))
+                for p in files:
+                    lab = _label_for(labels, os.path.relpath(p, base))
                     if lab is not None:
-                        file_labels[h.path] = lab
-            phi = sorted({v for h in keep for v in h.phi})
-            tasks.append(SeriesTask(source=self.name, key=key, inputs=inputs,
-                                    options={"patient": patient, "study": study, "base": base,
-                                             "labels": file_labels, "phi": phi}))
-        self.ignored = ignored
+                        file_labels[p] = lab
+            tasks.append(SeriesTask(source=self.name, key=f"dir:{os.path.relpath(d, base)}", inputs=files,
+                                    options={"base": base, "labels": file_labels}))
         return tasks, rejects
 
     @staticmethod
@@ -197,56 +161,131 @@ class DicomSource(Source):
         csv_dir = os.path.dirname(os.path.abspath(opts.labels_csv))
         # Keys are relative to the CSV's folder; re-express them relative to the input root.
         rebased = {normalise_key(os.path.relpath(os.path.join(csv_dir, k), base)): v for k, v in labels.items()}
-        present_dirs = {normalise_key(os.path.dirname(p)) for p in present}
+        present_n = {normalise_key(p) for p in present}
+        present_dirs = set()
+        for p in present_n:
+            while "/" in p:
+                p = p.rsplit("/", 1)[0]
+                present_dirs.add(p)
         for k in sorted(rebased):
-            if k not in present and k not in present_dirs and not os.path.exists(os.path.join(base, k)):
+            if k not in present_n and k not in present_dirs:
                 rejects.append(Reject(f"{os.path.basename(opts.labels_csv)}: {k}",
                                       "listed in the labels CSV but no such file or folder under the input"))
         return rebased
 
     def load(self, task: SeriesTask, opts: PrepOptions) -> SeriesData:
+        series = self.load_many(task, opts)
+        if len(series) != 1:
+            raise UserError(f"{task.key}: holds {len(series)} series; use load_many")
+        return series[0]
+
+    def load_many(self, task: SeriesTask, opts: PrepOptions) -> list[SeriesData]:
         base = task.options["base"]
         labels: dict[str, str] = task.options.get("labels", {})
-        data = SeriesData(source=self.name, dataset=opts.dataset or self.name,
-                          patient=task.options["patient"], study=task.options["study"], series=task.key)
-        items = []
+        rejects: list[Reject] = []
+        phi: set[str] = set()
+        slices: list[_Slice] = []
+        label_of: dict[str, str | None] = {}
         for p in task.inputs:
             rel = os.path.relpath(p, base)
+            folder = os.path.dirname(rel) or "."
             try:
                 ds = pydicom.dcmread(p)
-                if "PixelData" not in ds:
-                    data.rejects.append(Reject(rel, "DICOM object without pixel data"))
-                    continue
-                stored = ds.pixel_array
+            except InvalidDicomError:
+                rejects.append(Reject(rel, "not a DICOM file (no DICM preamble and no parsable header)"))
+                continue
+            except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
+                rejects.append(Reject(rel, f"unreadable DICOM file ({type(e).__name__}: {_short(e)})"))
+                continue
+            phi.update(phi_values(ds))
+            modality = str(ds.get("Modality", "") or "")
+            if modality and modality.upper() != "CT":
+                rejects.append(Reject(rel, f"modality {modality}, not CT"))
+                continue
+            if "PixelData" not in ds:
+                rejects.append(Reject(rel, "DICOM object without pixel data"))
+                continue
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            if frames > 1:
+                rejects.append(Reject(rel, f"multi-frame object ({frames} frames) is not supported yet"))
+                continue
+            try:
+                stored = stored_pixels(ds)
             except Exception as e:  # noqa: BLE001 - decoder errors come in many types
-                data.rejects.append(Reject(rel, f"pixel data could not be decoded ({type(e).__name__}: {_short(e)})"))
+                rejects.append(Reject(rel, f"pixel data could not be decoded ({type(e).__name__}: {_short(e)})"))
                 continue
             if stored.ndim != 2:
-                data.rejects.append(Reject(rel, f"unexpected pixel array shape {stored.shape} (colour or multi-frame)"))
+                rejects.append(Reject(rel, f"unexpected pixel array shape {stored.shape} (colour or multi-frame)"))
                 continue
             slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
             intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
             pad = ds.get("PixelPaddingValue")
             hu = to_hu(stored, slope, intercept, padding_value=None if pad is None else float(pad))
-            z, has_pos = _position_along_normal(ds)
-            spacing = tuple(float(x) for x in ds.get("PixelSpacing", [1.0, 1.0]))[:2]
-            order_key = z if has_pos else float(ds.get("InstanceNumber", 0) or 0)
-            items.append((order_key, z if has_pos else math.nan, hu, spacing, labels.get(p), rel))
-        items.sort(key=lambda it: it[0])
-        for i, (_, z, hu, spacing, label, rel) in enumerate(items):
-            img, (fr, fc) = resize_square(hu, opts.size, pad_value=opts.pad_hu)
-            data.slices.append(SliceData(hu=img, slice_index=i, z_mm=z,
-                                         spacing_mm=(spacing[0] * fr, spacing[1] * fc), label=label, input=rel))
-        return data
+            hu, factors = resize_square(hu, opts.size, pad_value=opts.pad_hu)  # early: bounds memory
+            iop = ds.get("ImageOrientationPatient")
+            ps = ds.get("PixelSpacing")
+            spacing = (float(ps[0]), float(ps[1])) if ps and len(ps) >= 2 else (1.0, 1.0)
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
+            orient = tuple(round(float(x), 3) for x in iop) if iop else ()
+            key = f"uid:{uid}" if uid else f"dir:{folder}|{orient}|{tuple(round(x, 4) for x in spacing)}"
+            z, has_pos = _position_along_normal(ds.get("ImagePositionPatient"), iop)
+            order = z if has_pos else float(ds.get("InstanceNumber", 0) or 0)
+            spacing = (spacing[0] * factors[0], spacing[1] * factors[1])
+            slices.append(_Slice(rel, key, stored.shape, order, z if has_pos else math.nan, hu, spacing,
+                                 str(ds.get("PatientID", "") or "") or f"dir:{folder}",
+                                 str(ds.get("StudyInstanceUID", "") or "") or f"dir:{folder}"))
+            label_of[rel] = labels.get(p)
+
+        groups: dict[str, list[_Slice]] = defaultdict(list)
+        for s in slices:
+            groups[s.series_key].append(s)
+        out = []
+        for key in sorted(groups):
+            g = groups[key]
+            size, _ = Counter(s.size for s in g).most_common(1)[0]
+            keep = []
+            for s in g:
+                if s.size != size:
+                    rejects.append(Reject(s.rel, f"slice size {s.size[0]}x{s.size[1]} differs from the rest of "
+                                                 f"its series ({size[0]}x{size[1]}); a series must have one size"))
+                else:
+                    keep.append(s)
+            keep.sort(key=lambda s: s.order)
+            data = SeriesData(source=self.name, dataset=opts.dataset or self.name, patient=keep[0].patient,
+                              study=keep[0].study, series=key)
+            for i, s in enumerate(keep):
+                data.slices.append(SliceData(hu=s.hu, slice_index=i, z_mm=s.z, spacing_mm=s.spacing,
+                                             label=label_of.get(s.rel), input=s.rel))
+            out.append(data)
+        if not out:
+            out.append(SeriesData(source=self.name, dataset=opts.dataset or self.name, patient="", study="",
+                                  series=task.key))
+        out[0].rejects.extend(rejects)
+        for d in out:
+            d.phi = sorted(phi)
+        return out
 
 
-def _position_along_normal(ds: pydicom.Dataset) -> tuple[float, bool]:
-    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+def _effective_root(base: str) -> str:
+    """Descend folders that hold nothing but one sub-folder (``/data`` -> ``/data/LIDC-IDRI``), so the
+    task unit is the patient level, not the whole data set."""
+    cur = base
+    while True:
+        try:
+            entries = [e for e in os.scandir(cur) if not e.name.startswith(".")]
+        except OSError:
+            return cur
+        if len(entries) == 1 and entries[0].is_dir():
+            cur = entries[0].path
+        else:
+            return cur
+
+
+def _position_along_normal(ipp, iop) -> tuple[float, bool]:  # noqa: ANN001 - pydicom multivalues
     if not ipp or not iop or len(iop) != 6 or len(ipp) != 3:
         return math.nan, False
     r, c = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
-    n = np.cross(r, c)
-    return float(np.dot(np.asarray(ipp, float), n)), True
+    return float(np.dot(np.asarray(ipp, float), np.cross(r, c))), True
 
 
 def _label_for(labels: dict[str, str], rel: str) -> str | None:
