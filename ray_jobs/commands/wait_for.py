@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import posixpath
 import time
 from collections.abc import Callable
 
@@ -24,7 +25,8 @@ Poll object storage until every URL is ready, logging a line per poll with the t
 exit 0. Exit 2 with the URLs still missing when --timeout passes.
 
   manifest    URL/_manifest.json is a committed prep or selection output
-  checkpoint  URL holds a finished pre-training run (its final encoder)
+  checkpoint  URL is a pre-training run folder (STORAGE/EXPERIMENT) whose final
+              checkpoint (the one holding encoder.pt) is written
   file        URL itself exists
 
 Example:
@@ -33,9 +35,10 @@ Example:
 
 log = logging.getLogger("ctssl.wait_for")
 
-# Files a finished `ctssl pretrain --storage S --experiment NAME` leaves in S/NAME; the first one
-# present counts (the final encoder is written after the last checkpoint, so it marks the end).
-FINAL_CHECKPOINT_MARKERS = ("final/encoder.pt", "encoder.pt", "_final.json")
+# A finished `ctssl pretrain --storage S --experiment NAME` leaves its final Ray Train checkpoint in
+# S/NAME/checkpoint_*/ and only that one holds the encoder (ray_jobs.pretrain.checkpoint); each file is
+# one atomic object, so the checkpoint counts once all of these are there.
+FINAL_CHECKPOINT_FILES = ("encoder.pt", "encoder_config.json", "progress.json")
 
 
 def _manifest_ready(url: str) -> tuple[bool, str]:
@@ -58,11 +61,15 @@ def _file_ready(url: str) -> tuple[bool, str]:
 
 
 def _checkpoint_ready(url: str) -> tuple[bool, str]:
-    fs, path = storage.open_fs(url)
-    for marker in FINAL_CHECKPOINT_MARKERS:
-        if fs.exists(storage.join(path, marker)):
-            return True, f"final checkpoint {marker}"
-    return False, f"no final checkpoint yet (none of {', '.join(FINAL_CHECKPOINT_MARKERS)})"
+    fs, root = storage.open_fs(url)
+    if not fs.exists(root):
+        return False, "no run folder yet"
+    folders = [root] + sorted((p for p in fs.ls(root, detail=False)
+                               if posixpath.basename(p.rstrip("/")).startswith("checkpoint_")), reverse=True)
+    for folder in folders:
+        if all(fs.exists(storage.join(folder, f)) for f in FINAL_CHECKPOINT_FILES):
+            return True, f"final checkpoint {posixpath.basename(folder.rstrip('/'))}"
+    return False, f"{len(folders) - 1} checkpoint(s), none final yet (no {FINAL_CHECKPOINT_FILES[0]})"
 
 
 CHECKS: dict[str, Callable[[str], tuple[bool, str]]] = {

@@ -104,3 +104,34 @@ def validation_errors(obj: dict[str, Any]) -> list[str]:
 def experiment_from_render(objs: list[dict[str, Any]]) -> dict[str, Any]:
     cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-experiment"))
     return yaml.safe_load(cm["data"]["experiment.yaml"])
+
+
+@functools.cache
+def _render_ci_cached(stem: str) -> tuple[dict[str, Any], ...]:
+    return tuple(render_objects(ci_values(CHART / "ci" / f"{stem}.yaml")))
+
+
+def render_ci(stem: str) -> list[dict[str, Any]]:
+    """The objects a ci values file renders (rendered once per session; callers get a copy)."""
+    return copy.deepcopy(list(_render_ci_cached(stem)))
+
+
+def pod_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every pod spec in an object, with where it is: workload templates, Ray head / workers, submitter."""
+    spec = obj.get("spec") or {}
+    kind = obj["kind"]
+    if kind in ("Deployment", "StatefulSet", "Job"):
+        return [(f"{kind}/{obj['metadata']['name']}", spec["template"]["spec"])]
+    if kind == "RayJob":
+        name = obj["metadata"]["name"]
+        rc = spec["rayClusterSpec"]
+        out = [(f"{name}/head", rc["headGroupSpec"]["template"]["spec"])]
+        out += [(f"{name}/{g['groupName']}", g["template"]["spec"]) for g in rc.get("workerGroupSpecs", [])]
+        if "submitterPodTemplate" in spec:
+            out.append((f"{name}/submitter", spec["submitterPodTemplate"]["spec"]))
+        return out
+    return []
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(pod.get("initContainers") or []) + list(pod.get("containers") or [])

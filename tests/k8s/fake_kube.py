@@ -37,7 +37,8 @@ class FakeKube:
         self.mlflow: dict[str, tuple[str, list[str]]] = {}  # experiment -> (id, run ids newest first)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
 
     def __enter__(self) -> FakeKube:
         self._thread.start()
