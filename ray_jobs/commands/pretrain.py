@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N", help="Ray Train workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default 1)")
+    p.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="how workers are placed on nodes (default PACK)")
     p.add_argument("--epochs", type=int, default=100, metavar="E")
     p.add_argument("--batch-size", type=int, default=256, metavar="B", help="global batch size over all workers")
     p.add_argument("--storage", required=True, metavar="URL", help="checkpoint folder (local path or s3://)")
@@ -59,6 +61,7 @@ def config_from_args(args: argparse.Namespace):
     return PretrainConfig(
         method=args.method, data=args.data, selection=args.selection, backbone=args.backbone,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        placement_strategy=args.placement_strategy,
         epochs=args.epochs, batch_size=args.batch_size, storage=args.storage, experiment=args.experiment,
         address=args.address, tracking_uri=args.tracking_uri, img_size=args.img_size, in_chans=args.in_chans,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, lr=args.lr,

@@ -25,6 +25,7 @@ class PretrainConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
     epochs: int = 100
     batch_size: int = 256  # global batch (all workers together), as in the papers
     img_size: int | None = None  # None: the prep resolution of the shards
@@ -60,6 +61,9 @@ class PretrainConfig:
             raise CLIError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.max_failures < -1:
             raise CLIError(f"--max-failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise CLIError(f"--placement-strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                           f"got {self.placement_strategy!r}")
         if self.gpus_per_worker < 0:
             raise CLIError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.img_size is not None and self.img_size < 16:

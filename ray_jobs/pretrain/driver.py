@@ -136,7 +136,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(

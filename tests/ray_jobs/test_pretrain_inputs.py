@@ -1,0 +1,74 @@
+"""Bad pre-training inputs fail with one clear line (exit 2) before Ray or training starts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from data_prep import shards
+from ray_jobs.cli import main
+from tests.ray_jobs.tiny_data import write_tiny_dataset
+
+
+def _pretrain(tmp_path, *extra: str) -> list[str]:
+    return ["pretrain", "--backbone", "resnet18", "--workers", "1", "--epochs", "1", "--batch-size", "4",
+            "--storage", str(tmp_path / "runs"), "--experiment", "e1", "--address", "local", *extra]
+
+
+def test_data_without_committed_manifest_is_rejected(tmp_path, capsys):
+    half_written = tmp_path / "half"
+    half_written.mkdir()
+    (half_written / "part-00000.parquet").write_bytes(b"not yet committed")
+    rc = main(_pretrain(tmp_path, "--method", "byol", "--data", str(half_written)))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"--data {half_written}: no committed output here (no _manifest.json)" in err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_unknown_method_lists_the_known_ones(tmp_path, capsys):
+    write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=2, size=32)
+    rc = main(_pretrain(tmp_path, "--method", "simclr", "--data", str(tmp_path / "data")))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--method 'simclr' is not a pre-training method; known: byol, mocov2, spark, swav" in err
+
+
+def test_selection_of_another_dataset_is_rejected(tmp_path, capsys):
+    write_tiny_dataset(str(tmp_path / "lidc"), patients=2, slices=2, size=32, source="lidc")
+    write_tiny_dataset(str(tmp_path / "covid"), patients=2, slices=2, size=32, source="covid")
+    shards.write_selection(str(tmp_path / "covid-dhash"), str(tmp_path / "covid"),
+                           ["covid-p000-s000", "covid-p001-s001"], config={"strategy": "dhash"})
+    rc = main(_pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "lidc"),
+                        "--selection", str(tmp_path / "covid-dhash")))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert (f"--selection {tmp_path / 'covid-dhash'} was made from {tmp_path / 'covid'}, not from --data "
+            f"{tmp_path / 'lidc'}") in err
+
+
+def test_batch_larger_than_the_data_is_rejected(tmp_path, capsys):
+    write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=3, size=32)
+    args = _pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"))
+    args[args.index("--batch-size") + 1] = "64"
+    rc = main(args)
+    assert rc == 2
+    assert "--batch-size 64 over 1 worker(s) needs at least 64 slices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--workers", "0", "--workers must be >= 1, got 0"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
+    ("--backbone", "resnet_nonexistent", "--backbone 'resnet_nonexistent' is not a timm model"),
+])
+def test_bad_numbers_and_names_are_named(tmp_path, capsys, flag, value, message):
+    write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=2, size=32)
+    args = _pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"))
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs" / "e1")
