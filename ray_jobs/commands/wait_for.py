@@ -105,6 +105,8 @@ def wait_for(urls: list[str], what: str, timeout: float, poll: float,
     while True:
         for url in list(pending):
             try:
+                # fsspec keeps directory listings; a poll must see the bucket as it is now
+                storage.open_fs(url)[0].invalidate_cache()
                 ok, detail = check(url)
             except UserError as e:  # unreadable URL, bad credentials: keep waiting, say why
                 ok, detail = False, str(e)

@@ -89,6 +89,28 @@ def test_waits_for_a_manifest_on_s3(s3_bucket: str) -> None:
     t.join()
 
 
+def test_sees_a_final_checkpoint_appear_on_s3_after_listing_the_run(s3_bucket: str) -> None:
+    """Polls must not be answered from fsspec's listing cache: the run folder is listed while only an
+    intermediate checkpoint exists, then the final one is uploaded."""
+    from data_prep import storage
+
+    run = f"s3://{s3_bucket}/study/pretrain/study-byol"
+    fs, path = storage.open_fs(run)
+    fs.pipe(f"{path}/checkpoint_000001/state.pt", b"s")
+    with pytest.raises(CLIError, match="none final yet"):
+        wait_for([run], "checkpoint", timeout=0.3, poll=0.1)
+
+    def upload() -> None:
+        time.sleep(0.4)
+        for name in ("state.pt", "progress.json", "encoder_config.json", "encoder.pt"):
+            fs.pipe(f"{path}/checkpoint_000002/{name}", b"x")
+
+    t = threading.Thread(target=upload)
+    t.start()
+    wait_for([run], "checkpoint", timeout=30, poll=0.2)
+    t.join()
+
+
 def test_rejects_a_non_positive_timeout(tmp_path: Path) -> None:
     with pytest.raises(CLIError, match="must be positive"):
         wait_for([str(tmp_path)], "file", timeout=0, poll=1)
