@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
     s = sub.add_parser("submit", help="create the prep Job and RayJobs of an experiment config")
     s.add_argument("-f", "--config", required=True, metavar="FILE", help="experiment config (YAML)")
-    s.add_argument("--name", help="override the config's name (object name prefix)")
+    s.add_argument("--name", help="override the config's name: object names and run / MLflow experiment names "
+                   "(the storage URLs stay as the config says)")
     s.add_argument("--dry-run", action="store_true", help="print the objects as YAML; contact no cluster")
     _common(s)
     st = sub.add_parser("status", help="table of a release's prep Job and RayJobs")
