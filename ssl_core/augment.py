@@ -107,13 +107,18 @@ def crop_affine(
     return theta
 
 
-def _resample(x: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int], fill: float) -> torch.Tensor:
+def _resample(x: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int], fill: float | None) -> torch.Tensor:
+    """Bilinear resample; border padding inside the slice, ``fill`` where the grid leaves the slice.
+
+    Border padding keeps crops that touch the image edge free of padding artefacts; a rotated crop
+    can see beyond the slice, and there the value is ``fill`` (air, not the water that zero HU is).
+    """
     grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], *out_hw], align_corners=False)
-    if fill == 0.0:
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # outside the slice is air, not water: resample (x - fill) with zero padding, then shift back
-    out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.add_(fill)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if fill is not None:
+        outside = (grid.abs() > 1.0).any(dim=-1).unsqueeze(1)
+        out = out.masked_fill_(outside, fill)
+    return out
 
 
 def random_resized_crop(
@@ -130,7 +135,7 @@ def random_resized_crop(
     """Batched random resized crop (+ flips + rotation) of ``x`` (N, C, H, W) to ``size``."""
     theta = crop_affine(x.shape[0], (x.shape[-2], x.shape[-1]), scale, ratio, hflip_p, vflip_p,
                         max_rotation_deg, generator, x.device)
-    return _resample(x, theta, _pair(size), fill)
+    return _resample(x, theta, _pair(size), fill if max_rotation_deg > 0 else None)
 
 
 @dataclass
