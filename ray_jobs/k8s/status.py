@@ -55,11 +55,12 @@ def job_row_status(obj: dict[str, Any]) -> tuple[str, str, str]:
     progress = f"{done}/{total} indexes done"
     if "Complete" in conds:
         return "SUCCEEDED", progress, "all shards written, manifest committed"
+    failed_indexes = f"; failed indexes {status['failedIndexes']}" if status.get("failedIndexes") else ""
     if "Failed" in conds:
         c = conds["Failed"]
-        return "FAILED", progress, f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+        return "FAILED", progress, f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") + failed_indexes
     if active:
-        return "RUNNING", progress, f"{active} pod(s) running, {failed} failed attempt(s)"
+        return "RUNNING", progress, f"{active} pod(s) running, {failed} failed attempt(s){failed_indexes}"
     return "PENDING", progress, "waiting for pods to start (or for the source to be uploaded)"
 
 

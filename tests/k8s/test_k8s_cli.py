@@ -175,6 +175,42 @@ def test_status_renders_every_job_deployment_status(kube, capsys) -> None:
     assert lines[-1].startswith("run links: kubectl -n ml port-forward svc/study-mlflow 5000:5000")
 
 
+def test_status_of_a_failed_prep_job_names_the_failed_indexes(kube, capsys) -> None:
+    kube.put("jobs", {"metadata": {"name": "study-prep", "labels": {
+        "app.kubernetes.io/instance": "study", "app.kubernetes.io/component": "prep"}},
+        "spec": {"completions": 4}, "status": {"succeeded": 3, "failed": 3, "failedIndexes": "2", "conditions": [
+            {"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "Job has failed indexes"}]}})
+    assert ctssl(kube, "status", "--release", "study") == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.split()[:5] == ["prep", "Job", "study-prep", "FAILED", "3/4"]
+    assert row.endswith("FailedIndexes: Job has failed indexes; failed indexes 2  -")
+
+
+def test_in_cluster_configuration_is_used_inside_a_pod(tmp_path, monkeypatch) -> None:
+    """With KUBERNETES_SERVICE_HOST set and no --kubeconfig, the pod's service account is used."""
+    from kubernetes.config import incluster_config
+
+    from ray_jobs.k8s import api as k8s_api
+
+    token, ca, ns = tmp_path / "token", tmp_path / "ca.crt", tmp_path / "namespace"
+    token.write_text("pod-token")
+    ca.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    ns.write_text("study-ns\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setattr(k8s_api, "IN_CLUSTER_NAMESPACE_FILE", str(ns))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    api = k8s_api.KubeAPI.connect()
+    assert api.namespace == "study-ns"
+    assert api.api.configuration.host == "https://10.96.0.1:443"
+    assert api.api.configuration.auth_settings()["BearerToken"]["value"].lower() == "bearer pod-token"
+    # an explicit kubeconfig still wins inside a pod
+    with FakeKube() as k:
+        other = k8s_api.KubeAPI.connect(str(k.kubeconfig(tmp_path / "kc", namespace="elsewhere")))
+        assert other.namespace == "elsewhere" and other.api.configuration.host == k.url
+
+
 def test_status_links_each_rayjob_to_its_latest_mlflow_run(kube, capsys) -> None:
     kube.put("rayjobs", _rayjob("study-pretrain-byol", "pretrain", "byol", {"jobDeploymentStatus": "Running"}))
     kube.put("rayjobs", _rayjob("study-pretrain-swav", "pretrain", "swav", {"jobDeploymentStatus": "Initializing"}))
