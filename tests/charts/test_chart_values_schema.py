@@ -68,3 +68,15 @@ def test_unknown_top_level_key_is_rejected() -> None:
     values = copy.deepcopy(BASE)
     values["pretrian"] = {"epochs": 3}
     assert "additional properties 'pretrian' not allowed" in _schema_error(values)
+
+
+def test_longest_allowed_name_keeps_rayjob_names_within_kuberays_limit() -> None:
+    from chart_support import render_objects, validation_errors
+
+    longest = "s" * 30
+    objs = render_objects({**_with("fullnameOverride", longest), "pretrain": {**BASE["pretrain"],
+                                                                             "methods": ["mocov2"]}})
+    names = [o["metadata"]["name"] for o in objs if o["kind"] == "RayJob"]
+    assert max(len(n) for n in names) == len(f"{longest}-pretrain-mocov2") == 46  # KubeRay allows 47
+    assert [e for o in objs for e in validation_errors(o)] == []
+    assert "at '/fullnameOverride': maxLength: got 31, want 30" in _schema_error(_with("fullnameOverride", "s" * 31))
