@@ -10,11 +10,11 @@ from __future__ import annotations
 import shlex
 
 import pytest
-from chart_support import CI_VALUES, containers, experiment_from_render, pod_specs, render_ci
 
 from ray_jobs import experiment_config
 from ray_jobs.cli import build_parser
 from ray_jobs.k8s.objects import build_objects
+from tests.charts.chart_support import CI_VALUES, containers, experiment_from_render, pod_specs, render_ci
 
 IDS = [p.stem for p in CI_VALUES]
 STUDY_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
@@ -66,7 +66,7 @@ def test_reduction_commands_parse_when_reduction_is_on() -> None:
 def test_chart_method_list_matches_the_cli_and_the_method_registry() -> None:
     import json
 
-    from chart_support import CHART
+    from tests.charts.chart_support import CHART
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     enum = schema["properties"]["pretrain"]["properties"]["methods"]["items"]["enum"]

@@ -6,7 +6,8 @@ import re
 import subprocess
 
 import yaml
-from chart_support import CHART, REPO
+
+from tests.charts.chart_support import CHART, REPO
 
 INFRA = REPO / "infra"
 

@@ -7,7 +7,8 @@ import re
 
 import pytest
 import yaml
-from chart_support import CHART, CI_VALUES, containers, pod_specs, render_ci
+
+from tests.charts.chart_support import CHART, CI_VALUES, containers, pod_specs, render_ci
 
 IDS = [p.stem for p in CI_VALUES]
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY", re.I)

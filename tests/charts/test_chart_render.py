@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chart_support import (
+
+from tests.charts.chart_support import (
     CHART,
     CI_VALUES,
     ci_values,

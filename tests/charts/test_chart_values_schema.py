@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from chart_support import CHART, ci_values
+
+from tests.charts.chart_support import CHART, ci_values
 
 BASE = ci_values(CHART / "ci" / "cpu-small-values.yaml")
 
@@ -71,7 +72,7 @@ def test_unknown_top_level_key_is_rejected() -> None:
 
 
 def test_longest_allowed_name_keeps_rayjob_names_within_kuberays_limit() -> None:
-    from chart_support import render_objects, validation_errors
+    from tests.charts.chart_support import render_objects, validation_errors
 
     longest = "s" * 30
     objs = render_objects({**_with("fullnameOverride", longest), "pretrain": {**BASE["pretrain"],

@@ -6,18 +6,15 @@ must validate against the KubeRay CRD schema, errors must name the object and th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from fake_kube import FakeKube
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "charts"))
-from chart_support import experiment_from_render, render_ci, validation_errors  # noqa: E402
-
-from ray_jobs.cli import main  # noqa: E402
-from ray_jobs.k8s.status import DEPLOYMENT_NOTES  # noqa: E402
+from ray_jobs.cli import main
+from ray_jobs.k8s.status import DEPLOYMENT_NOTES
+from tests.charts.chart_support import experiment_from_render, render_ci, validation_errors
+from tests.k8s.fake_kube import FakeKube
 
 
 @pytest.fixture

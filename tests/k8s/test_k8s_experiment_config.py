@@ -3,17 +3,14 @@ bad values rejected with the key named."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "charts"))
-from chart_support import experiment_from_render, render_objects  # noqa: E402
-
-from ray_jobs import experiment_config  # noqa: E402
-from ray_jobs.errors import CLIError  # noqa: E402
+from ray_jobs import experiment_config
+from ray_jobs.errors import CLIError
+from tests.charts.chart_support import experiment_from_render, render_objects
 
 MINIMAL = {"storage": {"root": "s3://bkt/run1"}, "prep": {"source": "s3://raw/ct"},
            "finetune": {"data": "s3://bkt/labelled"}}
