@@ -155,3 +155,52 @@ def test_values_yaml_documents_every_key_with_a_comment() -> None:
         if not prev.startswith("#"):
             undocumented.append(f"line {i + 1}: {key}")
     assert undocumented == []
+
+
+VARIANTS = {
+    "external-mlflow": {"mlflow": {"enabled": False, "trackingUri": "https://mlflow.example.com"}},
+    "no-prep": {"prep": {"enabled": False, "source": ""}, "pretrain": {"data": "s3://other/shards"}},
+    "report-only": {"finetune": {"enabled": False, "data": ""}},
+    "no-finetune-no-report": {"finetune": {"enabled": False}, "report": {"enabled": False}},
+    "no-methods": {"pretrain": {"methods": []}},
+    "no-network-policy-no-rbac": {"networkPolicy": {"enabled": False}, "rbac": {"create": False},
+                                  "serviceAccount": {"create": False, "name": "existing-sa"}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_of_the_cpu_values_render_valid_objects(variant: str) -> None:
+    values = copy.deepcopy(ci_values(CHART / "ci" / "cpu-small-values.yaml"))
+    for key, patch in VARIANTS[variant].items():
+        values[key] = {**values.get(key, {}), **patch}
+    objs = render_objects(values)
+    assert [e for o in objs for e in validation_errors(o)] == []
+    names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    # `ctssl k8s submit` builds the same stage objects from the rendered experiment config
+    from ray_jobs.k8s.objects import build_objects
+    from tests.charts.chart_support import experiment_from_render
+
+    built = {(o["kind"], o["metadata"]["name"]): o["spec"] for o in build_objects(experiment_from_render(objs))}
+    assert built == {(o["kind"], o["metadata"]["name"]): o["spec"] for o in objs
+                     if o["kind"] == "RayJob" or o["metadata"]["name"] == "study-prep"}
+    if variant == "external-mlflow":
+        assert ("Deployment", "study-mlflow") not in names and ("StatefulSet", "study-postgresql") not in names
+        rj = next(o for o in objs if o["kind"] == "RayJob")
+        assert "--tracking-uri https://mlflow.example.com" in rj["spec"]["entrypoint"]
+    if variant == "no-prep":
+        assert ("Job", "study-prep") not in names
+        rj = next(o for o in objs if o["metadata"]["name"] == "study-pretrain-byol")
+        head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        assert head["initContainers"][0]["command"][2] == "s3://other/shards"
+    if variant == "report-only":
+        ft = next(o for o in objs if o["metadata"]["name"] == "study-finetune")
+        assert ft["spec"]["entrypoint"].startswith("ctssl report ")
+        assert "initContainers" not in ft["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    if variant == "no-finetune-no-report":
+        assert ("RayJob", "study-finetune") not in names
+    if variant == "no-methods":
+        assert [n for k, n in names if k == "RayJob"] == ["study-finetune"]
+    if variant == "no-network-policy-no-rbac":
+        assert not {k for k, _ in names} & {"NetworkPolicy", "Role", "RoleBinding", "ServiceAccount"}
+        rj = next(o for o in objs if o["kind"] == "RayJob")
+        assert rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
