@@ -7,6 +7,7 @@ and the stages chain through the commit markers the next stage waits for.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -140,3 +141,34 @@ def test_stages_chain_through_the_commit_markers_of_their_inputs(stem: str) -> N
     # the report reads the study's MLflow experiment
     report_argv = shlex.split(ft["spec"]["entrypoint"].split(" && ")[1])
     assert _flag(report_argv, "--experiment") == _flag(finetune_argv, "--experiment")
+
+
+def _ctssl_lines(text: str) -> list[list[str]]:
+    """Every `ctssl ...` command in a text (after `ray job submit ... --` too), continuations joined."""
+    joined = re.sub(r"\\\n\s*", "", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if " -- ctssl " in line:
+            line = line.split(" -- ", 1)[1]
+        if line.startswith("ctssl "):
+            out.append(shlex.split(line.split("  #")[0].replace("<release>", "study")))
+    return out
+
+
+def test_commands_in_notes_and_operations_guide_parse_with_the_real_cli() -> None:
+    from tests.charts.chart_support import CHART, REPO, ci_values, notes
+
+    parser = build_parser()
+    notes_text = notes(ci_values(CHART / "ci" / "cpu-small-values.yaml"))
+    guide = (REPO / "docs" / "operations.md").read_text()
+    texts = {"NOTES.txt": "\n".join(line for line in notes_text.splitlines() if line.startswith("  ")),
+             "docs/operations.md": "\n".join(re.findall(r"```(?:sh)?\n(.*?)```", guide, re.S))}
+    for where, text in texts.items():
+        commands = _ctssl_lines(text)
+        assert len(commands) >= 3, where
+        for argv in commands:
+            try:
+                parser.parse_args(argv[1:])
+            except SystemExit:
+                pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse with the ctssl CLI")
