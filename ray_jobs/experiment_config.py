@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "ttlSecondsAfterFinished": 86400,
         "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
     },
-    "reduce": {"enabled": False, "strategy": "dhash", "output": "", "extraArgs": []},
+    "reduce": {"enabled": False, "strategy": "hash", "output": "", "extraArgs": []},
     "pretrain": {
         "methods": list(METHODS),
         "data": "",
