@@ -90,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "rayJob": {
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": 3600,
-        "activeDeadlineSeconds": 259200,
+        "activeDeadlineSeconds": 604800,
         "backoffLimit": 1,
     },
     "ray": {
