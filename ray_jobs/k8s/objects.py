@@ -220,7 +220,7 @@ def rayjob(cfg: dict[str, Any], name: str, component: str, method: str | None, e
 def reduce_rayjob(cfg: dict[str, Any]) -> dict[str, Any]:
     waits = [("wait-for-shards", sc.wait_argv([cfg["prep"]["output"]], "manifest", cfg))]
     return rayjob(cfg, f"{cfg['name']}-reduce", "reduce", None, sc.shell_join(sc.reduce_argv(cfg)), waits,
-                  mlflow_experiment="", with_workers=False)
+                  mlflow_experiment=sc.reduce_experiment(cfg), with_workers=False)
 
 
 def pretrain_rayjob(cfg: dict[str, Any], method: str) -> dict[str, Any]:

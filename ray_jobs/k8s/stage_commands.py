@@ -63,7 +63,13 @@ def prep_argv(cfg: dict[str, Any]) -> list[str]:
 def reduce_argv(cfg: dict[str, Any]) -> list[str]:
     r = cfg["reduce"]
     return ["ctssl", "reduce", cfg["prep"]["output"], r["output"], "--strategy", r["strategy"],
+            "--tracking-uri", cfg["mlflow"]["trackingUri"], "--experiment", reduce_experiment(cfg),
             *[str(a) for a in r["extraArgs"]]]
+
+
+def reduce_experiment(cfg: dict[str, Any]) -> str:
+    """MLflow experiment of the reduction report (kept fraction, threshold, per-volume counts)."""
+    return f"{cfg['name']}-reduce"
 
 
 def pretrain_argv(cfg: dict[str, Any], method: str) -> list[str]:

@@ -15,7 +15,7 @@ ctx: $cfg, or dict "cfg" $cfg "method" "byol" for pre-training.
 {{- end -}}
 
 {{- define "ctssl.argv.reduce" -}}
-{{- $a := list "ctssl" "reduce" .prep.output .reduce.output "--strategy" .reduce.strategy -}}
+{{- $a := list "ctssl" "reduce" .prep.output .reduce.output "--strategy" .reduce.strategy "--tracking-uri" .mlflow.trackingUri "--experiment" (printf "%s-reduce" .name) -}}
 {{- range .reduce.extraArgs }}{{ $a = append $a (toString .) }}{{ end -}}
 {{- toJson $a -}}
 {{- end -}}
