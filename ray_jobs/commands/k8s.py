@@ -168,7 +168,8 @@ def logs(args: argparse.Namespace) -> int:
         print(f"{args.name}: no pods yet (the operator has not started its cluster); "
               f"try `ctssl k8s status` or again in a minute", file=sys.stderr)
         return 1
-    pods.sort(key=lambda p: p["metadata"]["name"])
+    # oldest first; --follow takes the newest (a retried submitter or head replaces the old pod)
+    pods.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
     if args.follow:
         pod = pods[-1]
         container = pod["spec"]["containers"][0]["name"]
