@@ -1,0 +1,171 @@
+"""Deep-embedding similarity: cosine similarity of encoder features (any timm CNN, or a ctssl
+pre-trained encoder state_dict), with the last-kept rule or k-center-greedy diversity selection.
+
+torch and timm are imported only when this strategy runs, so the other strategies stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import UserError
+from data_prep.reduce.base import Selection, SliceSet, register
+from data_prep.reduce.progress import progress_bar
+from data_prep.reduce.sequential import LastKeptSimilarity, gather_features
+
+log = logging.getLogger(__name__)
+MODES = ("threshold", "kcenter")
+
+
+@register
+class EmbeddingStrategy(LastKeptSimilarity):
+    name = "embedding"
+    help = ("cosine similarity of encoder embeddings: drop a slice too similar to the last kept one "
+            "(--mode threshold) or keep a k-center-greedy diverse subset (--mode kcenter)")
+    threshold_name = "cosine similarity"
+    default_threshold = 0.95
+    lower = -1.0
+    upper = 1.0
+
+    def __init__(self, model: str = "resnet18", checkpoint: str | None = None, mode: str = "threshold",
+                 size: int = 128, batch_size: int = 64, windows: list[str] | None = None,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        if mode not in MODES:
+            raise UserError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
+        if size < 16:
+            raise UserError(f"--size {size}: must be >= 16 for a CNN encoder")
+        self.model_name, self.checkpoint, self.mode = model, checkpoint, mode
+        self.size, self.batch_size, self.windows = size, batch_size, windows
+        if mode == "kcenter":
+            self.lower, self.upper = 0.0, 1.0
+            self.threshold_name = "kept fraction (k-center greedy)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
+        super().add_arguments(parser)
+        from data_prep.reduce.image_similarity import add_size_argument
+
+        add_size_argument(parser)
+        parser.add_argument("--model", default="resnet18",
+                            help="embedding: timm encoder name (default resnet18; random weights unless "
+                                 "--checkpoint is given, since nothing is downloaded)")
+        parser.add_argument("--checkpoint", default=None,
+                            help="embedding: a ctssl encoder state_dict file (timm layout) for --model")
+        parser.add_argument("--mode", choices=MODES, default="threshold",
+                            help="embedding: 'threshold' = last-kept cosine rule; 'kcenter' = k-center "
+                                 "greedy, the threshold is then the kept fraction")
+        parser.add_argument("--batch-size", type=int, default=64, help="embedding: encoder batch size")
+        parser.add_argument("--windows", nargs="+", default=None,
+                            help="embedding: CT windows as input channels (default: lung, or gray8 for "
+                                 "8-bit image sets)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return {**super().options_from_args(args), "model": args.model, "checkpoint": args.checkpoint,
+                "mode": args.mode, "size": args.size, "batch_size": args.batch_size, "windows": args.windows}
+
+    # -- features
+    def _encoder(self):
+        import torch
+
+        from ssl_core.backbones import create_backbone, load_encoder_state_dict
+
+        in_chans = len(self.windows)
+        try:
+            if self.checkpoint:
+                sd = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+                if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                    sd = sd["state_dict"]
+                model = load_encoder_state_dict(self.model_name, sd, in_chans=in_chans, num_classes=0)
+            else:
+                log.warning("embedding: no --checkpoint, so %s has random weights", self.model_name)
+                model = create_backbone(self.model_name, in_chans=in_chans)
+        except FileNotFoundError:
+            raise UserError(f"--checkpoint {self.checkpoint}: no such file") from None
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"embedding encoder: {e}") from None
+        return model.eval()
+
+    def compute_features(self, data: SliceSet, progress: bool) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        from ssl_core.ct_window import apply_window
+
+        if self.windows is None:
+            self.windows = ["gray8"] if data.intensity == "gray8" else ["lung"]
+        model = self._encoder()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device)
+
+        @torch.no_grad()
+        def embed(hu: np.ndarray) -> np.ndarray:
+            outs = []
+            for s in range(0, hu.shape[0], self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(hu[s:s + self.batch_size])).to(device).float()[:, None]
+                x = F.interpolate(x, size=(self.size, self.size), mode="area") if x.shape[-1] != self.size else x
+                x = apply_window(x, self.windows)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    z = model(x).float()
+                outs.append(F.normalize(z, dim=1).cpu().numpy())
+            return np.concatenate(outs).astype(np.float32)
+
+        return gather_features(data, embed, progress, self.name)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+    def prepare(self, data: SliceSet, progress: bool = False) -> None:
+        if self.mode == "threshold":
+            super().prepare(data, progress)
+            return
+        self.data = data
+        self.feats = self.compute_features(data, progress)
+
+    @property
+    def threshold_for_fraction(self):
+        """k-center's threshold *is* the kept fraction: no search needed."""
+        if self.mode == "kcenter":
+            return lambda fraction: fraction
+        return None
+
+    def select(self, threshold: float) -> Selection:
+        if self.mode == "threshold":
+            return super().select(threshold)
+        keep, cause = kcenter_greedy(self.feats, int(round(threshold * len(self.data))))
+        return Selection(keep, cause, threshold, {"mode": "kcenter"})
+
+
+def kcenter_greedy(feats: np.ndarray, k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Farthest-point (k-center greedy) selection of ``k`` rows under cosine distance.
+
+    Starts from row 0 (deterministic) and repeatedly adds the row farthest from all chosen rows
+    (ties: lowest index). A dropped row's cause is its nearest chosen row.
+    """
+    n = feats.shape[0]
+    keep = np.zeros(n, bool)
+    cause = np.full(n, -1, np.int64)
+    if n == 0 or k <= 0:
+        return keep, cause
+    k = min(k, n)
+    x = feats.astype(np.float32)
+    min_dist = np.full(n, np.inf, np.float32)
+    nearest = np.zeros(n, np.int64)
+    nxt = 0
+    with progress_bar(k, "kcenter", progress, unit="center") as bar:
+        for _ in range(k):
+            keep[nxt] = True
+            d = 1.0 - x @ x[nxt]
+            closer = d < min_dist
+            min_dist[closer] = d[closer]
+            nearest[closer] = nxt
+            min_dist[keep] = -np.inf
+            nxt = int(np.argmax(min_dist))
+            bar.update(1)
+    cause[~keep] = nearest[~keep]
+    return keep, cause
