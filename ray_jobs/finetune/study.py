@@ -88,6 +88,7 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
         param_space={"trial": tune.grid_search(grid)},
         tune_config=tune.TuneConfig(metric=SELECT_METRIC, mode="max", scheduler=scheduler,
                                     max_concurrent_trials=_max_concurrent(cfg),
+                                    reuse_actors=True,  # trials are short: skip a process start per trial
                                     trial_name_creator=lambda t: _trial_name(t.config["trial"]),
                                     trial_dirname_creator=lambda t: _trial_name(t.config["trial"])),
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs),

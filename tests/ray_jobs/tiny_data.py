@@ -27,7 +27,7 @@ def _slice(rng: np.random.Generator, label: str, size: int) -> np.ndarray:
 
 def write_tiny_dataset(url: str, *, patients: int = 8, slices: int = 6, size: int = 32, source: str = "tiny",
                        classes: tuple[str, ...] = ("disk", "square"), seed: int = 0,
-                       shards_count: int = 2) -> dict:
+                       shards_count: int = 2, labelled: bool = True) -> dict:
     """Write ``patients x slices`` rows to ``url`` and commit the manifest; returns the manifest.
 
     Labels alternate between patients so every class has whole patients (patient-level folds).
@@ -47,7 +47,7 @@ def write_tiny_dataset(url: str, *, patients: int = 8, slices: int = 6, size: in
             rows["z_mm"].append(float(s) * 2.5)
             rows["spacing_mm"].append([0.8, 0.8])
             rows["source"].append(source)
-            rows["label"].append(label)
+            rows["label"].append(label if labelled else None)
             rows["dhash"].append(int(rng.integers(0, 2**63)))
     n = len(rows["slice_id"])
     bounds = np.linspace(0, n, shards_count + 1).astype(int)
