@@ -18,7 +18,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import nn
 from ssl_core.augment import Compose, RandomResizedCrop, Window
 from ssl_core.backbones import classifier_keys, load_encoder_state_dict
 from ssl_core.ct_window import WindowSpec, default_windows
+from ssl_core.device import autocast, channels_last, default_device
 from ssl_core.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,8 @@ class FineTuner:
     def __init__(self, model: nn.Module, config: FinetuneConfig | None = None,
                  device: torch.device | str | None = None):
         self.config = cfg = config or FinetuneConfig()
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        self.on_cuda = self.device.type == "cuda"
-        self.model = model.to(self.device)
-        if self.on_cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = channels_last(model.to(self.device), self.device)
         head = classifier_keys(model)
         if not head:
             raise ValueError(f"{type(model).__name__} has no classifier (build it with num_classes >= 2)")
@@ -165,9 +161,6 @@ class FineTuner:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.on_cuda else nullcontext()
-
     def _prepare(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         cfg = self.config
         x = images.to(self.device, non_blocking=True).float()
@@ -184,9 +177,7 @@ class FineTuner:
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             x = self._window(x)
-        if self.on_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return channels_last(x, self.device)
 
     @staticmethod
     def _check_reiterable(batches: Batches, what: str) -> None:
@@ -207,7 +198,7 @@ class FineTuner:
         for images, labels in batches:
             x = self._prepare(images, train=True)
             y = torch.as_tensor(labels).long().to(self.device)
-            with self._autocast():
+            with autocast(self.device):
                 logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -228,7 +219,7 @@ class FineTuner:
         ys, ps = [], []
         for images, labels in batches:
             x = self._prepare(images, train=False)
-            with self._autocast():
+            with autocast(self.device):
                 logits = self.model(x)
             ps.append(logits.float().softmax(dim=1).cpu())
             ys.append(torch.as_tensor(labels).long().cpu())

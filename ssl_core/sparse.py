@@ -86,14 +86,15 @@ class MaskContext:
 
 def _mask_nchw(ctx: MaskContext, y: torch.Tensor) -> torch.Tensor:
     m = ctx.at(y.shape[-2], y.shape[-1], y.dtype)
-    return y if m is None else y * m
+    # in place: conv / pooling / norm backward never reads its own output (autograd would refuse if so)
+    return y if m is None else y.mul_(m)
 
 
 def _mask_nhwc(ctx: MaskContext, y: torch.Tensor) -> torch.Tensor:
     if y.ndim != 4:
         return y  # e.g. (N, C) in a classifier head: no spatial positions to mask
     m = ctx.at(y.shape[1], y.shape[2], y.dtype, channels_last=True)
-    return y if m is None else y * m
+    return y if m is None else y.mul_(m)
 
 
 class _SparseLayer:
@@ -147,16 +148,19 @@ def masked_batch_stats(x: torch.Tensor, m: torch.Tensor, sync: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, H, W) over positions where ``m`` is 1.
 
-    Returns ``(mean, var, count)``. Sums instead of a gather of the visible positions: on a dense
-    tensor that is two reductions rather than an index copy and a scatter back. With ``sync`` under
-    an initialised process group the sums are all-reduced (differentiably), giving SyncBN semantics.
+    Precondition: ``x`` is already 0 at masked positions (true for the output of every sparse layer
+    and for SparK's masked input). Then the dense moments over all positions, from one fused
+    ``var_mean`` pass, convert exactly into moments over the visible positions — no gather of the
+    visible positions and no scatter back. Returns ``(mean, var, count)``; with ``sync`` under an
+    initialised process group the sums are all-reduced (differentiably), giving SyncBN semantics.
     """
     if x.dtype != torch.float32:  # statistics in fp32 even under bf16 autocast
-        x, m = x.float(), m.float()
-    xm = x * m
-    s1 = xm.sum(dim=(0, 2, 3))
-    s2 = (xm * xm).sum(dim=(0, 2, 3))
-    cnt = m.sum().to(s1.dtype).reshape(1)
+        x = x.float()
+    total = x.numel() // x.shape[1]
+    var_all, mean_all = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    s1 = mean_all * total
+    s2 = (var_all + mean_all * mean_all) * total
+    cnt = m.sum(dtype=torch.float32).reshape(1)
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed.nn.functional import all_reduce
 
@@ -179,8 +183,7 @@ def _sparse_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: 
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
                 factor = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                n = float(cnt.item())
-                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                unbiased = var.detach() * (cnt / (cnt - 1.0).clamp(min=1.0))
                 bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
                 bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
     else:
@@ -191,8 +194,8 @@ def _sparse_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: 
     shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    y = torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
-    return y * m
+    # x is 0 where masked, so x * scale is too; only the shift must be kept off masked positions
+    return torch.addcmul(m * shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
 
 
 class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):

@@ -12,18 +12,24 @@ ResNets and (0.9, 0.999) for ConvNeXts, gradient-norm clip 5, weight decay cosin
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl_core.augment import create_views
+from ssl_core.augment import MultiView, spark_views
 from ssl_core.backbones import create_backbone
+from ssl_core.ct_window import WindowSpec
 from ssl_core.methods import register
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
+from ssl_core.methods.common import prepare_input
 from ssl_core.spark_decoder import Densify, LightDecoder
 from ssl_core.spark_encoder import SparseEncoder
 from ssl_core.sparse import random_mask
+
+log = logging.getLogger(__name__)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -81,13 +87,14 @@ class SparK(SSLMethod):
         mask_ratio: float = 0.6,
         decoder_width: int = 768,
         densify_norm: str = "auto",
-        windows: list | None = None,
+        windows: Sequence[WindowSpec] | None = None,
         sync_bn: bool = False,
-        **backbone_kwargs: Any,
+        views: MultiView | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        net = create_backbone(backbone, in_chans=in_chans, **backbone_kwargs) if isinstance(backbone, str) \
-            else backbone
+        net = (create_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
+               if isinstance(backbone, str) else backbone)
         self.backbone_name = backbone if isinstance(backbone, str) else type(backbone).__name__
         self.in_chans = in_chans
         self.img_size = img_size
@@ -107,8 +114,24 @@ class SparK(SSLMethod):
         self.densify = Densify(self.sparse_encoder.channels, self.sparse_encoder.reductions, decoder_width,
                                self.sparse_encoder.mask_ctx, norm=densify_norm, sync_bn=sync_bn)
         self.decoder = LightDecoder(self.sparse_encoder.levels, out_chans=in_chans, width=decoder_width)
-        self.views = create_views("spark", img_size, in_chans=in_chans, windows=windows)
+        self.views = views or spark_views(img_size, windows, in_chans)
+        if len(self.views) != 1:
+            raise ValueError(f"SparK takes exactly 1 view, the recipe makes {len(self.views)}")
         self._uses_bn = is_bn
+        self._freeze_unused_head(net)
+        log.info("SparK: backbone %s, patch %d px, mask ratio %.2f, densify norm %s, decoder width %d, "
+                 "stage widths %s", self.backbone_name, self.patch, mask_ratio, densify_norm, decoder_width,
+                 self.sparse_encoder.channels)
+
+    @staticmethod
+    def _freeze_unused_head(net: nn.Module) -> None:
+        """Head parameters (e.g. ConvNeXt's ``head.norm``) are never reached by the stage features;
+        freezing them keeps DDP from waiting for their gradients. They are still exported."""
+        cls_name = (getattr(net, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+        prefixes = {cls_name.split(".")[0], "head", "fc", "classifier"}
+        for n, p in net.named_parameters():
+            if n.split(".")[0] in prefixes:
+                p.requires_grad_(False)
 
     # ---------------------------------------------------------------- model
     def grid(self, hw: tuple[int, int]) -> tuple[int, int]:
@@ -126,9 +149,13 @@ class SparK(SSLMethod):
             dense = self.densify(feats)
         return self.decoder(dense)
 
-    def forward(self, x: torch.Tensor, active: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss on windowed images ``x`` (B, in_chans, H, W); a random mask unless ``active`` is given."""
+    def masked_loss(self, x: torch.Tensor, active: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss on windowed images ``x`` (B, in_chans, H, W); a random mask unless ``active`` is given.
+
+        Returns ``loss``, the reconstruction ``recon`` (normalised-patch units) and the mask ``active``.
+        """
+        x = prepare_input(x)
         if active is None:
             active = self.make_mask(x.shape[0], (x.shape[-2], x.shape[-1]), x.device, generator)
         recon = self.reconstruct(x, active)
@@ -139,8 +166,12 @@ class SparK(SSLMethod):
     def training_step(self, images: torch.Tensor, ctx: StepContext,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         (view,) = self.views(images, generator=generator)
-        out = self.forward(view, generator=generator)
+        out = self.masked_loss(view, generator=generator)
         return {"loss": out["loss"], "visible_fraction": out["active"].float().mean()}
+
+    def forward(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Same as :meth:`training_step`, so a DDP wrapper sees a forward call."""
+        return self.training_step(images, ctx)
 
     def encoder(self) -> nn.Module:
         return self.sparse_encoder.backbone
@@ -149,9 +180,13 @@ class SparK(SSLMethod):
         return OptimizerDefaults(
             name="lamb", base_lr=2e-4, weight_decay=0.04, weight_decay_end=0.2, base_batch_size=256,
             warmup_epochs=40.0,
-            extra={"betas": (0.9, 0.95 if self._uses_bn else 0.999), "max_grad_norm": 5.0,
-                   "clip_grad_norm": 5.0},
+            extra={"betas": (0.9, 0.95 if self._uses_bn else 0.999), "max_grad_norm": 5.0},
         )
+
+    @staticmethod
+    def suggest_from_dataset_size(n_images: int, batch_size: int = 256) -> dict[str, Any]:
+        """SparK has no queue or prototypes: nothing depends on the pool size."""
+        return {}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Mask tokens, norms and biases get no weight decay (the official recipe)."""
