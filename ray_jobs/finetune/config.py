@@ -138,8 +138,8 @@ class FinetuneConfig:
             raise CLIError("no --seeds given")
         if self.search_target_auc is not None and not 0.5 <= self.search_target_auc <= 1.0:
             raise CLIError(f"--search-target-auc must be in [0.5, 1], got {self.search_target_auc}")
-        if self.search_margin is not None and not 0.0 <= self.search_margin < 0.5:
-            raise CLIError(f"--search-margin must be in [0, 0.5), got {self.search_margin}")
+        if self.search_margin is not None and not 0.0 <= self.search_margin < 1.0:
+            raise CLIError(f"--search-margin must be in [0, 1), got {self.search_margin}")
         if not self.experiment:
             raise CLIError("--experiment must not be empty")
 

@@ -8,6 +8,7 @@ worker starts, so a mistake costs seconds and prints one line.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import tempfile
@@ -51,14 +52,39 @@ def check_backbone(name: str) -> None:
         raise CLIError(f"--backbone {name!r} is not a timm model (see timm.list_models())")
 
 
-def method_options(cfg: PretrainConfig, info: DataInfo) -> dict:
-    """Constructor options; 8-bit image sets get the ``gray8`` window unless windows are given."""
+def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None = None) -> dict:
+    """Constructor options: the user's, plus values sized from the data where stock defaults assume
+    ImageNet (a 65,536-key MoCo queue or 3,000 SwAV prototypes on a pool of a few thousand slices
+    make each image its own negative / leave most prototypes empty). 8-bit image sets get the
+    ``gray8`` window unless windows are given. Every data-derived value is logged."""
     from ssl_core.methods import get_method_class
 
     opts = dict(cfg.method_options)
     params = inspect.signature(get_method_class(cfg.method).__init__).parameters
+
+    def default(name: str):
+        p = params.get(name)
+        return None if p is None or p.default is inspect.Parameter.empty else p.default
+
     if info.intensity == "gray8" and "windows" not in opts and "windows" in params:
         opts["windows"] = ["gray8"] * cfg.in_chans
+    q = default("queue_size")
+    if q and "queue_size" not in opts:
+        # keys younger than a quarter epoch: an image's own previous key is (almost) never a negative
+        fit = max(cfg.batch_size, (info.rows // 4) // cfg.batch_size * cfg.batch_size)
+        if fit < q:
+            opts["queue_size"] = fit
+            log.info("MoCo queue sized from the data: %d keys (%d slices; default %d)", fit, info.rows, q)
+    k = default("n_prototypes")
+    if k and "n_prototypes" not in opts:
+        fit = max(10, info.rows // 10)
+        if fit < k:
+            opts["n_prototypes"] = fit
+            log.info("SwAV prototypes sized from the data: %d (%d slices; default %d)", fit, info.rows, k)
+    f = default("freeze_prototypes_iters")
+    if f and total_steps and "freeze_prototypes_iters" not in opts and f > total_steps // 10:
+        opts["freeze_prototypes_iters"] = total_steps // 10
+        log.info("SwAV prototypes frozen for %d of %d steps (default %d)", total_steps // 10, total_steps, f)
     return opts
 
 
@@ -84,7 +110,8 @@ def prepare(cfg: PretrainConfig) -> tuple[DataInfo, int, int]:
     return info, img_size, plan_steps(cfg, info)
 
 
-def _mlflow_run(cfg: PretrainConfig, info: DataInfo, tracking_uri: str, img_size: int, spe: int) -> str:
+def _mlflow_run(cfg: PretrainConfig, info: DataInfo, tracking_uri: str, img_size: int, spe: int,
+                opts: dict) -> str:
     """The run of this experiment (reused when the same --experiment is rerun, so curves continue)."""
     cl = tracking.client(tracking_uri)
     exp_id = tracking.get_or_create_experiment(
@@ -101,7 +128,7 @@ def _mlflow_run(cfg: PretrainConfig, info: DataInfo, tracking_uri: str, img_size
         "backbone": cfg.backbone, "dataset": info.dataset, "selection": cfg.selection or "none",
     })
     params = {**cfg.as_params(), "img_size_effective": img_size, "steps_per_epoch": spe, "rows": info.rows,
-              "intensity": info.intensity}
+              "intensity": info.intensity, "method_options_effective": json.dumps(opts, sort_keys=True)}
     tracking.log_params(cl, run.info.run_id, params)
     return run.info.run_id
 
@@ -120,14 +147,15 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     storage_fs, storage_path = ray_cluster.arrow_filesystem(cfg.storage)
     if storage_fs is None:
         os.makedirs(storage_path, exist_ok=True)
-    run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe)
+    opts = method_options(cfg, info, spe * cfg.epochs)
+    run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe, opts)
     log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %d steps/epoch x %d epochs",
              cfg.method, info.read_url, info.rows, info.height, info.width, img_size, cfg.workers,
              cfg.per_worker_batch, spe, cfg.epochs)
     payload = {
         "config": cfg.to_dict(), "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_cluster.forwarded_env(),
-        "method_options": method_options(cfg, info),
+        "method_options": opts,
     }
     from ray_jobs.pretrain.loop import train_loop_per_worker
 

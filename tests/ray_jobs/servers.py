@@ -75,7 +75,12 @@ def ray_cluster(ray_s3: S3Env, tmp_path_factory) -> Iterator[object]:
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    from tests.conftest import free_port
+
+    # the dashboard (state API: used to find worker processes) on a free port, not the default 8265
+    # that another Ray on this machine may hold
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                            "dashboard_port": free_port()})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=True)

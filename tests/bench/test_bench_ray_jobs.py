@@ -1,0 +1,162 @@
+"""Benchmarks of the Ray jobs (run with ``make bench``; not part of CI). Each prints a ratio to a peer
+measured in the same run:
+
+* input pipeline (Parquet on S3 -> Ray Data -> decode -> method augmentation, inside a Ray worker)
+  in slices/s against the slices/s a resnet50 BYOL training step consumes;
+* pre-training images/s with 2 Ray Train workers against 1 worker;
+* wall time of one fine-tuning Tune trial against the same fine-tuning run in-process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ray_jobs import tracking
+from tests.ray_jobs.tiny_data import write_tiny_dataset
+
+SIZE = 256  # prep resolution for the pipeline benchmark (512 in production; halved for this 2-core box)
+
+
+@pytest.fixture(scope="module")
+def bench_ray(s3_server):
+    import ray
+
+    from ray_jobs.ray_cluster import forwarded_env
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"CTSSL_S3_ENDPOINT_URL": s3_server, "AWS_ENDPOINT_URL": s3_server,
+                     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="bench")
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=2, runtime_env={"env_vars": forwarded_env()})
+        yield s3_server
+        ray.shutdown()
+
+
+def _pipeline_rate(url: str, batch: int, img_size: int) -> float:
+    """slices/s from S3 shards to augmented BYOL views, measured inside one Ray worker process."""
+    import ray
+
+    from ray_jobs.pretrain.data import build_dataset, decode_batch, inspect_data, to_training_tensor
+
+    info = inspect_data(url, None)
+    ds = build_dataset(info)
+    it = ds.streaming_split(1)[0]
+
+    @ray.remote(num_cpus=1)
+    def consume(it) -> float:
+        from ssl_core.augment import create_views
+
+        views = create_views("byol", img_size)
+        n, t0 = 0, None
+        for b in it.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True, prefetch_batches=2):
+            x = to_training_tensor(decode_batch(b), None, torch.device("cpu"))
+            views(x)
+            if t0 is None:  # exclude pipeline start-up (first batch)
+                t0 = time.perf_counter()
+                continue
+            n += len(x)
+        return n / (time.perf_counter() - t0)
+
+    return ray.get(consume.remote(it))
+
+
+def _step_rate(batch: int, img_size: int, steps: int = 3) -> float:
+    """slices/s one resnet50 BYOL training step consumes (forward, backward, optimiser, EMA)."""
+    from ssl_core.methods import StepContext, create_method
+
+    torch.manual_seed(0)
+    m = create_method("byol", backbone="resnet50", in_chans=1, img_size=img_size)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    x = torch.randn(batch, 1, SIZE, SIZE) * 300 - 500
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = m.training_step(x, StepContext(step=i, total_steps=steps + 1))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.after_optimizer_step(StepContext(step=i, total_steps=steps + 1))
+        if i:
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def test_bench_input_pipeline_vs_resnet50_step(bench_ray):
+    url = "s3://bench/pipeline"
+    write_tiny_dataset(url, patients=32, slices=16, size=SIZE, shards_count=4)  # 512 slices of 256x256
+    batch, img = 16, 224
+    pipe = _pipeline_rate(url, batch, img)
+    step = _step_rate(batch, img)
+    print(f"\n[bench ray_jobs] input pipeline {pipe:.1f} slices/s (S3 Parquet {SIZE}px -> BYOL views {img}px, "
+          f"1 worker) vs resnet50 BYOL step {step:.2f} slices/s (CPU, batch {batch}): "
+          f"pipeline/step = {pipe / step:.1f}x")
+    assert pipe > 0 and step > 0
+
+
+def _pretrain_rate(tmp_path, data: str, workers: int) -> float:
+    from ray_jobs.pretrain.config import PretrainConfig
+    from ray_jobs.pretrain.driver import run_pretrain
+
+    cfg = PretrainConfig(method="byol", data=data, backbone="resnet18", workers=workers, epochs=1,
+                         batch_size=8 * workers, img_size=64, storage=str(tmp_path / "runs"),
+                         experiment=f"scale-{workers}", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                         checkpoint_every=1000, log_every=5, steps_per_epoch=20,
+                         method_options={"hidden_dim": 256, "out_dim": 64})
+    res = run_pretrain(cfg)
+    rates = [v for s, v in tracking.metric_history(tracking.client(res.tracking_uri), res.run_id, "images_per_s")
+             if s > 3]  # skip warm-up steps
+    return statistics.median(rates)
+
+
+def test_bench_pretrain_scaling_one_vs_two_workers(bench_ray, tmp_path):
+    data = str(tmp_path / "data")
+    write_tiny_dataset(data, patients=40, slices=16, size=64)  # 640 slices
+    one = _pretrain_rate(tmp_path, data, 1)
+    two = _pretrain_rate(tmp_path, data, 2)
+    print(f"\n[bench ray_jobs] pre-training BYOL resnet18 64px, 8 img/worker/step: 1 worker {one:.1f} img/s, "
+          f"2 workers {two:.1f} img/s: scaling = {two / one:.2f}x (ideal 2x on 2 free cores)")
+    assert one > 0 and two > 0
+
+
+def test_bench_finetune_trial_time_vs_in_process(bench_ray, tmp_path):
+    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+    from ray_jobs.finetune.data import load_labelled
+    from ray_jobs.finetune.folds import make_folds, nested_subset
+    from ray_jobs.finetune.study import run_study
+    from ray_jobs.report.collect import collect_trials
+    from ssl_core.finetune import FinetuneConfig as FTConfig
+    from ssl_core.finetune import FineTuner, create_classifier
+
+    data = str(tmp_path / "lab")
+    write_tiny_dataset(data, patients=20, slices=10, size=64)
+    cfg = FinetuneConfig(data=data, storage=str(tmp_path / "tune"), experiment="bench-ft", backbone="resnet18",
+                         sizes=parse_sizes(samples_per_class="all"), folds=2, epochs=5, frozen_epochs=1,
+                         batch_size=16, tracking_uri=f"sqlite:///{tmp_path / 'ft.db'}")
+    res = run_study(cfg)
+    trial_s = collect_trials(res.tracking_uri, "bench-ft", res.parent_run_id)["trial_time_s"].median()
+
+    d = load_labelled(data)
+    fold = make_folds(d.patients, d.label_names, 2, 0.2, seed=0)[0]
+    idx = nested_subset(fold.train, d.labels, parse_sizes(samples_per_class="all")[0], 0)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    ft = FineTuner(create_classifier("resnet18", 2, 1), FTConfig(epochs=5, freeze_epochs=1, batch_size=16))
+    imgs = torch.from_numpy(d.images.astype(np.float32)).unsqueeze(1)
+    labels = torch.from_numpy(d.labels)
+    ft.fit(ft.batches(imgs[idx], labels[idx], True), ft.batches(imgs[fold.val], labels[fold.val], False))
+    ft.evaluate(ft.batches(imgs[fold.test], labels[fold.test], False))
+    local_s = time.perf_counter() - t0
+    print(f"\n[bench ray_jobs] fine-tuning trial (resnet18 64px, {len(idx)} train images, 5 epochs): Tune trial "
+          f"{trial_s:.1f}s vs in-process {local_s:.1f}s: overhead = {trial_s / local_s:.2f}x")
+    assert trial_s > 0
