@@ -491,13 +491,39 @@ def _blur121(img: np.ndarray) -> np.ndarray:
     return res
 
 
-def _finish(cv: _Canvas, noise_sd: float, rng: np.random.Generator) -> np.ndarray:
+def _noise_bank(seed: int, size: int) -> np.ndarray:
+    """A per-patient field of correlated unit noise, a little larger than a slice; each slice takes a
+    randomly shifted and flipped crop of it (drawing fresh normals per slice cost as much as the
+    anatomy)."""
+    key = (seed, size)
+    bank = _NOISE_CACHE.get(key)
+    if bank is None:
+        n = _rng(seed, 0xB4).standard_normal((2, size + _NOISE_MARGIN, size + _NOISE_MARGIN), dtype=np.float32)
+        n[:, :, 1:] += np.float32(0.6) * n[:, :, :-1]  # CT noise is correlated between neighbours
+        n /= np.float32(math.sqrt(1.36))
+        if len(_NOISE_CACHE) > 8:
+            _NOISE_CACHE.clear()
+        bank = _NOISE_CACHE[key] = n
+    return bank
+
+
+_NOISE_MARGIN = 32
+_NOISE_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _finish(cv: _Canvas, noise_sd: float, bank: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img = _blur121(cv.img)
-    n = rng.standard_normal(img.shape, dtype=np.float32)
-    n[:, 1:] += np.float32(0.6) * n[:, :-1]  # CT noise is correlated between neighbours
-    img += n * np.float32(noise_sd / math.sqrt(1.36))
+    n = img.shape[0]
+    k, dy, dx, flip = rng.integers(0, (bank.shape[0], _NOISE_MARGIN, _NOISE_MARGIN, 4))
+    crop = bank[k, dy:dy + n, dx:dx + n]
+    if flip & 1:
+        crop = crop[::-1]
+    if flip & 2:
+        crop = crop[:, ::-1]
+    img += crop * np.float32(noise_sd)
+    np.clip(img, -1024, 3071, out=img)
     np.rint(img, out=img)
-    return np.clip(img, -1024, 3071).astype(np.int16)
+    return img.astype(np.int16)
 
 
 def _place_lesions(anat: Anatomy, depths: np.ndarray, rate: float, rng: np.random.Generator) -> None:
@@ -584,30 +610,57 @@ def _coverage(anat: Anatomy, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.linspace(start, end, n)
 
 
+class PhantomPatient:
+    """The plan of one phantom series: anatomy, slice depths, lesions and labels, without pixels.
+
+    Slices are rendered one at a time (``render(i)``), so a writer can split a long series into chunks
+    across processes and still produce exactly the pixels of :func:`render_volume`.
+    """
+
+    def __init__(self, seed: int, n_slices: int, size: int = 256, lesion_rate: float = 0.3):
+        if n_slices < 1 or size < 16:
+            raise ValueError(f"need n_slices >= 1 and size >= 16 (got {n_slices}, {size})")
+        if not 0.0 <= lesion_rate <= 1.0:
+            raise ValueError(f"lesion_rate must be in [0, 1] (got {lesion_rate})")
+        self.seed, self.size = seed, size
+        self.anatomy = anat = sample_anatomy(seed)
+        self.depth_mm = _coverage(anat, n_slices, _rng(seed, 0xC0))
+        _place_lesions(anat, self.depth_mm, lesion_rate, _rng(seed, 0x1E))
+        px = anat.fov_mm / size
+        self.spacing_mm = (px, px)
+        self.slice_thickness_mm = float(self.depth_mm[1] - self.depth_mm[0]) if n_slices > 1 else 2.5
+        self.z_mm = float(_rng(seed, 0x2).uniform(-250.0, 150.0)) - self.depth_mm
+        self.origin_xy_mm = (-(anat.fov_mm / 2) + px / 2, -(anat.fov_mm / 2) + px / 2)
+        self.region = np.asarray(REGION_CLASSES)[anat.region_index(self.depth_mm)]
+        self.lesion = _lesion_flags(anat, self.depth_mm)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.depth_mm)
+
+    def render(self, i: int, with_tissue: bool = False):
+        """Slice ``i`` as int16 HU (and its uint8 tissue map when asked for)."""
+        cv = _render_clean(self.anatomy, float(self.depth_mm[i]), self.size)
+        hu = _finish(cv, self.anatomy.noise_sd, _noise_bank(self.seed, self.size), _rng(self.seed, 0x5E, i))
+        return (hu, cv.tis) if with_tissue else hu
+
+
 def render_volume(seed: int, n_slices: int, size: int = 256, lesion_rate: float = 0.3,
                   with_tissue: bool = False) -> PhantomVolume:
     """Render one patient (drawn from ``seed``) as ``n_slices`` evenly spaced axial slices covering
     lung apex to pelvis; ``lesion_rate`` is the approximate fraction of slices showing a lesion."""
-    if n_slices < 1 or size < 16:
-        raise ValueError(f"need n_slices >= 1 and size >= 16 (got {n_slices}, {size})")
-    anat = sample_anatomy(seed)
-    depths = _coverage(anat, n_slices, _rng(seed, 0xC0))
-    _place_lesions(anat, depths, lesion_rate, _rng(seed, 0x1E))
+    plan = PhantomPatient(seed, n_slices, size, lesion_rate)
     hu = np.empty((n_slices, size, size), dtype=np.int16)
     tis = np.empty((n_slices, size, size), dtype=np.uint8) if with_tissue else None
-    for i, d in enumerate(depths):
-        cv = _render_clean(anat, float(d), size)
-        hu[i] = _finish(cv, anat.noise_sd, _rng(seed, 0x5E, i))
+    for i in range(n_slices):
         if tis is not None:
-            tis[i] = cv.tis
-    px = anat.fov_mm / size
-    thick = float(depths[1] - depths[0]) if n_slices > 1 else 2.5
-    z_top = float(_rng(seed, 0x2).uniform(-250.0, 150.0))
-    origin = (-(anat.fov_mm / 2) + px / 2, -(anat.fov_mm / 2) + px / 2)
+            hu[i], tis[i] = plan.render(i, with_tissue=True)
+        else:
+            hu[i] = plan.render(i)
     return PhantomVolume(
-        hu=hu, spacing_mm=(px, px), slice_thickness_mm=thick, z_mm=z_top - depths, depth_mm=depths,
-        region=np.asarray(REGION_CLASSES, dtype=object)[anat.region_index(depths)].astype(str),
-        lesion=_lesion_flags(anat, depths), origin_xy_mm=origin, tissue=tis, anatomy=anat,
+        hu=hu, spacing_mm=plan.spacing_mm, slice_thickness_mm=plan.slice_thickness_mm, z_mm=plan.z_mm,
+        depth_mm=plan.depth_mm, region=plan.region, lesion=plan.lesion, origin_xy_mm=plan.origin_xy_mm,
+        tissue=tis, anatomy=plan.anatomy,
     )
 
 
@@ -633,13 +686,14 @@ def render_slices(n: int, size: int = 64, seed: int = 0, lesion_rate: float = 0.
     depth = np.empty(n)
     for p in range(n_pat):
         idx = np.flatnonzero(patient == p)
-        pseed = int(np.random.SeedSequence(seed, spawn_key=(p,)).generate_state(1)[0])
+        pseed = patient_seed(seed, p)
         anat = sample_anatomy(pseed)
         rng = _rng(pseed, 0xD5)
         depths = np.sort(rng.uniform(3.0, anat.landmarks["pelvis_end"] - 10.0, idx.size))
         _place_lesions(anat, depths, lesion_rate, _rng(pseed, 0x1E))
         for k, (i, d) in enumerate(zip(idx, depths, strict=True)):
-            hu[i] = _finish(_render_clean(anat, float(d), size), anat.noise_sd, _rng(pseed, 0x5E, k))
+            hu[i] = _finish(_render_clean(anat, float(d), size), anat.noise_sd, _noise_bank(pseed, size),
+                            _rng(pseed, 0x5E, k))
         region[idx] = np.asarray(REGION_CLASSES, dtype=object)[anat.region_index(depths)]
         lesion[idx] = _lesion_flags(anat, depths)
         depth[idx] = depths
