@@ -1,0 +1,138 @@
+"""NIfTI CT volumes (``.nii`` / ``.nii.gz``, e.g. TotalSegmentator or MSD) -> axial HU slices.
+
+One file is one series. The volume is brought to the closest canonical (RAS+) orientation first, so
+"axial" and "ordered along z" come from the affine and not from how the file happens to store its
+axes; slices are then shown the way DICOM viewers show CT (rows anterior -> posterior, columns patient
+right -> left) so that NIfTI and DICOM inputs of the same patient give the same pictures. Voxel values
+are taken as HU (the convention of CT NIfTI sets; the header's scl_slope/scl_inter are applied).
+
+Patient: the file's path without the extension, or its folder when the file has a generic name
+(``s0001/ct.nii.gz`` -> ``s0001``), so that several volumes in one patient folder share a patient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from data_prep.errors import UserError
+from data_prep.hu import resize_square, to_hu
+from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
+from data_prep.sources.base import PrepOptions, Source, register_source
+from data_prep.sources.dicom import DicomSource, _label_for  # labels CSV rebasing + missing-file rejects
+
+SUFFIXES = (".nii.gz", ".nii")
+GENERIC_STEMS = {"ct", "image", "img", "volume", "vol", "scan", "data", "imaging"}
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for s in SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def _walk(root: str) -> list[str]:
+    if os.path.isfile(root):
+        return [root]
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out += [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def patient_of(rel: str) -> str:
+    stem = _stem(rel)
+    parent = os.path.dirname(rel)
+    if stem.lower() in GENERIC_STEMS and parent:
+        return parent.replace(os.sep, "/")
+    return os.path.join(parent, stem).replace(os.sep, "/")
+
+
+@register_source
+class NiftiSource(Source):
+    name = "nifti"
+
+    @classmethod
+    def detect(cls, root: str) -> bool:
+        if os.path.isfile(root):
+            return root.lower().endswith(SUFFIXES)
+        return any(p.lower().endswith(SUFFIXES) for p in _walk(root)[:500])
+
+    def discover(self, root: str, opts: PrepOptions) -> tuple[list[SeriesTask], list[Reject]]:
+        if not os.path.exists(root):
+            raise UserError(f"{root}: input does not exist")
+        base = root if os.path.isdir(root) else os.path.dirname(root)
+        self.ignored = []
+        files = []
+        for p in _walk(root):
+            (files if p.lower().endswith(SUFFIXES) else self.ignored).append(p)
+        self.ignored = [os.path.relpath(p, base) for p in self.ignored]
+        rejects: list[Reject] = []
+        present = {os.path.relpath(p, base) for p in files}
+        labels = DicomSource._labels(opts, base, rejects, present) if opts.labels_csv else None
+        tasks = []
+        for p in files:
+            rel = os.path.relpath(p, base)
+            lab = None
+            if labels is not None:
+                lab = _label_for(labels, rel)
+            tasks.append(SeriesTask(source=self.name, key=f"nifti:{rel}", inputs=[p],
+                                    options={"base": base, "rel": rel, "label": lab}))
+        return tasks, rejects
+
+    def count_slices(self, task: SeriesTask) -> int:
+        """Slices along z, from the header only (no voxel data read)."""
+        import nibabel as nib
+
+        try:
+            img = nib.load(task.inputs[0])
+            ornt = nib.orientations.io_orientation(img.affine)
+            return int(img.shape[int(ornt[2, 0])]) if len(img.shape) >= 3 else 1
+        except Exception:  # noqa: BLE001 - a broken file is reported by load(); 1 keeps the bar going
+            return 1
+
+    def load(self, task: SeriesTask, opts: PrepOptions) -> SeriesData:
+        import nibabel as nib
+
+        rel = task.options["rel"]
+        patient = patient_of(rel)
+        data = SeriesData(source=self.name, dataset=opts.dataset or self.name, patient=patient, study=patient,
+                          series=rel)
+        try:
+            img = nib.as_closest_canonical(nib.load(task.inputs[0]))
+            vol = np.asanyarray(img.dataobj)
+        except Exception as e:  # noqa: BLE001 - truncated gzip, bad header... many error types
+            msg = str(e).replace("\n", " ")[:160]
+            data.rejects.append(Reject(rel, f"unreadable NIfTI file ({type(e).__name__}: {msg})"))
+            return data
+        if vol.ndim == 4 and vol.shape[3] == 1:
+            vol = vol[..., 0]
+        if vol.ndim == 2:
+            vol = vol[..., None]
+        if vol.ndim != 3:
+            data.rejects.append(Reject(rel, f"a {vol.ndim}-D image of shape {vol.shape}; expected one 3-D CT volume"))
+            return data
+        if vol.dtype.kind not in "iub":
+            bad = int(np.count_nonzero(~np.isfinite(vol)))
+            if bad:
+                data.rejects.append(Reject(rel, f"{bad} of {vol.size} voxels are NaN or infinite; "
+                                                "the volume is not written"))
+                return data
+        affine = img.affine
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        spacing = (float(zooms[1]), float(zooms[0]))  # rows run along y, columns along x
+        # canonical: voxel axis 2 increases towards superior, so index order is order along z
+        cx, cy = (vol.shape[0] - 1) / 2.0, (vol.shape[1] - 1) / 2.0
+        zs = affine[2, 0] * cx + affine[2, 1] * cy + affine[2, 2] * np.arange(vol.shape[2]) + affine[2, 3]
+        for k in range(vol.shape[2]):
+            sl = np.asarray(vol[::-1, ::-1, k]).T  # rows anterior->posterior, columns right->left
+            hu = to_hu(np.ascontiguousarray(sl), 1.0, 0.0)
+            hu, factors = resize_square(hu, opts.size, pad_value=opts.pad_hu)
+            data.slices.append(SliceData(hu=hu, slice_index=k, z_mm=float(zs[k]),
+                                         spacing_mm=(spacing[0] * factors[0], spacing[1] * factors[1]),
+                                         label=task.options.get("label"), input=f"{rel}#z{k}"))
+        return data
