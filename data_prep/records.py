@@ -64,3 +64,4 @@ class SeriesData:
     rejects: list[Reject] = field(default_factory=list)
     #: identifying header values seen while loading (never written): used to redact messages
     phi: list[str] = field(default_factory=list)
+    split: str | None = None  # official split of the input set (MedMNIST train/val/test), when it has one
