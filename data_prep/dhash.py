@@ -100,19 +100,21 @@ def _sinc(x: float) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def _fixed_point_weights(in_size: int, out_size: int) -> tuple[np.ndarray, int, int]:
-    """Pillow's fixed-point LANCZOS weights as a dense (used_inputs, out_size) float64 matrix.
+def _pillow_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for LANCZOS over the full axis.
 
-    Returns the matrix and the [first, last) input range it covers (Pillow's ``ybox_first`` /
-    ``ybox_last``: inputs outside it get zero weight everywhere, so they are never read).
+    Returns per output pixel the first input index ``xmin``, the tap count ``xlen`` and the int32
+    fixed-point taps (out_size, ksize), zero-padded.
     """
     scale = float(in_size) / out_size  # box is (0, in_size): float in1 - in0 is exact
     filterscale = max(scale, 1.0)
     support = _LANCZOS_SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
     inv_filterscale = 1.0 / filterscale
     one = float(1 << PRECISION_BITS)
-    dense = np.zeros((in_size, out_size), dtype=np.float64)
-    first, last = in_size, 0
+    xmins = np.zeros(out_size, np.int64)
+    xlens = np.zeros(out_size, np.int64)
+    taps = np.zeros((out_size, ksize), np.int32)
     for xx in range(out_size):
         center = (xx + 0.5) * scale
         xmin = max(int(center - support + 0.5), 0)  # C (int) cast truncates; clamped at 0
@@ -125,9 +127,25 @@ def _fixed_point_weights(in_size: int, out_size: int) -> tuple[np.ndarray, int, 
             weights = [w / total for w in weights]
         for x, w in enumerate(weights):
             # (int)(+-0.5 + w * 2**22): C truncation toward zero = round half away from zero
-            dense[x + xmin, xx] = math.trunc(-0.5 + w * one) if w < 0 else math.trunc(0.5 + w * one)
-        first = min(first, xmin)
-        last = max(last, xmin + xmax)
+            taps[xx, x] = math.trunc(-0.5 + w * one) if w < 0 else math.trunc(0.5 + w * one)
+        xmins[xx], xlens[xx] = xmin, xmax
+    for a in (xmins, xlens, taps):
+        a.setflags(write=False)
+    return xmins, xlens, taps
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_point_weights(in_size: int, out_size: int) -> tuple[np.ndarray, int, int]:
+    """Pillow's fixed-point LANCZOS weights as a dense (used_inputs, out_size) float64 matrix.
+
+    Returns the matrix and the [first, last) input range it covers (Pillow's ``ybox_first`` /
+    ``ybox_last``: inputs outside it get zero weight everywhere, so they are never read).
+    """
+    xmins, xlens, taps = _pillow_coeffs(in_size, out_size)
+    dense = np.zeros((in_size, out_size), dtype=np.float64)
+    for xx in range(out_size):
+        dense[xmins[xx]:xmins[xx] + xlens[xx], xx] = taps[xx, :xlens[xx]]
+    first, last = int(xmins.min()), int((xmins + xlens).max())
     dense = np.ascontiguousarray(dense[first:last])
     dense.setflags(write=False)
     return dense, first, last
@@ -215,26 +233,148 @@ def _dhash_of_f64(f: np.ndarray) -> np.ndarray:
     return _bits_to_uint64(small[:, :, 1:] > small[:, :, :-1])
 
 
-def dhash64(u8: np.ndarray) -> np.ndarray:
+def dhash64(u8: np.ndarray, compiled: bool = True) -> np.ndarray:
     """64-bit dhash per slice of an (N, H, W) uint8 batch.
 
     ``dhash64(u8)[i] == int(str(imagehash.dhash(PIL.Image.fromarray(u8[i]), hash_size=8)), 16)``.
+    ``compiled=False`` forces the numpy path (the compiled one must give the same bits).
     """
     arr = _as_batch(u8, "u8")
     if arr.dtype != np.uint8:
         raise ValueError(f"dhash64 expects uint8 slices, got dtype {arr.dtype}; use dhash64_hu for HU")
+    fast = _dhash_compiled(arr, scale=False) if compiled and arr.shape[0] else None
+    if fast is not None:
+        return fast
     out = np.empty(arr.shape[0], dtype=np.uint64)
     for start, stop in _chunks(arr):
         out[start:stop] = _dhash_of_f64(arr[start:stop].astype(np.float64))
     return out
 
 
-def dhash64_hu(hu: np.ndarray) -> np.ndarray:
+def dhash64_hu(hu: np.ndarray, compiled: bool = True) -> np.ndarray:
     """``dhash64(minmax_uint8(hu))`` without materialising the uint8 copy (the prep/reduce path)."""
     arr = _as_batch(hu, "hu")
+    fast = _dhash_compiled(arr, scale=True) if compiled and arr.shape[0] else None
+    if fast is not None:
+        return fast
     out = np.empty(arr.shape[0], dtype=np.uint64)
     for start, stop in _chunks(arr):
         out[start:stop] = _dhash_of_f64(_minmax_scaled_f64(arr[start:stop]))
+    return out
+
+
+# --------------------------------------------------------------------------- compiled fast path
+#
+# The numpy path above is exact but makes ~10 passes over float64 copies of every pixel. The kernel
+# below fuses min-max scaling (a per-slice lookup table of the exact rounding), Pillow's horizontal
+# pass (int32 accumulators, as Pillow's C code), the vertical pass and the bit packing, touching each
+# pixel once, one slice per thread. It covers the common case (both axes shrink or change with the
+# horizontal pass first, integer pixels); everything else takes the numpy path. Tests check that
+# both paths agree with imagehash.
+
+_KERNEL = None
+
+
+def _numba_kernel():
+    """Compile on first use (numba is optional: without it the numpy path is used)."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL or None
+    try:
+        import numba
+    except ImportError:
+        _KERNEL = False
+        return None
+
+    @numba.njit(cache=True, nogil=True)
+    def scale_lut(d):  # pragma: no cover - compiled; exact rounding, so no fast-math here
+        lut = np.empty(d + 1, np.float64)
+        for v in range(d + 1):
+            lut[v] = np.floor(np.float64(v) * 255.0 / np.float64(d) + 0.5)
+        return lut
+
+    # Reassociating the sums is exact: every product and partial sum is an integer below 2**53.
+    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def kernel(img, scale, hx0, hlen, htaps, vy0, vlen, vtaps, first, last, out):  # pragma: no cover
+        n, h, w = img.shape
+        rows = last - first
+        for i in numba.prange(n):
+            sl = img[i]
+            lo = np.int64(0)
+            d = np.int64(0)
+            if scale:
+                lo = np.int64(sl[0, 0])
+                hi = lo
+                for r in range(h):
+                    for c in range(w):
+                        v = np.int64(sl[r, c])
+                        lo = min(lo, v)
+                        hi = max(hi, v)
+                d = hi - lo
+                if d == 0:
+                    out[i] = 0
+                    continue
+            use_lut = scale and d <= 1 << 20
+            lut = scale_lut(d) if use_lut else np.empty(1, np.float64)
+            row = np.empty(w, np.float64)
+            tmp = np.empty((rows, 9), np.float64)
+            for r in range(rows):
+                src = sl[first + r]
+                if use_lut:
+                    for c in range(w):
+                        row[c] = lut[np.int64(src[c]) - lo]
+                elif scale:
+                    for c in range(w):
+                        row[c] = np.floor((np.float64(src[c]) - np.float64(lo)) * 255.0 / np.float64(d) + 0.5)
+                else:
+                    for c in range(w):
+                        row[c] = np.float64(src[c])
+                for xx in range(9):
+                    acc = 0.0
+                    x0 = hx0[xx]
+                    for j in range(hlen[xx]):
+                        acc += row[x0 + j] * htaps[xx, j]
+                    q = (np.int64(acc) + (1 << 21)) >> 22
+                    tmp[r, xx] = 0.0 if q < 0 else (255.0 if q > 255 else np.float64(q))
+            code = np.uint64(0)
+            for yy in range(8):
+                prev = np.int64(0)
+                y0 = vy0[yy] - first
+                for xx in range(9):
+                    acc = 0.0
+                    for j in range(vlen[yy]):
+                        acc += tmp[y0 + j, xx] * vtaps[yy, j]
+                    q = (np.int64(acc) + (1 << 21)) >> 22
+                    px = 0 if q < 0 else (255 if q > 255 else q)
+                    if xx > 0:
+                        code = (code << np.uint64(1)) | np.uint64(1 if px > prev else 0)
+                    prev = px
+            out[i] = code
+
+    _KERNEL = kernel
+    return kernel
+
+
+def _kernel_applies(arr: np.ndarray) -> bool:
+    _, h, w = arr.shape
+    return (arr.dtype.kind in "iu" and arr.dtype.itemsize <= 4 and w != HASH_SIZE + 1 and h != HASH_SIZE
+            and not vertical_pass_first(w, h, HASH_SIZE + 1, HASH_SIZE))
+
+
+def _dhash_compiled(arr: np.ndarray, scale: bool) -> np.ndarray | None:
+    """The fused kernel's codes, or None when it does not apply (the caller uses numpy)."""
+    if not _kernel_applies(arr):
+        return None
+    kernel = _numba_kernel()
+    if kernel is None:
+        return None
+    _, h, w = arr.shape
+    hx0, hlen, htaps = _pillow_coeffs(w, HASH_SIZE + 1)
+    vy0, vlen, vtaps = _pillow_coeffs(h, HASH_SIZE)
+    first, last = int(vy0.min()), int((vy0 + vlen).max())
+    out = np.empty(arr.shape[0], np.uint64)
+    kernel(np.ascontiguousarray(arr), scale, hx0, hlen, htaps.astype(np.float64), vy0, vlen,
+           vtaps.astype(np.float64), first, last, out)
     return out
 
 

@@ -10,7 +10,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from data_prep.dhash import dhash64, dhash64_hu, hamming, minmax_uint8, popcount64, resize_lanczos_u8
+from data_prep.dhash import (
+    _kernel_applies,
+    _numba_kernel,
+    dhash64,
+    dhash64_hu,
+    hamming,
+    minmax_uint8,
+    popcount64,
+    resize_lanczos_u8,
+)
 
 REAL_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_ct" / "totalsegmentator_example_ct"
 
@@ -48,21 +57,34 @@ def phantom_hu(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.round(out).astype(np.int16)
 
 
-def test_dhash_equals_imagehash_on_real_ct_slices():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_dhash_equals_imagehash_on_real_ct_slices(compiled):
     hu = real_ct_hu()
     u8 = minmax_uint8(hu)
     expected = imagehash_codes(u8)
-    assert np.array_equal(dhash64(u8), expected)
-    assert np.array_equal(dhash64_hu(hu), expected)
+    assert np.array_equal(dhash64(u8, compiled=compiled), expected)
+    assert np.array_equal(dhash64_hu(hu, compiled=compiled), expected)
     # neighbouring slices are near-duplicates (the paper's point), but not all codes are equal
     assert len(set(expected.tolist())) >= 4
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("size", [512, 256, 64])
-def test_dhash_equals_imagehash_on_phantom_slices(size):
+def test_dhash_equals_imagehash_on_phantom_slices(size, compiled):
     hu = phantom_hu(6, size, np.random.default_rng(size))
     u8 = minmax_uint8(hu)
-    assert np.array_equal(dhash64_hu(hu), imagehash_codes(u8))
+    assert np.array_equal(dhash64_hu(hu, compiled=compiled), imagehash_codes(u8))
+
+
+def test_compiled_kernel_is_used_for_square_ct_slices_and_handles_wide_int_ranges():
+    assert _numba_kernel() is not None
+    assert _kernel_applies(np.zeros((1, 512, 512), np.int16))
+    assert not _kernel_applies(np.zeros((1, 512, 512), np.float32))  # floats take the numpy path
+    # int32 slices whose span exceeds the kernel's lookup table (> 2**20) use its direct formula
+    rng = np.random.default_rng(11)
+    wide = rng.integers(-(2**30), 2**30, (3, 64, 64)).astype(np.int32)
+    assert np.array_equal(dhash64_hu(wide), imagehash_codes(minmax_uint8(wide)))
+    assert np.array_equal(dhash64_hu(wide), dhash64_hu(wide, compiled=False))
 
 
 @pytest.mark.parametrize(
@@ -79,7 +101,11 @@ def test_dhash_equals_imagehash_on_random_images_of_odd_sizes(height, width):
          for k in range(4)]
     ).astype(np.uint8)
     u8 = np.concatenate([noise, smooth])
-    assert np.array_equal(dhash64(u8), imagehash_codes(u8))
+    expected = imagehash_codes(u8)
+    assert np.array_equal(dhash64(u8), expected)
+    assert np.array_equal(dhash64(u8, compiled=False), expected)
+    assert np.array_equal(dhash64_hu(u8.astype(np.int16) * 7 - 1000), dhash64_hu(u8.astype(np.int16) * 7 - 1000,
+                                                                                  compiled=False))
 
 
 def test_lanczos_resize_equals_pillow_pixel_for_pixel_including_pass_order():
