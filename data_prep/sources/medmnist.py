@@ -181,7 +181,7 @@ class MedMNISTSource(Source):
                                              input=name if not o["volume"] else f"{name}#z{k}"))
             out.append(data)
         if bad:
-            if not out:
-                out.append(SeriesData(source=self.name, dataset=dataset, patient="", study="", series=task.key))
-            out[0].rejects.extend(bad)
+            # rejects ride on an identity-free carrier: attached to an image's series, the prep would
+            # redact that image's name from them (and the names of files that share its prefix)
+            out.append(SeriesData(source=self.name, dataset=dataset, patient="", study="", series="", rejects=bad))
         return out

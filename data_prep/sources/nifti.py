@@ -99,9 +99,9 @@ class NiftiSource(Source):
         import nibabel as nib
 
         rel = task.options["rel"]
-        patient = patient_of(rel)
-        data = SeriesData(source=self.name, dataset=opts.dataset or self.name, patient=patient, study=patient,
-                          series=rel)
+        # a rejected volume is reported on an identity-free record so that the reject keeps the file
+        # name (the prep redacts a series' identifiers, here derived from that name, from its rejects)
+        data = SeriesData(source=self.name, dataset=opts.dataset or self.name, patient="", study="", series="")
         try:
             img = nib.as_closest_canonical(nib.load(task.inputs[0]))
             vol = np.asanyarray(img.dataobj)
@@ -123,6 +123,8 @@ class NiftiSource(Source):
                                                 "the volume is not written"))
                 return data
         affine = img.affine
+        data.patient = data.study = patient_of(rel)
+        data.series = rel
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         spacing = (float(zooms[1]), float(zooms[0]))  # rows run along y, columns along x
         # canonical: voxel axis 2 increases towards superior, so index order is order along z

@@ -1,0 +1,113 @@
+"""NIfTI source: axial slices in viewer orientation, z order and spacing from the affine, bad volumes."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_prep import shards
+from data_prep.prep import PrepConfig, run_prep
+from data_prep.sources import get_source
+from data_prep.sources.base import PrepOptions, detect_source
+from data_prep.sources.nifti import patient_of
+from tests.conftest import TEST_DEID_KEY
+
+
+def _las_volume(shape=(20, 16, 5)) -> tuple[np.ndarray, np.ndarray]:
+    """An int16 volume stored the way dcm2niix often does: x flipped (LAS) and z stored top-down.
+
+    Voxel (0, last, 0) is the patient's right-anterior-superior corner and holds 1000 HU; slice k
+    holds background -1000 + 10 * k so the slice order is visible in the values.
+    """
+    data = np.zeros(shape, dtype=np.int16)
+    for k in range(shape[2]):
+        data[..., k] = -1000 + 10 * k
+    data[0, shape[1] - 1, 0] = 1000
+    affine = np.diag([-0.8, 0.9, -2.5, 1.0])
+    affine[:3, 3] = [100.0, -50.0, 300.0]
+    return data, affine
+
+
+def _opts(size=None, labels=None) -> PrepOptions:
+    return PrepOptions(size=size, dataset="ni", labels_csv=labels)
+
+
+def test_volume_becomes_axial_slices_ordered_by_z_in_viewer_orientation(tmp_path):
+    data, affine = _las_volume()
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "case1.nii.gz")
+    src = get_source("nifti")
+    tasks, rejects = src.discover(str(tmp_path), _opts())
+    assert rejects == [] and len(tasks) == 1 and src.count_slices(tasks[0]) == 5
+    series = src.load(tasks[0], _opts())
+    assert [s.slice_index for s in series.slices] == [0, 1, 2, 3, 4]
+    z = [s.z_mm for s in series.slices]
+    assert z == pytest.approx([290.0, 292.5, 295.0, 297.5, 300.0])  # ascending z: feet -> head
+    # stored slice k=4 (value -960) is the most inferior, so it comes first; k=0 comes last
+    assert [int(np.median(s.hu)) for s in series.slices] == [-960, -970, -980, -990, -1000]
+    top = series.slices[-1].hu
+    assert top.shape == (16, 20)  # rows along y (16 voxels), columns along x (20 voxels)
+    # right-anterior corner is drawn top-left, as DICOM viewers show axial CT
+    assert top[0, 0] == 1000 and np.count_nonzero(top == 1000) == 1
+    assert series.slices[0].spacing_mm == pytest.approx((0.9, 0.8))
+    assert series.patient == "case1" and series.slices[0].input == "case1.nii.gz#z0"
+
+
+def test_resizing_pads_the_short_side_with_air_and_scales_the_spacing(tmp_path):
+    data, affine = _las_volume((20, 10, 2))
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "a.nii")
+    src = get_source("nifti")
+    tasks, _ = src.discover(str(tmp_path), _opts(size=40))
+    s = src.load(tasks[0], _opts(size=40)).slices[0]
+    assert s.hu.shape == (40, 40)
+    assert s.spacing_mm == pytest.approx((0.45, 0.4))
+    assert np.all(s.hu[:10] == -1024) and np.all(s.hu[-10:] == -1024)  # 10 rows -> 20, centred
+
+
+def test_patient_is_the_folder_for_generic_file_names():
+    assert patient_of("s0001/ct.nii.gz") == "s0001"
+    assert patient_of("lung_004.nii.gz") == "lung_004"
+    assert patient_of("site/lung_004.nii") == "site/lung_004"
+
+
+def test_nan_volume_is_rejected_by_name_while_good_volumes_are_written(tmp_path):
+    src_dir = tmp_path / "in"
+    src_dir.mkdir()
+    good, affine = _las_volume((12, 12, 3))
+    nib.save(nib.Nifti1Image(good, affine), src_dir / "good.nii.gz")
+    bad = good.astype(np.float32)
+    bad[3, 4, 1] = np.nan
+    bad[5, 5, 2] = np.inf
+    nib.save(nib.Nifti1Image(bad, affine), src_dir / "broken.nii.gz")
+    (src_dir / "truncated.nii.gz").write_bytes(gzip.compress(b"\x5c\x01" + b"\0" * 100)[:60])
+    assert detect_source(str(src_dir)).name == "nifti"
+    s = run_prep(PrepConfig(src=str(src_dir), dst=str(tmp_path / "out"), size=None, executor="local",
+                            progress=False), TEST_DEID_KEY.encode())
+    assert s.slices_written == 3 and s.rejected == 2
+    reasons = {r["input"]: r["reason"] for r in s.rejects}
+    assert "2 of 432 voxels are NaN or infinite" in reasons["broken.nii.gz"]
+    assert "unreadable NIfTI" in reasons["truncated.nii.gz"]
+    t = shards.read_table(str(tmp_path / "out"))
+    assert t.num_rows == 3 and set(t["source"].to_pylist()) == {"nifti"}
+
+
+def test_four_d_volume_is_rejected_with_its_shape(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.int16), np.eye(4)), tmp_path / "fmri.nii")
+    src = get_source("nifti")
+    tasks, _ = src.discover(str(tmp_path), _opts())
+    series = src.load(tasks[0], _opts())
+    assert series.slices == []
+    assert series.rejects[0].input == "fmri.nii" and "(4, 4, 3, 2)" in series.rejects[0].reason
+
+
+def test_labels_csv_labels_every_slice_of_a_volume_and_a_missing_file_is_rejected(tmp_path):
+    data, affine = _las_volume((8, 8, 2))
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "p1.nii.gz")
+    (tmp_path / "labels.csv").write_text("file,label\np1.nii.gz,covid\np2.nii.gz,normal\n")
+    src = get_source("nifti")
+    tasks, rejects = src.discover(str(tmp_path), _opts(labels=str(tmp_path / "labels.csv")))
+    assert len(rejects) == 1 and "p2.nii.gz" in rejects[0].input and "no such file" in rejects[0].reason
+    series = src.load(tasks[0], _opts())
+    assert [s.label for s in series.slices] == ["covid", "covid"]
