@@ -13,10 +13,12 @@ from data_prep.errors import UserError
 from data_prep.reduce.base import Selection, SliceSet, Strategy, register
 from data_prep.reduce.greedy import reference_greedy
 from data_prep.reduce.mih import global_reference_greedy
+from data_prep.reduce.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("volume", "global")
+GLOBAL_PROGRESS_MIN = 200_000  # below this the global pass takes seconds: no bar
 
 
 @register
@@ -52,6 +54,7 @@ class HashStrategy(Strategy):
 
     def prepare(self, data: SliceSet, progress: bool = False) -> None:
         super().prepare(data, progress)
+        self.progress = progress
         if data.dhash is not None:
             self.codes = np.asarray(data.dhash, np.uint64)
             return
@@ -59,14 +62,18 @@ class HashStrategy(Strategy):
             raise UserError("hash strategy: the input has no dhash column and no pixels to compute it from")
         log.info("input has no dhash column: computing dhash from the pixels")
         self.codes = np.zeros(len(data), np.uint64)
-        for pos, hu in data.iter_pixels():
-            self.codes[pos] = dhash64_hu(hu)
+        with progress_bar(len(data), "dhash", progress, unit="slice") as bar:
+            for pos, hu in data.iter_pixels():
+                self.codes[pos] = dhash64_hu(hu)
+                bar.update(len(pos))
 
     def select(self, threshold: float) -> Selection:
         t = int(threshold)
         n = len(self.data)
         if self.scope == "global":
-            keep, cause = global_reference_greedy(self.codes, t, blocks=self.mih_blocks)
+            show = getattr(self, "progress", False) and n >= GLOBAL_PROGRESS_MIN
+            with progress_bar(n, f"hash global (t={t})", show, unit="slice") as bar:
+                keep, cause = global_reference_greedy(self.codes, t, blocks=self.mih_blocks, progress=bar.update)
             return Selection(keep, cause, t, {"scope": "global"})
         keep = np.zeros(n, bool)
         cause = np.full(n, -1, np.int64)

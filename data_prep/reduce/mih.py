@@ -186,6 +186,8 @@ def global_reference_greedy(codes: np.ndarray, max_distance: int, chunk: int = 6
         index.add(c[rest[k_mask]], rows[rest[k_mask]])
         if progress is not None:
             progress(c.size)
+    if progress is not None:
+        progress(n - ucodes.size)  # exact copies, decided with their first occurrence
     # back to rows: first occurrences take their unique code's decision, copies are dropped
     u = u_of_sorted[inverse]
     is_first = urow[u] == np.arange(n)

@@ -129,6 +129,11 @@ def _imagededup(hu: np.ndarray) -> float | None:
     except ImportError:
         print("imagededup is not installed (pip install --no-deps imagededup PyWavelets): skipped as a peer")
         return None
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("imagededup"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     hasher = DHash(verbose=False)
     t = time.perf_counter()
     for v, vol in enumerate(hu):

@@ -168,3 +168,23 @@ def test_selection_manifest_is_the_last_file_written(prep, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in dst.rglob("*") if p.is_file()}
     assert max(mtimes, key=mtimes.get) == "_manifest.json"
     assert json.loads((dst / "_manifest.json").read_text())["report"]["kept"] == N_SERIES * (N_SLICES // 3)
+
+
+def test_reduce_from_and_to_s3_on_a_real_s3_server(s3_bucket, tmp_path):
+    """The selection and its report live in the object store; readers resolve it there."""
+    import fsspec
+
+    src, dst = f"s3://{s3_bucket}/prep", f"s3://{s3_bucket}/sel-hash"
+    cols = write_prep_output(src, n_series=2, n_slices=12)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["reduce", src, dst, "--strategy", "hash", "--tracking-uri", uri, "--no-progress"]) == 0
+    kept = expected_hash_keep(cols, 6)
+    assert sorted(shards.read_table(dst, columns=["slice_id"]).column("slice_id").to_pylist()) == sorted(kept)
+    fs = fsspec.filesystem("s3")
+    assert fs.exists(f"{s3_bucket}/sel-hash/report/examples.png")
+    assert f"kept: {len(kept)} of 24 slices" in fs.cat_file(f"{s3_bucket}/sel-hash/report/report.md").decode()
+    import mlflow
+
+    cl = mlflow.MlflowClient(tracking_uri=uri)
+    run = cl.search_runs([cl.get_experiment_by_name("ctssl-reduce").experiment_id])[0]
+    assert {a.path for a in cl.list_artifacts(run.info.run_id, "reduce_report")} >= {"reduce_report/report.md"}
