@@ -50,7 +50,7 @@ def trial_tags(encoder: str, method: str, size: SizeSpec, fold: int, seed: int, 
     }
 
 
-def run_trial(config: dict[str, Any], ctx: StudyContext) -> dict[str, float]:
+def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """The Tune function trainable (wrapped with ``tune.with_parameters(run_trial, ctx=...)``)."""
     import torch
     from ray import tune
@@ -129,7 +129,7 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> dict[str, float]:
         # val_auc again so a scheduler watching it sees it in every result
         tune.report({**final, SELECT_METRIC: final[f"best_{SELECT_METRIC}"], "epoch": s["epochs"]})
         cl.set_terminated(run_id, status="FINISHED")
-        return final
+        # nothing is returned: Tune would record a returned dict as one more result
     except Exception:
         mlog.flush()
         cl.set_terminated(run_id, status="FINISHED" if completed else "FAILED")

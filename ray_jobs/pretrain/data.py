@@ -122,7 +122,8 @@ def build_dataset(info: DataInfo):
     fs, files = shards.committed_files(info.read_url)
     resolved = shards.resolve(info.read_url)
     cols = PIXEL_COLUMNS + (["slice_id"] if resolved.keep_ids is not None else [])
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols, file_extensions=None)
+    # select_columns is pushed down into the Parquet scan: only these columns are read
+    ds = ray.data.read_parquet(files, filesystem=fs, file_extensions=None).select_columns(cols)
     if resolved.keep_ids is not None:
         ds = ds.map_batches(_KeepSelected(resolved.keep_ids),
                             batch_format="pyarrow", batch_size=None, zero_copy_batch=True)

@@ -3,6 +3,7 @@ chart's RayJob) runs pre-training. The cluster is this test's own and is stopped
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,7 +34,9 @@ def ray_head():
            "--temp-dir", temp_dir, "--disable-usage-stats"]
     for k, v in ports.items():
         cmd += [k, str(v)]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    # Ray 2.60 clusters require a token by default; this cluster gets its own, given to the CLI too
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
     env.pop("RAY_ADDRESS", None)
     log = Path(temp_dir) / "ray-start.log"
     with open(log, "wb") as out:
@@ -47,16 +50,18 @@ def ray_head():
             if r.returncode == 0:
                 break
             if proc.poll() is not None or time.time() - t0 > 120:
-                raise RuntimeError(f"ray head did not come up:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"ray head did not answer `ray job list`: {r.stderr[-1500:]}\n"
+                                   f"{log.read_text()[-1500:]}")
             time.sleep(1)
         yield address, env
     finally:
+        # `ray start --block` and its GCS, raylet, dashboard share this process group: stop them all
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what ignored SIGTERM (GCS, monitor)
+        proc.wait(timeout=10)
 
 
 def test_ray_job_submit_runs_ctssl_pretrain_to_completion(ray_head, tmp_path):
@@ -77,6 +82,6 @@ def test_ray_job_submit_runs_ctssl_pretrain_to_completion(ray_head, tmp_path):
     assert "step 2/2 epoch" in logs  # the worker's progress line reached the job log
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sub_id],
                             capture_output=True, text=True, env=env, timeout=60).stdout
-    assert "SUCCEEDED" in status
+    assert f"Job '{sub_id}' succeeded" in status
     assert (tmp_path / "runs" / "mlflow.db").exists()  # default tracking store under the local storage
     assert any(p.name.startswith("checkpoint_2") for p in (tmp_path / "runs" / "job-mocov2").iterdir())
