@@ -9,11 +9,14 @@ lossless compression, and file names that are not in slice order.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -141,7 +144,7 @@ class SeriesWriter:
         self.phi, self.geom, self.storage = phi, geom, storage
         self.syntax = COMPRESSIONS[compress]
         self.seed, self.index = seed, index
-        self._template: Dataset | None = None
+        self._encoded: list[tuple[int, bytes | None]] | None = None
 
     def _sop(self, slice_no: int) -> str:
         return generate_uid(entropy_srcs=["ctssl-phantom", str(self.seed), str(self.index), "sop", str(slice_no)])
@@ -204,6 +207,7 @@ class SeriesWriter:
         else:
             ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
             ds.PixelPaddingValue = PADDING_STORED
+            ds["PixelPaddingValue"].VR = "SS"  # signed storage (the dictionary says "US or SS")
         ds.WindowCenter, ds.WindowWidth = "40", "400"
         ds.RescaleIntercept = str(INTERCEPT)
         ds.RescaleSlope = "1"
@@ -212,21 +216,60 @@ class SeriesWriter:
 
     def write(self, path: Path, hu: np.ndarray, slice_no: int, instance: int, z_mm: float) -> None:
         arr = stored_pixels(hu, self.storage)
-        if self.syntax == ExplicitVRLittleEndian:
-            # uncompressed: reuse one dataset per series and change only the per-slice elements
-            # (building ~60 elements per file cost as much as rendering the slice)
-            ds = self._template
-            if ds is None:
-                ds = self._template = self._dataset(slice_no, instance, z_mm)
-            sop = self._sop(slice_no)
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
-            ds.InstanceNumber = instance
-            ds.ImagePositionPatient = [f"{self.geom.origin_xy_mm[0]:.4f}", f"{self.geom.origin_xy_mm[1]:.4f}",
-                                       f"{z_mm:.4f}"]
-            ds.SliceLocation = f"{z_mm:.4f}"
-            ds.PixelData = arr.tobytes()
-            ds["PixelData"].VR = "OW"
-        else:
+        if self.syntax != ExplicitVRLittleEndian:
             ds = self._dataset(slice_no, instance, z_mm)
             ds.compress(self.syntax, arr, generate_instance_uid=False)
-        ds.save_as(path, enforce_file_format=True)
+            ds.save_as(path, enforce_file_format=True)
+            return
+        # Uncompressed: the header is the same for every slice of the series except four elements,
+        # so the constant elements are encoded once and each file is a concatenation of bytes
+        # (encoding ~60 elements per file with pydicom cost as much as rendering the slice).
+        if self._encoded is None:
+            self._encoded = self._encode_template()
+        ds = self._dataset_varying(slice_no, instance, z_mm)
+        parts = [b"\0" * 128, b"DICM", _encode_meta(ds.file_meta)]
+        for tag, const in self._encoded:
+            parts.append(const if const is not None else _encode_element(ds[tag]))
+        data = arr.tobytes()
+        parts.append(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, len(data)))
+        parts.append(data)
+        with open(path, "wb") as f:
+            f.write(b"".join(parts))
+
+    _VARYING = (0x00080018, 0x00200013, 0x00200032, 0x00201041)  # SOP UID, instance, position, location
+
+    def _encode_template(self) -> list[tuple[int, bytes | None]]:
+        ds = self._dataset(0, 1, 0.0)
+        return [(int(e.tag), None if int(e.tag) in self._VARYING else _encode_element(e)) for e in ds]
+
+    def _dataset_varying(self, slice_no: int, instance: int, z_mm: float) -> Dataset:
+        sop = self._sop(slice_no)
+        ds = Dataset()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        ds.SOPInstanceUID = sop
+        ds.InstanceNumber = instance
+        ds.ImagePositionPatient = [f"{self.geom.origin_xy_mm[0]:.4f}", f"{self.geom.origin_xy_mm[1]:.4f}",
+                                   f"{z_mm:.4f}"]
+        ds.SliceLocation = f"{z_mm:.4f}"
+        return ds
+
+
+def _encode_element(elem) -> bytes:  # noqa: ANN001 - pydicom DataElement
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
+def _encode_meta(meta: FileMetaDataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue()

@@ -227,3 +227,20 @@ def test_prep_of_a_phantom_cohort_keeps_every_slice_its_label_and_its_hu(cohort,
         row = hits[0]
         assert t["slice_index"][row].as_py() == 5 and t["label"][row].as_py() == vol.region[0]
         assert images[row].min() >= -1024, "padding outside the FOV becomes air"
+
+
+@pytest.mark.parametrize("storage", ["unsigned", "signed"])
+def test_pre_encoded_writer_writes_the_same_bytes_as_pydicom_save_as(tmp_path, storage):
+    from data_prep.phantom.dicom_writer import SeriesGeometry, SeriesWriter, stored_pixels
+
+    writer = SeriesWriter(fake_phi(0, 1), SeriesGeometry(32, 32, (0.7, 0.7), 2.5, (-10.0, -10.0)), storage, None,
+                          seed=0, index=1)
+    hu = np.random.default_rng(0).integers(-1024, 2000, (32, 32)).astype(np.int16)
+    writer.write(tmp_path / "a.dcm", hu, slice_no=1, instance=2, z_mm=-40.0)  # primes the template
+    writer.write(tmp_path / "fast.dcm", hu, slice_no=3, instance=4, z_mm=-12.5)
+    ds = writer._dataset(3, 4, -12.5)
+    ds.PixelData = stored_pixels(hu, storage).tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.save_as(tmp_path / "ref.dcm", enforce_file_format=True)
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "ref.dcm").read_bytes()
+    assert pydicom.dcmread(tmp_path / "fast.dcm").InstanceNumber == 4
