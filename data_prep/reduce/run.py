@@ -20,6 +20,17 @@ def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy
     return get_strategy(name)(**(options or {}))
 
 
+def _refuse_to_overwrite_prep_output(dst: str) -> None:
+    """A selection may replace an older selection at DST, never a prep output (its shards would be
+    orphaned and every selection made from it would break)."""
+    try:
+        existing = shards.read_manifest(dst)
+    except UserError:
+        return
+    if existing.get("kind", "prep") != "selection":
+        raise UserError(f"DST {dst} holds a prep output; write the selection to a new folder")
+
+
 def reduce_dataset(src: str, dst: str, strategy: str, *, threshold: float | None = None,
                    target_fraction: float | None = None, options: dict[str, Any] | None = None,
                    tolerance: float = 0.01, progress: bool = True) -> dict[str, Any]:
@@ -34,6 +45,7 @@ def reduce_dataset(src: str, dst: str, strategy: str, *, threshold: float | None
         threshold = strat.check_threshold(threshold)
     if src.rstrip("/") == dst.rstrip("/"):
         raise UserError(f"DST {dst} is the same as SRC: write the selection to a new folder")
+    _refuse_to_overwrite_prep_output(dst)
 
     t0 = time.perf_counter()
     data = load_slice_set(src)

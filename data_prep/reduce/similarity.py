@@ -17,13 +17,22 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 def thumbnails(hu: np.ndarray, size: int) -> np.ndarray:
-    """(n, H, W) HU -> (n, h, w) uint8: block mean by ``max(1, H // size)``, then per-slice min-max."""
-    hu = np.asarray(hu)
-    f = max(1, min(hu.shape[1], hu.shape[2]) // size)
-    if f > 1:
-        n, h, w = hu.shape
-        h2, w2 = h // f, w // f
-        hu = hu[:, :h2 * f, :w2 * f].reshape(n, h2, f, w2, f).mean(axis=(2, 4), dtype=np.float64)
+    """(n, H, W) HU -> (n, size, size) uint8: area means over an even grid of ``size`` x ``size``
+    bins (nearest pixel when a side is smaller than ``size``), then per-slice min-max scaling.
+
+    A fixed output shape lets slices of different native sizes be compared.
+    """
+    hu = np.asarray(hu, dtype=np.float64)
+    for axis in (1, 2):
+        length = hu.shape[axis]
+        starts = (np.arange(size) * length) // size
+        sums = np.add.reduceat(hu, starts, axis=axis)
+        stops = np.append(starts[1:], length)
+        counts = np.maximum(stops - starts, 1)
+        # reduceat yields the single element at `start` when a bin is empty (upsampling)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        hu = sums / np.where(stops > starts, counts, 1).reshape(shape)
     return minmax_uint8(hu)
 
 

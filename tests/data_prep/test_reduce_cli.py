@@ -188,3 +188,18 @@ def test_reduce_from_and_to_s3_on_a_real_s3_server(s3_bucket, tmp_path):
     cl = mlflow.MlflowClient(tracking_uri=uri)
     run = cl.search_runs([cl.get_experiment_by_name("ctssl-reduce").experiment_id])[0]
     assert {a.path for a in cl.list_artifacts(run.info.run_id, "reduce_report")} >= {"reduce_report/report.md"}
+
+
+def test_a_prep_output_is_never_overwritten_by_a_selection(prep, tmp_path, capsys):
+    src, _ = prep
+    other = str(tmp_path / "other-prep")
+    write_prep_output(other, n_series=1, n_slices=4)
+    before = (Path(other) / "_manifest.json").read_bytes()
+    assert main(["reduce", src, other, "--strategy", "hash", "--no-progress"]) == 2
+    assert "holds a prep output" in capsys.readouterr().err
+    assert (Path(other) / "_manifest.json").read_bytes() == before
+    # an older selection may be replaced
+    sel = str(tmp_path / "sel")
+    assert main(["reduce", src, sel, "--strategy", "every_n", "--threshold", "2", "--no-progress"]) == 0
+    assert main(["reduce", src, sel, "--strategy", "every_n", "--threshold", "4", "--no-progress"]) == 0
+    assert shards.read_table(sel, columns=["slice_id"]).num_rows == N_SERIES * (N_SLICES // 4)

@@ -169,3 +169,13 @@ def test_bad_target_fraction_and_options_are_clear_errors(prepared):
 
 def test_every_registered_strategy_is_covered_by_the_sweeps():
     assert {s[0] for s in SWEEPS} == set(STRATEGIES)
+
+
+def test_thumbnails_have_a_fixed_shape_whatever_the_slice_size():
+    ramp = np.arange(16 * 16, dtype=np.int16).reshape(1, 16, 16)
+    # 4x4 bins of a ramp: bin means 0..255 scaled; rows step by 4 * 16, columns by 4
+    assert thumbnails(ramp, 4)[0].tolist() == [[0, 5, 10, 15], [80, 85, 90, 95], [160, 165, 170, 175],
+                                                [240, 245, 250, 255]]
+    assert thumbnails(np.zeros((2, 130, 97), np.int16), 32).shape == (2, 32, 32)
+    small = thumbnails(np.arange(12, dtype=np.int16).reshape(1, 3, 4), 8)  # upsampled by repetition
+    assert small.shape == (1, 8, 8) and small[0, 0, 0] == 0 and small[0, -1, -1] == 255
