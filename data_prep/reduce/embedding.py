@@ -44,6 +44,7 @@ class EmbeddingStrategy(LastKeptSimilarity):
         if mode == "kcenter":
             self.lower, self.upper = 0.0, 1.0
             self.threshold_name = "kept fraction (k-center greedy)"
+            self.default_threshold = 0.5
 
     @classmethod
     def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:

@@ -50,7 +50,8 @@ def reduce_dataset(src: str, dst: str, strategy: str, *, threshold: float | None
     t0 = time.perf_counter()
     data = load_slice_set(src)
     log.info("reduce %s: %d slices in %d series with strategy %s", src, len(data), len(data.series_name), strategy)
-    strat.prepare(data, progress=progress)
+    if len(data):
+        strat.prepare(data, progress=progress)
     t1 = time.perf_counter()
     sel: Selection
     if len(data) == 0:

@@ -179,3 +179,28 @@ def test_thumbnails_have_a_fixed_shape_whatever_the_slice_size():
     assert thumbnails(np.zeros((2, 130, 97), np.int16), 32).shape == (2, 32, 32)
     small = thumbnails(np.arange(12, dtype=np.int16).reshape(1, 3, 4), 8)  # upsampled by repetition
     assert small.shape == (1, 8, 8) and small[0, 0, 0] == 0 and small[0, -1, -1] == 255
+
+
+def test_embedding_loads_a_ctssl_encoder_checkpoint_and_rejects_a_wrong_one(volumes, tmp_path):
+    import torch
+
+    from ssl_core.backbones import create_backbone, export_encoder_state_dict
+
+    torch.manual_seed(0)
+    encoder = create_backbone("resnet18", in_chans=1)
+    path = tmp_path / "encoder.pt"
+    torch.save(export_encoder_state_dict(encoder), path)
+    a = build_strategy("embedding", {"model": "resnet18", "checkpoint": str(path), "size": 32})
+    b = build_strategy("embedding", {"model": "resnet18", "checkpoint": str(path), "size": 32})
+    a.prepare(volumes)
+    b.prepare(volumes)
+    # same weights -> same embeddings (unit length), hence the same selection
+    assert np.allclose(a.feats, b.feats, atol=1e-5)
+    assert np.allclose(np.linalg.norm(a.feats, axis=1), 1.0, atol=1e-4)
+    assert np.array_equal(a.select(0.999).keep, b.select(0.999).keep)
+    wrong = build_strategy("embedding", {"model": "resnet34", "checkpoint": str(path), "size": 32})
+    with pytest.raises(UserError, match="does not fit timm model 'resnet34'"):
+        wrong.prepare(volumes)
+    missing = build_strategy("embedding", {"model": "resnet18", "checkpoint": str(tmp_path / "nope.pt")})
+    with pytest.raises(UserError, match="no such file"):
+        missing.prepare(volumes)
