@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if uri:
         run_id = log_to_mlflow(uri, args.experiment, summary)
         print(f"MLflow run {run_id} in experiment {args.experiment}")
+    if summary.get("target_warning"):
+        print(f"warning: {summary['target_warning']}")
     print(f"kept {summary['kept']} of {summary['total']} slices ({summary['kept_fraction']:.4f}) with "
           f"{summary['threshold_name']} = {summary['threshold']}; selection committed at {args.dst}; "
           f"report: {summary['report_files']['report.md']}")
