@@ -25,6 +25,7 @@ import numpy as np
 from data_prep.dhash import popcount64
 
 _MAX_CANDIDATES = 8_000_000  # per query batch: bounds the temporary arrays (~200 MB)
+_DIRECT_MAX_BITS = 22  # blocks up to this width get a direct-address offset table (<= 16 MiB each)
 
 
 def _block_layout(m: int) -> list[tuple[int, int]]:
@@ -80,6 +81,9 @@ class MultiIndexHash:
         self.ids = np.zeros(0, np.int64)
         self._keys = [np.zeros(0, np.uint64) for _ in self.layout]
         self._pos = [np.zeros(0, np.int64) for _ in self.layout]
+        # bucket b of block k holds sorted entries offsets[k][b] : offsets[k][b + 1] (narrow blocks only;
+        # wide blocks use binary search on the sorted keys)
+        self._offsets: list[np.ndarray | None] = [None for _ in self.layout]
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -105,6 +109,12 @@ class MultiIndexHash:
             at = np.searchsorted(self._keys[b], k, side="right")
             self._keys[b] = np.insert(self._keys[b], at, k)
             self._pos[b] = np.insert(self._pos[b], at, p)
+            width = self.layout[b][1]
+            if width <= _DIRECT_MAX_BITS:
+                counts = np.bincount(self._keys[b].astype(np.int64), minlength=1 << width)
+                offsets = np.zeros((1 << width) + 1, np.int32 if len(self._keys[b]) < 2**31 else np.int64)
+                np.cumsum(counts, out=offsets[1:])
+                self._offsets[b] = offsets
 
     def query(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query index, stored position) for every stored code within ``t`` bits; pairs may repeat."""
@@ -125,9 +135,14 @@ class MultiIndexHash:
         qs, ps = [], []
         for b in range(self.m):
             keys = (self._block(codes, b)[:, None] ^ self.probes[b][None, :]).ravel()
-            lo = np.searchsorted(self._keys[b], keys, side="left")
-            hi = np.searchsorted(self._keys[b], keys, side="right")
-            cnt = hi - lo
+            offsets = self._offsets[b]
+            if offsets is not None:
+                ik = keys.astype(np.int64)
+                lo = offsets[ik].astype(np.int64)
+                cnt = offsets[ik + 1] - lo
+            else:
+                lo = np.searchsorted(self._keys[b], keys, side="left")
+                cnt = np.searchsorted(self._keys[b], keys, side="right") - lo
             total = int(cnt.sum())
             if total == 0:
                 continue
