@@ -11,8 +11,9 @@ Choosing ``m``: few long blocks make lookups selective but need many probes (all
 minimises ``probes * (1 + stored / 2**block_bits)`` (probes plus expected candidates for spread-out
 codes); any ``m`` gives the same, exact, answer.
 
-Storage is one sorted (key, position) array per block, merged in place on insert, so memory is
-``O(stored * m)`` and queries are ``searchsorted`` calls: no per-code Python work.
+Storage is one sorted (key, position) array per block, merged on insert, so memory is
+``O(stored * m)``; a block of at most 22 bits also gets a direct-address table of bucket offsets
+(at most 16 MiB), so a probe is two array reads instead of a binary search. No per-code Python work.
 """
 
 from __future__ import annotations
