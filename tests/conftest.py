@@ -74,3 +74,11 @@ def deid_key(monkeypatch: pytest.MonkeyPatch) -> str:
 def real_ct_dir() -> Path:
     assert REAL_CT.is_dir(), f"the real CT test data is expected at {REAL_CT} (shared/ beside the repo)"
     return REAL_CT
+
+
+@pytest.fixture(scope="session")
+def phantom_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom DICOM cohort (3 patients x 8 slices, 64 px) with fake PHI and label CSVs."""
+    from tests.data_prep.phantom_fixtures import make_phantom_cohort
+
+    return make_phantom_cohort(tmp_path_factory.mktemp("phantom-cohort"), patients=3, slices=8, size=64)
