@@ -66,6 +66,7 @@ class WorkerRequest:
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float
+    streams_data: bool = False  # Ray Data read tasks run beside the workers and need >= 1 CPU
 
 
 def check_capacity(req: WorkerRequest, *, what: str = "--workers") -> None:
@@ -88,6 +89,10 @@ def check_capacity(req: WorkerRequest, *, what: str = "--workers") -> None:
     if need_cpu > cpus + 1e-9:
         raise CLIError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
                        f"cluster has {cpus:g}")
+    if req.streams_data and need_cpu > cpus - 1 + 1e-9:
+        # Ray Data's read tasks need a CPU too; without one the stream (and training) waits forever
+        raise CLIError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU leaves no CPU of the cluster's "
+                       f"{cpus:g} for reading the data; use fewer workers or --cpus-per-worker")
     if req.gpus_per_worker == 0 and req.workers > 0:
         # each worker must also fit on one node
         per_node = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]

@@ -143,7 +143,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     info, img_size, spe = prepare(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
     ray_cluster.connect(cfg.address)
-    ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker))
+    ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
+                                                          streams_data=True))
     storage_fs, storage_path = ray_cluster.arrow_filesystem(cfg.storage)
     if storage_fs is None:
         os.makedirs(storage_path, exist_ok=True)

@@ -38,7 +38,8 @@ def bench_ray(s3_server):
         boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="bench")
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(address="local", num_cpus=2, runtime_env={"env_vars": forwarded_env()})
+        # 3 logical CPUs on the 2-core box: 2 training workers + 1 for Ray Data's read tasks
+        ray.init(address="local", num_cpus=3, runtime_env={"env_vars": forwarded_env()})
         yield s3_server
         ray.shutdown()
 

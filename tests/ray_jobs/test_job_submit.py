@@ -68,7 +68,7 @@ def test_ray_job_submit_runs_ctssl_pretrain_to_completion(ray_head, tmp_path):
     address, env = ray_head
     write_tiny_dataset(str(tmp_path / "data"), patients=4, slices=4, size=32)  # 16 slices
     sub_id = f"ctssl-test-{uuid.uuid4().hex[:8]}"
-    runtime_env = '{"excludes": [".venv", ".git", "*.egg-info", "ctssl-demo", "tests/bench"]}'
+    runtime_env = '{"excludes": [".venv", ".git", "*.egg-info", "ctssl-demo", "mlruns", "*.db", "tests/bench"]}'
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sub_id,
            "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
            "ctssl", "pretrain", "--method", "mocov2", "--data", str(tmp_path / "data"), "--backbone", "resnet18",

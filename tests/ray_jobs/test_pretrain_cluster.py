@@ -118,8 +118,13 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_and_a_rerun_resumes(ra
     assert max(s for s, _ in tracking.metric_history(cl, res.run_id, "loss")) == 24
 
 
-def test_more_workers_than_the_cluster_has_fails_before_training(ray_cluster, ray_s3, s3_data, tmp_path):
-    cfg = _cfg(tmp_path, ray_s3, s3_data, "too-big", workers=8, batch_size=8)
-    with pytest.raises(CLIError, match=r"--workers 8 x 1 CPU needs 8 CPUs but the cluster has 4"):
+@pytest.mark.parametrize(("workers", "message"), [
+    (8, r"--workers 8 x 1 CPU needs 8 CPUs but the cluster has 4"),
+    (4, r"--workers 4 x 1 CPU leaves no CPU of the cluster's 4 for reading the data"),
+])
+def test_more_workers_than_the_cluster_has_fails_before_training(ray_cluster, ray_s3, s3_data, tmp_path, workers,
+                                                                 message):
+    cfg = _cfg(tmp_path, ray_s3, s3_data, f"too-big-{workers}", workers=workers, batch_size=8)
+    with pytest.raises(CLIError, match=message):
         run_pretrain(cfg)
-    assert list_keys(ray_s3, "runs/too-big/") == []
+    assert list_keys(ray_s3, f"runs/too-big-{workers}/") == []

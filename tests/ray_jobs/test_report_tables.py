@@ -61,3 +61,13 @@ def test_minimal_samples_per_class_by_target_and_by_margin():
     assert by_margin.loc["byol", "min_size"] == "n5"
     never = minimal_samples(s, target_auc=0.99).set_index("encoder")
     assert math.isnan(never.loc["byol", "min_samples_per_class"]) and never.loc["byol", "min_size"] is None
+
+
+def test_report_of_an_unknown_study_is_a_clear_error(tmp_path, capsys):
+    from ray_jobs.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["report", "--experiment", "no-such-study", "--tracking-uri", uri, "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert f"--experiment 'no-such-study': no such MLflow experiment at {uri}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
