@@ -44,6 +44,32 @@ def _walk(root: str) -> list[str]:
     return out
 
 
+def _canonical_raw(img) -> tuple[np.ndarray, np.ndarray, float, float]:  # noqa: ANN001 - nibabel image
+    """(stored voxels reoriented to RAS+ as a view, the matching affine, scl_slope, scl_inter).
+
+    nibabel's own ``as_closest_canonical`` would materialise the scaled volume (float64 when the header
+    has a slope: 8 bytes a voxel); keeping the stored dtype and scaling slice by slice bounds memory.
+    """
+    import nibabel as nib
+
+    proxy = img.dataobj
+    if hasattr(proxy, "get_unscaled"):
+        raw = np.asanyarray(proxy.get_unscaled())
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    else:
+        raw, slope, inter = np.asanyarray(proxy), 1.0, 0.0
+    if not np.isfinite(slope) or slope == 0:
+        slope = 1.0
+    if not np.isfinite(inter):
+        inter = 0.0
+    ornt = nib.orientations.io_orientation(img.affine)
+    if raw.ndim >= 3:
+        raw3 = nib.orientations.apply_orientation(raw, ornt)
+        affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, raw.shape[:3])
+        return raw3, affine, slope, inter
+    return raw, img.affine, slope, inter
+
+
 def patient_of(rel: str) -> str:
     stem = _stem(rel)
     parent = os.path.dirname(rel)
@@ -103,8 +129,8 @@ class NiftiSource(Source):
         # name (the prep redacts a series' identifiers, here derived from that name, from its rejects)
         data = SeriesData(source=self.name, dataset=opts.dataset or self.name, patient="", study="", series="")
         try:
-            img = nib.as_closest_canonical(nib.load(task.inputs[0]))
-            vol = np.asanyarray(img.dataobj)
+            img = nib.load(task.inputs[0])
+            vol, affine, slope, inter = _canonical_raw(img)
         except Exception as e:  # noqa: BLE001 - truncated gzip, bad header... many error types
             msg = str(e).replace("\n", " ")[:160]
             data.rejects.append(Reject(rel, f"unreadable NIfTI file ({type(e).__name__}: {msg})"))
@@ -122,7 +148,6 @@ class NiftiSource(Source):
                 data.rejects.append(Reject(rel, f"{bad} of {vol.size} voxels are NaN or infinite; "
                                                 "the volume is not written"))
                 return data
-        affine = img.affine
         data.patient = data.study = patient_of(rel)
         data.series = rel
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -132,7 +157,7 @@ class NiftiSource(Source):
         zs = affine[2, 0] * cx + affine[2, 1] * cy + affine[2, 2] * np.arange(vol.shape[2]) + affine[2, 3]
         for k in range(vol.shape[2]):
             sl = np.asarray(vol[::-1, ::-1, k]).T  # rows anterior->posterior, columns right->left
-            hu = to_hu(np.ascontiguousarray(sl), 1.0, 0.0)
+            hu = to_hu(np.ascontiguousarray(sl), slope, inter)
             hu, factors = resize_square(hu, opts.size, pad_value=opts.pad_hu)
             data.slices.append(SliceData(hu=hu, slice_index=k, z_mm=float(zs[k]),
                                          spacing_mm=(spacing[0] * factors[0], spacing[1] * factors[1]),

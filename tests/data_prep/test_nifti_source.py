@@ -111,3 +111,17 @@ def test_labels_csv_labels_every_slice_of_a_volume_and_a_missing_file_is_rejecte
     assert len(rejects) == 1 and "p2.nii.gz" in rejects[0].input and "no such file" in rejects[0].reason
     series = src.load(tasks[0], _opts())
     assert [s.label for s in series.slices] == ["covid", "covid"]
+
+
+def test_header_scaling_is_applied_so_stored_values_become_hu(tmp_path):
+    stored = np.full((6, 6, 2), 300, np.int16)
+    stored[2, 2, 1] = 1000
+    img = nib.Nifti1Image(stored, np.diag([1.0, 1.0, 3.0, 1.0]))
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    src = get_source("nifti")
+    tasks, _ = src.discover(str(tmp_path), _opts())
+    series = src.load(tasks[0], _opts())
+    assert int(np.median(series.slices[0].hu)) == 300 * 2 - 1024
+    assert series.slices[1].hu.max() == 1000 * 2 - 1024 and series.slices[1].hu.dtype == np.int16
+    assert [s.z_mm for s in series.slices] == [0.0, 3.0]
