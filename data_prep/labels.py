@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from data_prep.errors import UserError
+from data_prep.records import Reject
 
 
 def read_labels_csv(path: str, *, root: str | None = None) -> dict[str, str]:
@@ -43,3 +44,38 @@ def read_labels_csv(path: str, *, root: str | None = None) -> dict[str, str]:
 
 def normalise_key(rel: str) -> str:
     return os.path.normpath(rel).replace(os.sep, "/")
+
+
+def labels_for_input(labels_csv: str, base: str, present: set[str], rejects: list[Reject]) -> dict[str, str]:
+    """The CSV's labels keyed by path relative to the input root ``base``.
+
+    Keys in the CSV are relative to the CSV's own folder (so a CSV can sit anywhere); a key that names
+    neither a file in ``present`` (paths relative to ``base``) nor a folder holding one becomes a reject,
+    so a typo in the CSV is reported instead of silently leaving images unlabelled.
+    """
+    labels = read_labels_csv(labels_csv)
+    csv_dir = os.path.dirname(os.path.abspath(labels_csv))
+    rebased = {normalise_key(os.path.relpath(os.path.join(csv_dir, k), base)): v for k, v in labels.items()}
+    present_n = {normalise_key(p) for p in present}
+    present_dirs = set()
+    for p in present_n:
+        while "/" in p:
+            p = p.rsplit("/", 1)[0]
+            present_dirs.add(p)
+    for k in sorted(rebased):
+        if k not in present_n and k not in present_dirs:
+            rejects.append(Reject(f"{os.path.basename(labels_csv)}: {k}",
+                                  "listed in the labels CSV but no such file or folder under the input"))
+    return rebased
+
+
+def label_for(labels: dict[str, str], rel: str) -> str | None:
+    """The label of input ``rel``: its own row, else the row of its nearest listed parent folder
+    (a label per series or per patient folder)."""
+    key = normalise_key(rel)
+    while True:
+        if key in labels:
+            return labels[key]
+        if "/" not in key:
+            return None
+        key = key.rsplit("/", 1)[0]

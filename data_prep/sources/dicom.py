@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from data_prep.errors import UserError
 from data_prep.hu import resize_square, to_hu
-from data_prep.labels import normalise_key, read_labels_csv
+from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
 from data_prep.sources.base import PrepOptions, Source, register_source
 
@@ -139,39 +139,22 @@ class DicomSource(Source):
             else:
                 rel = os.path.relpath(p, top)
                 by_dir[os.path.join(top, rel.split(os.sep, 1)[0]) if os.sep in rel else top].append(p)
-        labels = self._labels(opts, base, rejects, {os.path.relpath(p, base) for ps in by_dir.values() for p in ps})
+        labels = None
+        if opts.labels_csv:
+            present = {os.path.relpath(p, base) for ps in by_dir.values() for p in ps}
+            labels = labels_for_input(opts.labels_csv, base, present, rejects)
         tasks = []
         for d in sorted(by_dir):
             files = by_dir[d]
             file_labels = {}
             if labels is not None:
                 for p in files:
-                    lab = _label_for(labels, os.path.relpath(p, base))
+                    lab = label_for(labels, os.path.relpath(p, base))
                     if lab is not None:
                         file_labels[p] = lab
             tasks.append(SeriesTask(source=self.name, key=f"dir:{os.path.relpath(d, base)}", inputs=files,
                                     options={"base": base, "labels": file_labels}))
         return tasks, rejects
-
-    @staticmethod
-    def _labels(opts: PrepOptions, base: str, rejects: list[Reject], present: set[str]) -> dict[str, str] | None:
-        if not opts.labels_csv:
-            return None
-        labels = read_labels_csv(opts.labels_csv)
-        csv_dir = os.path.dirname(os.path.abspath(opts.labels_csv))
-        # Keys are relative to the CSV's folder; re-express them relative to the input root.
-        rebased = {normalise_key(os.path.relpath(os.path.join(csv_dir, k), base)): v for k, v in labels.items()}
-        present_n = {normalise_key(p) for p in present}
-        present_dirs = set()
-        for p in present_n:
-            while "/" in p:
-                p = p.rsplit("/", 1)[0]
-                present_dirs.add(p)
-        for k in sorted(rebased):
-            if k not in present_n and k not in present_dirs:
-                rejects.append(Reject(f"{os.path.basename(opts.labels_csv)}: {k}",
-                                      "listed in the labels CSV but no such file or folder under the input"))
-        return rebased
 
     def load(self, task: SeriesTask, opts: PrepOptions) -> SeriesData:
         series = self.load_many(task, opts)
@@ -286,16 +269,6 @@ def _position_along_normal(ipp, iop) -> tuple[float, bool]:  # noqa: ANN001 - py
         return math.nan, False
     r, c = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
     return float(np.dot(np.asarray(ipp, float), np.cross(r, c))), True
-
-
-def _label_for(labels: dict[str, str], rel: str) -> str | None:
-    key = normalise_key(rel)
-    while True:
-        if key in labels:
-            return labels[key]
-        if "/" not in key:
-            return None
-        key = key.rsplit("/", 1)[0]
 
 
 def _short(e: Exception, n: int = 160) -> str:

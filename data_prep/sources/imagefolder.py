@@ -21,10 +21,9 @@ from PIL import Image, UnidentifiedImageError
 
 from data_prep.errors import UserError
 from data_prep.hu import resize_square
-from data_prep.labels import normalise_key
+from data_prep.labels import label_for, labels_for_input, normalise_key
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
 from data_prep.sources.base import PrepOptions, Source, register_source
-from data_prep.sources.dicom import DicomSource, _label_for  # labels CSV rebasing + missing-file rejects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHUNK_IMAGES = 512
@@ -97,7 +96,7 @@ class ImageFolderSource(Source):
         labels: dict[str, str] | None = None
         patients: dict[str, str] = {}
         if csv_path:
-            labels = DicomSource._labels(PrepOptions(labels_csv=csv_path), base, rejects, present)
+            labels = labels_for_input(csv_path, base, present, rejects)
             csv_dir = os.path.dirname(os.path.abspath(csv_path))
             patients = {normalise_key(os.path.relpath(os.path.join(csv_dir, k), base)): v
                         for k, v in _patients_column(csv_path).items()}
@@ -107,7 +106,7 @@ class ImageFolderSource(Source):
             meta = {}
             for p in chunk:
                 rel = normalise_key(os.path.relpath(p, base))
-                meta[p] = (rel, _label_for(labels, rel) if labels else None, patients.get(rel) or rel)
+                meta[p] = (rel, label_for(labels, rel) if labels else None, patients.get(rel) or rel)
             tasks.append(SeriesTask(source=self.name, key=f"images:{meta[chunk[0]][0]}", inputs=chunk,
                                     options={"base": base, "meta": meta}))
         return tasks, rejects

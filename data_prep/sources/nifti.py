@@ -18,9 +18,9 @@ import numpy as np
 
 from data_prep.errors import UserError
 from data_prep.hu import resize_square, to_hu
+from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
 from data_prep.sources.base import PrepOptions, Source, register_source
-from data_prep.sources.dicom import DicomSource, _label_for  # labels CSV rebasing + missing-file rejects
 
 SUFFIXES = (".nii.gz", ".nii")
 GENERIC_STEMS = {"ct", "image", "img", "volume", "vol", "scan", "data", "imaging"}
@@ -99,13 +99,13 @@ class NiftiSource(Source):
         self.ignored = [os.path.relpath(p, base) for p in self.ignored]
         rejects: list[Reject] = []
         present = {os.path.relpath(p, base) for p in files}
-        labels = DicomSource._labels(opts, base, rejects, present) if opts.labels_csv else None
+        labels = labels_for_input(opts.labels_csv, base, present, rejects) if opts.labels_csv else None
         tasks = []
         for p in files:
             rel = os.path.relpath(p, base)
             lab = None
             if labels is not None:
-                lab = _label_for(labels, rel)
+                lab = label_for(labels, rel)
             tasks.append(SeriesTask(source=self.name, key=f"nifti:{rel}", inputs=[p],
                                     options={"base": base, "rel": rel, "label": lab}))
         return tasks, rejects
