@@ -9,26 +9,22 @@ import timm
 import torch
 from torch import nn
 
-from ssl_core.sparse import MaskContext, SparseBatchNorm2d, random_mask, sparsify_, upsample_mask
 from ssl_core.spark_encoder import SparseEncoder
+from ssl_core.sparse import MaskContext, SparseBatchNorm2d, random_mask, sparsify_, upsample_mask
 
-# resnet18: Conv2d / BatchNorm2d / MaxPool2d. convnext_atto: Conv2d MLP + LayerNorm2d.
-# convnext_atto with conv_mlp=False: channels-last LayerNorm + Linear MLP (as in convnext_tiny+).
-BACKBONES = {
-    "resnet18": {},
-    "convnext_atto": {},
-    "convnext_atto_linear_mlp": {"conv_mlp": False},
-}
+# resnet18: Conv2d / BatchNorm2d / MaxPool2d. test_resnet: adds AvgPool2d shortcuts and bottlenecks.
+# convnext_atto: Conv2d MLP + LayerNorm2d. test_convnext: channels-last LayerNorm + Linear MLP (as in
+# convnext_tiny and larger).
+BACKBONES = ["resnet18", "test_resnet", "convnext_atto", "test_convnext"]
 
 
 def _encoder(key: str, in_chans: int = 1) -> SparseEncoder:
     torch.manual_seed(0)
-    name = key.replace("_linear_mlp", "")
-    net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **BACKBONES[key])
+    net = timm.create_model(key, pretrained=False, num_classes=0, in_chans=in_chans)
     return SparseEncoder(net)
 
 
-@pytest.mark.parametrize("key", list(BACKBONES))
+@pytest.mark.parametrize("key", BACKBONES)
 def test_perturbing_masked_pixels_leaves_every_visible_feature_of_every_stage_unchanged(key):
     enc = _encoder(key).train()  # train mode: batch norm uses batch statistics, the harder case
     g = torch.Generator().manual_seed(1)
@@ -47,7 +43,7 @@ def test_perturbing_masked_pixels_leaves_every_visible_feature_of_every_stage_un
         assert (a[vis] - c[vis]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("key", ["resnet18", "convnext_atto_linear_mlp"])
+@pytest.mark.parametrize("key", ["test_resnet", "test_convnext"])
 def test_visible_features_do_not_depend_on_what_other_samples_hide(key):
     """Batch statistics over visible positions only: masked content of sample 1 cannot shift sample 0."""
     enc = _encoder(key).train()
@@ -99,7 +95,10 @@ def test_sparse_batch_norm_gradients_equal_those_of_batch_norm_over_visible_rows
     ctx = MaskContext()
     bn = sparsify_(nn.BatchNorm2d(4), ctx)
     ref = nn.BatchNorm1d(4)
-    x = torch.randn(2, 4, 4, 4)
+    for p in (bn.weight, bn.bias):
+        nn.init.uniform_(p, 0.5, 1.5)
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 4, 4, 4) * 3 + 1
     active = torch.tensor([[[[True, False], [True, True]]], [[[False, False], [True, False]]]])
     vis = upsample_mask(active, 2)[:, 0]
     x = (x * vis[:, None]).requires_grad_(True)
@@ -109,10 +108,12 @@ def test_sparse_batch_norm_gradients_equal_those_of_batch_norm_over_visible_rows
     xr = x.detach().permute(0, 2, 3, 1)[vis].clone().requires_grad_(True)
     (ref(xr) * w.permute(0, 2, 3, 1)[vis]).sum().backward()
     torch.testing.assert_close(x.grad.permute(0, 2, 3, 1)[vis], xr.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(x.grad.permute(0, 2, 3, 1)[~vis], torch.zeros(int((~vis).sum()), 4))
     torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("key", ["resnet18", "convnext_atto_linear_mlp"])
+@pytest.mark.parametrize("key", ["test_resnet", "test_convnext"])
 def test_without_a_mask_the_sparsified_model_computes_exactly_the_dense_model(key):
     enc = _encoder(key)
     dense = copy.deepcopy(enc.backbone)
@@ -161,3 +162,63 @@ def test_feature_map_not_aligned_with_the_mask_grid_is_an_error():
     enc = _encoder("resnet18")
     with pytest.raises(ValueError, match="multiple of the encoder's downsample ratio 32"):
         enc(torch.randn(1, 1, 80, 80), torch.ones(1, 1, 2, 2, dtype=torch.bool))
+
+
+
+def _sync_bn_rank(rank: int, world: int, port: int, x: torch.Tensor, w: torch.Tensor, active: torch.Tensor,
+                  queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ctx = MaskContext()
+        bn = sparsify_(nn.BatchNorm2d(3), ctx, sync_bn=True)
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        half = slice(rank * 2, rank * 2 + 2)
+        xr = x[half].clone().requires_grad_(True)
+        with ctx.masked(active[half]):
+            y = bn(xr)
+        (y * w[half]).sum().backward()
+        queue.put((rank, y.detach().numpy(), xr.grad.numpy(), bn.weight.grad.numpy(), bn.running_var.numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronised_sparse_batch_norm_on_two_ranks_equals_one_process_on_the_whole_batch():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    g = torch.Generator().manual_seed(9)
+    active = random_mask(4, (2, 2), 0.5, generator=g)
+    x = torch.randn(4, 3, 4, 4, generator=g) * upsample_mask(active, 2)
+    w = torch.randn(4, 3, 4, 4, generator=g)
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    procs = [spawn.Process(target=_sync_bn_rank, args=(r, 2, port, x, w, active, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = {}
+    for _ in procs:
+        rank, *vals = queue.get(timeout=300)
+        out[rank] = [torch.from_numpy(v) for v in vals]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    ctx = MaskContext()
+    bn = sparsify_(nn.BatchNorm2d(3), ctx)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    xs = x.clone().requires_grad_(True)
+    with ctx.masked(active):
+        y = bn(xs)
+    (y * w).sum().backward()
+    torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), xs.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-5, atol=1e-5)  # DDP sums these
+    torch.testing.assert_close(out[0][3], bn.running_var)
