@@ -27,6 +27,16 @@ def labelled_s3(ray_s3):
     return url
 
 
+@pytest.fixture
+def mlflow_client_uri(mlflow_server):
+    """mlflow's module-level API pointed at the server for one test (set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which must not leak into later tests)."""
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    yield mlflow_server.uri
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="module")
 def seeded_encoder(tmp_path_factory) -> str:
     """An encoder folder as pre-training leaves it: encoder.pt (timm layout) + encoder_config.json."""
@@ -41,7 +51,7 @@ def seeded_encoder(tmp_path_factory) -> str:
 
 
 def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report_reads_them(
-        ray_cluster, ray_s3, mlflow_server, labelled_s3, seeded_encoder, tmp_path):
+        ray_cluster, ray_s3, mlflow_server, mlflow_client_uri, labelled_s3, seeded_encoder, tmp_path):
     cfg = FinetuneConfig(
         data=labelled_s3, storage=str(tmp_path / "tune"), experiment="tiny-study",
         encoders=["random", seeded_encoder], backbone="resnet18", sizes=parse_sizes(samples_per_class="2,all"),
@@ -51,7 +61,6 @@ def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report
     res = run_study(cfg)
     assert (res.trials, res.failed) == (12, 0)  # 2 encoders x 2 sizes x 2 folds + 4 search trials at n1
 
-    mlflow.set_tracking_uri(mlflow_server.uri)
     parent = mlflow.get_run(res.parent_run_id)
     assert parent.data.tags[tracking.TAG_KIND] == "study" and parent.info.status == "FINISHED"
     assert parent.data.tags["min_spc.random"] == "1" and parent.data.tags["min_spc.seeded"] == "1"
