@@ -128,3 +128,22 @@ def test_more_workers_than_the_cluster_has_fails_before_training(ray_cluster, ra
     with pytest.raises(CLIError, match=message):
         run_pretrain(cfg)
     assert list_keys(ray_s3, f"runs/too-big-{workers}/") == []
+
+
+def test_the_stream_of_a_selection_holds_exactly_its_slices(ray_cluster, ray_s3, s3_data):
+    from data_prep import shards
+    from ray_jobs.pretrain.data import build_dataset, decode_batch, inspect_data
+
+    keep = [f"tinyct-p{p:03d}-s{s:03d}" for p in range(8) for s in range(0, 8, 3)]  # 24 of 64 slices
+    sel = ray_s3.url("tiny-ct-every3")
+    shards.write_selection(sel, s3_data, keep, config={"strategy": "every_n", "n": 3})
+    info = inspect_data(s3_data, sel)
+    assert (info.rows, info.height, info.dataset) == (24, 32, "tinyct")
+    ds = build_dataset(info)
+    assert ds.columns() == ["image", "height", "width"]  # only the pixel columns reach the workers
+    batches = list(ds.iter_batches(batch_size=10, batch_format="numpy"))
+    hu = [decode_batch(b) for b in batches]
+    assert sum(len(h) for h in hu) == 24 and hu[0].shape[1:] == (32, 32)
+    expected = shards.read_table(sel, columns=["image", "height", "width"])
+    assert sorted(h.tobytes() for b in hu for h in b) == sorted(
+        x.tobytes() for x in shards.decode_images(expected).astype("float32"))
