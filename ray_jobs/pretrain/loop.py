@@ -72,7 +72,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     from ray_jobs.ray_cluster import apply_env
     from ssl_core.backbones import export_encoder_state_dict
-    from ssl_core.methods import create_method
+    from ssl_core.methods import StepContext, create_method
 
     apply_env(payload.get("env"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -165,8 +165,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
             optimizer.step()
-            from ssl_core.methods import StepContext
-
             method.after_optimizer_step(StepContext(step=progress.step, total_steps=total_steps,
                                                     epoch=progress.epoch, total_epochs=cfg.epochs))
             now = time.perf_counter()
