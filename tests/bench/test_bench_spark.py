@@ -37,6 +37,10 @@ STEPS = int(os.environ.get("CTSSL_BENCH_STEPS", "3"))
 
 # (backbone, input px, batch): the two configurations, then sizes where masking matters
 # (64 px is a 2x2 patch grid; 96 px 3x3; 160 px 5x5)
+#: large configurations take many minutes per step on a loaded 2-core machine; the suite-wide
+#: 900 s test timeout is for CI tests, not for benchmarks
+pytestmark = pytest.mark.timeout(4 * 3600)
+
 CONFIGS = [("resnet18", 64, 32), ("resnet50", 64, 16), ("resnet18", 96, 32), ("resnet50", 160, 16)]
 
 
