@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default: the method's)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="cap on steps per epoch (default: one pass)")
     p.add_argument("--shuffle-buffer", type=int, default=1024, metavar="ROWS", help="per-worker shuffle buffer")
+    p.add_argument("--cache-mb", type=int, default=512, metavar="MB",
+                   help="keep each worker's epoch in memory when it fits, skipping the data pipeline's "
+                        "per-epoch start-up (0 = always stream)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between MLflow flushes")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
@@ -66,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
         address=args.address, tracking_uri=args.tracking_uri, img_size=args.img_size, in_chans=args.in_chans,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, steps_per_epoch=args.steps_per_epoch,
-        shuffle_buffer=args.shuffle_buffer, seed=args.seed, log_every=args.log_every,
+        shuffle_buffer=args.shuffle_buffer, cache_mb=args.cache_mb, seed=args.seed, log_every=args.log_every,
         method_options=parse_method_options(args.method_option),
     )
 

@@ -39,6 +39,7 @@ class PretrainConfig:
     warmup_epochs: float | None = None
     steps_per_epoch: int | None = None  # cap (None: one pass over the data per epoch)
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer
+    cache_mb: int = 512  # keep a worker's epoch in memory when it fits (0: always stream)
     seed: int = 0
     log_every: int = 10  # steps between MLflow metric flushes
     method_options: dict[str, Any] = field(default_factory=dict)

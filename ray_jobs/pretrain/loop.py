@@ -21,6 +21,7 @@ from torch import nn
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import decode_batch, to_training_tensor
+from ray_jobs.pretrain.epoch_cache import EpochCache
 
 log = logging.getLogger("ctssl.pretrain")
 
@@ -143,6 +144,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     per_bs = cfg.per_worker_batch
+    cache = EpochCache(cfg.cache_mb << 20, per_bs, seed=cfg.seed + 7919 * rank)
     last = {"loss": float("nan")}
     t_run = time.perf_counter()
     steps_this_run = 0
@@ -152,10 +154,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         t_epoch = time.perf_counter()
         t_step = time.perf_counter()
         epoch_done = False
-        batches = shard.iter_batches(batch_size=per_bs, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None, prefetch_batches=2)
-        for batch in batches:
-            images = to_training_tensor(decode_batch(batch), img_size, device)
+        def stream():
+            return (decode_batch(b) for b in shard.iter_batches(
+                batch_size=per_bs, batch_format="numpy", drop_last=True,
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None, prefetch_batches=2))
+
+        for hu in cache.epoch(progress.epoch, stream, full_epoch=progress.step_in_epoch == 0, steps=steps_per_epoch):
+            images = to_training_tensor(hu, img_size, device)
             with autocast:
                 out = model(images, progress.step, total_steps, progress.epoch, cfg.epochs)
             loss = out["loss"]
