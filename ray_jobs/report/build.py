@@ -17,6 +17,7 @@ from ray_jobs.report.collect import load_study
 from ray_jobs.report.plots import plot_auc_vs_size
 from ray_jobs.report.tables import (
     minimal_samples,
+    smallest_size_verdict,
     summarise,
     summary_markdown,
     wilcoxon_markdown,
@@ -98,6 +99,7 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
         (f"Fine-tuning study `{cfg.experiment}`",
          f"MLflow parent run `{study.parent_run_id}`; {len(trials)} finished trials; dataset "
          f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."),
+        ("Verdict at the smallest training-set size", smallest_size_verdict(summary, wil, cfg.baseline)),
         ("Test metrics (mean ± std over folds)", summary_markdown(summary)),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",

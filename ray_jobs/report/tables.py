@@ -121,3 +121,43 @@ def minimal_samples(summary: pd.DataFrame, target_auc: float | None = None,
                          "min_samples_per_class": float(first["samples_per_class"]),
                          "auc_at_min": float(first["auc_mean"]), "full_auc": full_auc})
     return pd.DataFrame(rows, columns=cols)
+
+
+def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: str, alpha: float = 0.05) -> str:
+    """The study's question in plain words: at the smallest training-set size, which pre-trained
+    encoders beat ``baseline`` in mean AUC over folds, and is that significant?
+
+    With n paired folds the exact two-sided Wilcoxon p cannot go below 2 / 2**n (0.25 for 3 folds,
+    0.0625 for 5), so the verdict names that floor instead of letting "not significant" read as
+    "no effect".
+    """
+    if summary.empty or baseline not in set(summary["encoder"]):
+        return f"no `{baseline}` trials: nothing to compare with"
+    smallest = min(summary["size"], key=_size_key)
+    at = summary[summary["size"] == smallest].set_index("encoder")
+    base_auc = float(at.loc[baseline, "auc_mean"])
+    lines = [f"Smallest training-set size: **{smallest}**; `{baseline}` mean test AUC {base_auc:.3f}.", ""]
+    better = []
+    for enc, row in at.drop(index=baseline).sort_values("auc_mean", ascending=False).iterrows():
+        diff = float(row["auc_mean"]) - base_auc
+        w = wil[(wil["encoder"] == enc) & (wil["size"] == smallest)] if not wil.empty else wil
+        p = float(w["p_value"].iloc[0]) if len(w) else math.nan
+        n = int(w["n_pairs"].iloc[0]) if len(w) else 0
+        floor = 2.0 / 2**n if n else math.nan
+        if not math.isfinite(p):
+            sig = "no paired test (fewer than 2 folds)"
+        elif p < alpha:
+            sig = f"significant (Wilcoxon p = {p:.3g} < {alpha})"
+        elif floor >= alpha:
+            sig = (f"not significant (p = {p:.3g}); with {n} paired folds no result can reach p < {alpha} "
+                   f"(smallest attainable p = {floor:.3g}): run more folds or seeds to test it")
+        else:
+            sig = f"not significant (Wilcoxon p = {p:.3g} >= {alpha})"
+        verb = "beats" if diff > 0 else "does not beat"
+        lines.append(f"- `{enc}` {verb} `{baseline}`: mean AUC {float(row['auc_mean']):.3f} "
+                     f"({diff:+.3f}); {sig}.")
+        if diff > 0:
+            better.append(enc)
+    lines += ["", (f"**{len(better)} of {len(at) - 1} pre-trained encoders beat `{baseline}` at {smallest}"
+                   + (f": {', '.join(better)}.**" if better else ".**"))]
+    return "\n".join(lines)

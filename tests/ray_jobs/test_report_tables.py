@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from ray_jobs.report.tables import minimal_samples, summarise, wilcoxon_vs_baseline
+from ray_jobs.report.tables import minimal_samples, smallest_size_verdict, summarise, wilcoxon_vs_baseline
 
 
 def _trials() -> pd.DataFrame:
@@ -31,6 +31,20 @@ def test_summary_is_mean_and_sample_std_over_folds_smallest_size_first():
     assert r.auc_mean == pytest.approx(0.62)
     assert r.auc_std == pytest.approx(pd.Series([0.60, 0.61, 0.62, 0.63, 0.64]).std())  # ddof=1: 0.0158
     assert r.f1_mean == pytest.approx(0.52) and r.acc_mean == pytest.approx(0.57)
+
+
+def test_verdict_names_the_encoders_that_beat_random_at_the_smallest_size_and_the_p_value_floor():
+    t = _trials()
+    five = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random")
+    assert "Smallest training-set size: **n5**" in five
+    assert "`byol` beats `random`: mean AUC 0.670 (+0.050)" in five
+    # 5 folds all +0.05: exact two-sided p = 0.0625, the floor for 5 pairs, which cannot reach 0.05
+    assert "smallest attainable p = 0.0625" in five and "**1 of 1 pre-trained encoders beat `random` at n5: byol.**" in five
+    three = t[t["fold"] < 3].copy()
+    three.loc[(three.encoder == "byol") & (three["size"] == "n5"), "test_auc"] -= 0.2
+    v = smallest_size_verdict(summarise(three), wilcoxon_vs_baseline(three), "random")
+    assert "`byol` does not beat `random`" in v and "smallest attainable p = 0.25" in v
+    assert "**0 of 1 pre-trained encoders beat `random` at n5.**" in v
 
 
 def test_wilcoxon_pairs_folds_and_matches_scipy():
