@@ -15,7 +15,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1800, "height": 1000}  # wide enough that added tag columns are not scrolled away
+VIEWPORT = {"width": 2200, "height": 1000}  # wide enough that added tag columns are never scrolled away
 ACTION_TIMEOUT_MS = 120_000  # the machine is shared: pages may take long, waits poll until then
 
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
 from tests.conftest import free_port
 from tests.ray_jobs.servers import VENV_BIN, _wait_http
 
@@ -65,9 +67,12 @@ def open_runs_table(page, server: UiServer, experiment_id: str, parent_name: str
     page.goto(f"{server.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     page.get_by_role("link", name=parent_name, exact=True).wait_for()
     page.get_by_role("button", name="Model training").wait_for()
-    close = page.get_by_role("button", name="Close")  # the MLflow Assistant side panel hides columns
-    if close.count():
-        close.first.click()
+    close = page.get_by_role("button", name="Close")  # the MLflow Assistant side panel narrows the table
+    try:
+        close.first.wait_for(timeout=15_000)
+    except PlaywrightTimeout:
+        return  # no assistant panel in this build: nothing to close
+    close.first.click()
 
 
 def add_tag_columns(page, tags: tuple[str, ...] = TAG_COLUMNS) -> None:
