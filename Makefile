@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ctssl demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	@bash .ci/install-browser.sh  # Debian's chromium for tests/e2e (no-op when installed)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
