@@ -2,7 +2,9 @@
 
 Slices of one patient are strongly correlated, so a patient in both training and test data would
 inflate every metric: folds (and the validation split inside a fold's training part) are drawn over
-*patients*, stratified by the patients' label. Size subsets are then drawn from the fold's training
+*patients*, stratified by the patients' label. When the label is per slice and one patient has
+slices of several classes (anatomical regions of a CT volume), patients are instead assigned
+greedily so that every fold gets about its share of each class's slices. Size subsets are then drawn from the fold's training
 images per class from one seeded permutation, so a smaller subset is always a prefix — hence a
 subset — of every larger one, and a learning curve compares nested sets rather than unrelated draws.
 """
@@ -47,6 +49,27 @@ def _stratified_patient_groups(plabels: dict[str, str], k: int, rng: np.random.G
     return groups
 
 
+def _balanced_patient_groups(counts: dict[str, Counter], k: int, rng: np.random.Generator) -> list[list[str]]:
+    """Patients with several classes each: place the largest patients first, each into the group whose
+    per-class slice counts stay closest to an even 1/k share (a greedy multi-label stratification)."""
+    classes = sorted({c for cnt in counts.values() for c in cnt})
+    target = np.array([sum(cnt[c] for cnt in counts.values()) for c in classes], float) / k
+    order = sorted(counts, key=lambda p: (-sum(counts[p].values()), rng.random()))
+    load = np.zeros((k, len(classes)))
+    sizes = np.zeros(k)
+    groups: list[list[str]] = [[] for _ in range(k)]
+    for p in order:
+        vec = np.array([counts[p][c] for c in classes], float)
+        scale = np.maximum(target, 1)
+        # the change in squared distance to the even share, so a group nearly full is not preferred
+        cost = (((load + vec - target) / scale) ** 2 - ((load - target) / scale) ** 2).sum(1) + 1e-3 * sizes
+        g = int(np.argmin(cost))
+        groups[g].append(p)
+        load[g] += vec
+        sizes[g] += 1
+    return groups
+
+
 def _validation_patients(plabels: dict[str, str], fraction: float, rng: np.random.Generator) -> set[str]:
     """A share of each class's patients (at least one per class that has two or more), so validation AUC
     is defined for every class and the training part keeps every class too."""
@@ -66,19 +89,26 @@ def make_folds(patients: np.ndarray, labels: np.ndarray, k: int, val_fraction: f
     is the validation set. Every patient is in exactly one test set."""
     patients = np.asarray(patients).astype(str)
     labels = np.asarray(labels).astype(str)
+    n_classes = len(set(labels.tolist()))
+    if n_classes < 2:
+        raise CLIError(f"the labelled data has {n_classes} class(es); fine-tuning needs at least 2")
     plabels = patient_labels(patients, labels)
-    per_class = Counter(plabels.values())
-    if len(per_class) < 2:
-        raise CLIError(f"the labelled data has {len(per_class)} class(es); fine-tuning needs at least 2")
     if len(plabels) < k + 1:
         raise CLIError(f"{len(plabels)} patients cannot make {k} patient-level folds plus validation")
+    counts = {p: Counter(labels[patients == p].tolist()) for p in plabels}
+    per_slice = any(len(c) > 1 for c in counts.values())  # a patient holds several classes
     rng = np.random.default_rng(seed)
-    groups = _stratified_patient_groups(plabels, k, rng)
+    groups = _balanced_patient_groups(counts, k, rng) if per_slice else _stratified_patient_groups(plabels, k, rng)
     out = []
     for i in range(k):
         test_p = set(groups[i])
         rest = {p: c for p, c in plabels.items() if p not in test_p}
-        val_p = _validation_patients(rest, val_fraction, np.random.default_rng([seed, i]))
+        if per_slice:
+            val_groups = _balanced_patient_groups({p: counts[p] for p in rest},
+                                                  max(2, round(1 / val_fraction)), np.random.default_rng([seed, i]))
+            val_p = set(val_groups[0])
+        else:
+            val_p = _validation_patients(rest, val_fraction, np.random.default_rng([seed, i]))
         train_p = set(rest) - val_p
         if not train_p or not val_p:
             raise CLIError(f"fold {i}: too few patients for training and validation ({len(rest)} left)")

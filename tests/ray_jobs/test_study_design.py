@@ -45,6 +45,30 @@ def test_folds_are_stratified_by_patient_label():
         assert set(labels[f.val]) == {"a", "b"}  # validation AUC is defined
 
 
+def test_slice_level_labels_with_every_class_in_every_patient_give_balanced_patient_folds():
+    # CT volumes labelled per slice by anatomical region: every patient has every class, and the
+    # majority class of every patient is the same, so per-patient stratification is impossible.
+    rng = np.random.default_rng(0)
+    patients, labels = [], []
+    for i in range(24):
+        regions = ["lung"] * int(rng.integers(4, 8)) + ["liver"] * int(rng.integers(3, 6)) + ["pelvis"] * 9
+        patients += [f"p{i:02d}"] * len(regions)
+        labels += regions
+    patients, labels = np.array(patients), np.array(labels)
+    folds = make_folds(patients, labels, k=3, val_fraction=0.25, seed=0)
+    tested = []
+    for f in folds:
+        tr, va, te = (set(patients[ix]) for ix in (f.train, f.val, f.test))
+        assert not (tr & va) and not (tr & te) and not (va & te)
+        tested += sorted(te)
+        assert len(te) == 8 and 3 <= len(va) <= 5  # a third of 24 patients; a quarter of the other 16
+        for cls in ("lung", "liver", "pelvis"):  # each test fold holds about a third of each class
+            share = np.sum(labels[f.test] == cls) / np.sum(labels == cls)
+            assert 0.28 <= share <= 0.39, (cls, share)
+        assert set(labels[f.val]) == {"lung", "liver", "pelvis"}
+    assert sorted(tested) == sorted(set(patients))
+
+
 def test_folds_depend_only_on_the_seed():
     patients, labels = _cohort(20)
     a = make_folds(patients, labels, k=5, seed=7)
