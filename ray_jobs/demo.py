@@ -124,6 +124,9 @@ def _reduce(cfg: DemoConfig) -> dict[str, Any]:
 
 def _pretrain_one(method: str) -> Callable[[DemoConfig], dict[str, Any]]:
     def run(cfg: DemoConfig) -> dict[str, Any]:
+        # A pre-training run resumes by experiment name, so the name carries the settings' digest:
+        # changed settings start a new run instead of resuming an incompatible checkpoint.
+        tag = _digest(_pretrain_settings(cfg, method))[:8]
         from ray_jobs.pretrain.config import PretrainConfig
         from ray_jobs.pretrain.driver import run_pretrain
 
@@ -131,7 +134,7 @@ def _pretrain_one(method: str) -> Callable[[DemoConfig], dict[str, Any]]:
                             selection=_url(cfg, "shards", "pretrain-dhash"), backbone=cfg.backbone,
                             workers=cfg.pretrain_workers, epochs=cfg.pretrain_epochs,
                             batch_size=cfg.pretrain_batch, storage=_url(cfg, "runs"),
-                            experiment=f"demo-pretrain-{method}", address="local",
+                            experiment=f"demo-pretrain-{method}-{tag}", address="local",
                             tracking_uri=cfg.tracking_uri(), checkpoint_every=50, seed=cfg.seed,
                             method_options=dict(cfg.extra.get(f"{method}_options", {})))
         r = run_pretrain(pc)
@@ -172,15 +175,23 @@ def _final_checkpoint(cfg: DemoConfig, method: str) -> str:
     return marker["result"]["checkpoint"]
 
 
+_DATA_KEYS = ("pretrain_patients", "labelled_patients", "slices", "render_size", "seed")
+_PREP_KEYS = (*_DATA_KEYS, "size", "task", "storage")
+_PRETRAIN_KEYS = (*_PREP_KEYS, "reduce_threshold", "backbone", "pretrain_epochs", "pretrain_batch")
+
+
+def _pretrain_settings(cfg: DemoConfig, method: str) -> dict[str, Any]:
+    d = asdict(cfg)
+    return {**{k: d[k] for k in _PRETRAIN_KEYS}, "options": cfg.extra.get(f"{method}_options", {})}
+
+
 def stages(cfg: DemoConfig) -> list[Stage]:
     base = {k: v for k, v in asdict(cfg).items() if k not in ("out", "max_concurrent")}
 
     def keys(*names: str) -> Callable[[DemoConfig], dict[str, Any]]:
         return lambda c: {n: base[n] for n in names}
 
-    data_keys = ("pretrain_patients", "labelled_patients", "slices", "render_size", "seed")
-    prep_keys = (*data_keys, "size", "task", "storage")
-    pre_keys = (*prep_keys, "reduce_threshold", "backbone", "pretrain_epochs", "pretrain_batch", "extra")
+    data_keys, prep_keys, pre_keys = _DATA_KEYS, _PREP_KEYS, _PRETRAIN_KEYS
     out = [
         Stage("phantom", "synthetic CT cohorts (DICOM)", _phantom, keys(*data_keys),
               lambda c, r: all((Path(p) / "phantom.json").exists() for p in r.values())),
@@ -190,11 +201,12 @@ def stages(cfg: DemoConfig) -> list[Stage]:
               lambda c, r: _committed(_url(c, "shards", "pretrain-dhash"))),
     ]
     for m in cfg.methods:
-        out.append(Stage(f"pretrain-{m}", f"pre-train {m}", _pretrain_one(m), keys(*pre_keys),
+        out.append(Stage(f"pretrain-{m}", f"pre-train {m}", _pretrain_one(m),
+                         lambda c, m=m: _pretrain_settings(c, m),
                          lambda c, r: _exists(r["checkpoint"])))
     out.append(Stage("finetune", "fine-tuning study (Ray Tune)", _finetune,
-                     lambda c: {**keys(*pre_keys, "methods", "folds", "samples_per_class", "finetune_epochs",
-                                       "finetune_frozen", "finetune_batch", "finetune_lr")(c)},
+                     keys(*pre_keys, "extra", "methods", "folds", "samples_per_class", "finetune_epochs",
+                          "finetune_frozen", "finetune_batch", "finetune_lr"),
                      lambda c, r: True))
     out.append(Stage("report", "report", _report, lambda c: {"after": "finetune"},
                      lambda c, r: Path(r["html"]).exists()))
