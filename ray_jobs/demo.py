@@ -29,21 +29,22 @@ class DemoConfig:
     storage: str | None = None  # URL for shards and checkpoints (default OUT/store); s3:// works too
     pretrain_patients: int = 24
     labelled_patients: int = 24
-    slices: int = 32  # per patient
+    slices: int = 32  # per pre-training patient
+    labelled_slices: int = 24  # per labelled patient
     render_size: int = 128  # phantom DICOM size
     size: int = 64  # prep / training resolution
     seed: int = 0
     task: str = "region"  # downstream label: "region" or "lesion"
     backbone: str = "resnet18"
     methods: tuple[str, ...] = METHODS
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 8
     pretrain_batch: int = 64
     pretrain_workers: int = 1
     reduce_threshold: int = 6  # dhash Hamming distance (the paper's best setting)
     folds: int = 3
     samples_per_class: str = "5,20,all"
-    finetune_epochs: int = 12
-    finetune_frozen: int = 4
+    finetune_epochs: int = 8
+    finetune_frozen: int = 2
     finetune_batch: int = 32
     finetune_lr: float = 1e-3
     max_concurrent: int = 2
@@ -88,10 +89,10 @@ def _phantom(cfg: DemoConfig) -> dict[str, Any]:
     from data_prep.phantom.cohort import write_cohort
 
     out = {}
-    for name, patients, seed in (("pretrain", cfg.pretrain_patients, cfg.seed),
-                                 ("labelled", cfg.labelled_patients, cfg.seed + 1000)):
+    for name, patients, slices, seed in (("pretrain", cfg.pretrain_patients, cfg.slices, cfg.seed),
+                                         ("labelled", cfg.labelled_patients, cfg.labelled_slices, cfg.seed + 1000)):
         dst = Path(cfg.out) / "phantom" / name
-        write_cohort(dst, patients=patients, slices=cfg.slices, size=cfg.render_size, seed=seed)
+        write_cohort(dst, patients=patients, slices=slices, size=cfg.render_size, seed=seed)
         out[name] = str(dst)
     return out
 
@@ -175,7 +176,7 @@ def _final_checkpoint(cfg: DemoConfig, method: str) -> str:
     return marker["result"]["checkpoint"]
 
 
-_DATA_KEYS = ("pretrain_patients", "labelled_patients", "slices", "render_size", "seed")
+_DATA_KEYS = ("pretrain_patients", "labelled_patients", "slices", "labelled_slices", "render_size", "seed")
 _PREP_KEYS = (*_DATA_KEYS, "size", "task", "storage")
 _PRETRAIN_KEYS = (*_PREP_KEYS, "reduce_threshold", "backbone", "pretrain_epochs", "pretrain_batch")
 

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="URL for shards and checkpoints (default OUT/store; s3://... works)")
     p.add_argument("--pretrain-patients", type=int, default=d.pretrain_patients, help="unlabelled phantom patients")
     p.add_argument("--labelled-patients", type=int, default=d.labelled_patients, help="labelled phantom patients")
-    p.add_argument("--slices", type=int, default=d.slices, help="slices per phantom patient")
+    p.add_argument("--slices", type=int, default=d.slices, help="slices per pre-training phantom patient")
+    p.add_argument("--labelled-slices", type=int, default=d.labelled_slices, help="slices per labelled patient")
     p.add_argument("--size", type=int, default=d.size, help="prep and training resolution (pixels)")
     p.add_argument("--task", choices=("region", "lesion"), default=d.task, help="downstream label")
     p.add_argument("--backbone", default=d.backbone, help="timm CNN (default resnet18)")
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
     cfg = DemoConfig(out=args.out, storage=args.storage, pretrain_patients=args.pretrain_patients,
-                     labelled_patients=args.labelled_patients, slices=args.slices, size=args.size,
+                     labelled_patients=args.labelled_patients, slices=args.slices,
+                     labelled_slices=args.labelled_slices, size=args.size,
                      task=args.task, backbone=args.backbone, methods=methods, pretrain_epochs=args.pretrain_epochs,
                      pretrain_batch=args.pretrain_batch, folds=args.folds, samples_per_class=args.samples_per_class,
                      finetune_epochs=args.finetune_epochs, seed=args.seed)
