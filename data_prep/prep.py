@@ -148,6 +148,16 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
     return record
 
 
+def process_chunk_one_thread(*args: Any) -> dict[str, Any]:
+    """:func:`process_chunk` for a parallel worker that owns one CPU: the numba dhash kernel would
+    otherwise start a thread per core in every worker, so N workers would fight over the same cores
+    and adding workers would not add throughput."""
+    import numba
+
+    numba.set_num_threads(1)
+    return process_chunk(*args)
+
+
 # ------------------------------------------------------------------------------------- driver side
 def _chunks(items: list[dict[str, Any]], sizes: list[int], target_rows: int, min_chunks: int) -> list[list[dict[str, Any]]]:
     """Group whole series into chunks of about ``target_rows`` slices (at least ``min_chunks``)."""
@@ -296,7 +306,7 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
         from data_prep.ray_runtime import ensure_ray
 
         ensure_ray(cfg.address, num_cpus=cfg.workers)
-        remote = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
+        remote = ray.remote(num_cpus=1, max_retries=2)(process_chunk_one_thread)
         pseudo_ref = ray.put(pseudo)
         pending: dict[Any, int] = {}
         queue = list(zip(chunks, chunk_sizes, strict=True))
