@@ -59,9 +59,15 @@ class SSLMethod(nn.Module, ABC):
     def after_optimizer_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Momentum updates, queue pushes, prototype normalisation. Default: nothing."""
 
-    @abstractmethod
     def encoder(self) -> nn.Module:
-        """The backbone whose weights are the product of pre-training (timm layout)."""
+        """The backbone whose weights are the product of pre-training (timm layout).
+
+        Most methods keep it as ``self.backbone``; methods that wrap it (SparK's sparse encoder) override.
+        """
+        backbone = getattr(self, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise NotImplementedError(f"{type(self).__name__} has no `backbone` module: override encoder()")
+        return backbone
 
     def optimizer_defaults(self) -> OptimizerDefaults:
         return OptimizerDefaults(name="adamw", base_lr=1e-3, weight_decay=0.05)

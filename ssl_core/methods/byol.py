@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ssl_core.augment import MultiView, byol_views
 from ssl_core.backbones import create_backbone, feature_dim
@@ -88,9 +87,6 @@ class BYOL(SSLMethod):
         self.tau = cosine_tau(ctx.step, ctx.total_steps, self.tau_base, self.tau_end)
         ema_update_(self.target_backbone, self.backbone, self.tau)
         ema_update_(self.target_projector, self.projector, self.tau)
-
-    def encoder(self) -> nn.Module:
-        return self.backbone
 
     def optimizer_defaults(self) -> OptimizerDefaults:
         # paper: LARS, lr 0.2 x batch/256, weight decay 1.5e-6, 10 warm-up epochs, cosine decay

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ssl_core.augment import MultiView, mocov2_views
 from ssl_core.backbones import create_backbone, feature_dim
@@ -125,9 +124,6 @@ class MoCoV2(SSLMethod):
         if self._pending_keys is not None:
             self.queue.enqueue(gather_no_grad(self._pending_keys))  # every rank's keys, rank order
             self._pending_keys = None
-
-    def encoder(self) -> nn.Module:
-        return self.backbone
 
     def optimizer_defaults(self) -> OptimizerDefaults:
         # paper: SGD momentum 0.9, lr 0.03 x batch/256, weight decay 1e-4, cosine, no warm-up

@@ -127,9 +127,6 @@ class SwAV(SSLMethod):
                 queue.enqueue(zz)
             self._pending_z = None
 
-    def encoder(self) -> nn.Module:
-        return self.backbone
-
     def optimizer_defaults(self) -> OptimizerDefaults:
         # paper (batch 256): LARS, lr 0.6, weight decay 1e-6, cosine to 0.0006, no warm-up
         return OptimizerDefaults(name="lars", base_lr=0.6, weight_decay=1e-6, base_batch_size=256,
