@@ -311,7 +311,9 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
         pending: dict[Any, int] = {}
         queue = list(zip(chunks, chunk_sizes, strict=True))
         while queue or pending:
-            while queue and len(pending) < cfg.workers * 2:
+            # Exactly ``workers`` tasks in flight: the Ray cluster may have more CPUs than asked for
+            # (a shared local Ray, a big cluster), and --workers is the user's limit on parallelism.
+            while queue and len(pending) < cfg.workers:
                 ch, n = queue.pop(0)
                 pending[remote.remote(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp,
                                       pseudo_ref)] = n

@@ -24,6 +24,13 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
+def format_rate(per_second: float, unit: str) -> str:
+    """Slow work (fine-tuning trials) reads better per minute than as "0.0 trials/s"."""
+    if 0 < per_second < 0.1:
+        return f"{per_second * 60:.1f} {unit}/min"
+    return f"{per_second:.1f} {unit}/s"
+
+
 class Progress:
     def __init__(self, total: int, unit: str, desc: str, enabled: bool = True, every_s: float = 10.0):
         self.total, self.unit, self.desc = total, unit, desc
@@ -52,7 +59,12 @@ class Progress:
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.n / self.total if self.total else 100.0
         return (f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f}%) "
-                f"{rate:.1f} {self.unit}/s, elapsed {_fmt_eta(el)}, ETA {_fmt_eta(eta)}")
+                f"{format_rate(rate, self.unit)}, elapsed {_fmt_eta(el)}, ETA {_fmt_eta(eta)}")
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+        if self._bar is not None:
+            self._bar.set_description(desc, refresh=False)
 
     def __enter__(self) -> Progress:
         return self

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from data_prep.errors import UserError
-from data_prep.hu import resize_square, to_hu
+from data_prep.hu import hu_resized
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
 from data_prep.sources.base import PrepOptions, Source, register_source
@@ -42,16 +43,57 @@ PHI_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "
 _RAW_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
+def header_text(ds: pydicom.Dataset, keyword: str) -> str:
+    """A text element's value as stored, multiple values joined by a backslash ("" when absent).
+
+    Reads the element's raw bytes when they are ASCII, as nearly every CT header is: pydicom's
+    conversion to typed values (person names, decimal strings, UIDs) costs more per slice than
+    resizing the image. Non-ASCII values take pydicom's conversion, which honours the character set.
+    """
+    el = ds.get_item(keyword)
+    if el is None:
+        return ""
+    if isinstance(el, RawDataElement) and isinstance(el.value, bytes) and el.value.isascii():
+        return el.value.decode("ascii").strip(" \x00")
+    v = ds.get(keyword)
+    if v is None:
+        return ""
+    if isinstance(v, pydicom.multival.MultiValue):
+        return "\\".join(str(x) for x in v)
+    return str(v).strip()
+
+
+def header_int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """An unsigned/signed short (Rows, BitsAllocated, ...) decoded from its two raw bytes when the
+    element is explicit-VR little endian, else through pydicom."""
+    el = ds.get_item(keyword)
+    if el is None:
+        return default
+    if (isinstance(el, RawDataElement) and el.VR in ("US", "SS") and el.is_little_endian
+            and isinstance(el.value, bytes) and len(el.value) == 2):
+        return int.from_bytes(el.value, "little", signed=el.VR == "SS")
+    v = ds.get(keyword)
+    return default if v is None or v == "" else int(v)
+
+
+def header_floats(ds: pydicom.Dataset, keyword: str) -> list[float]:
+    """Numbers of a decimal/integer string element ([] when absent); a clear error when malformed."""
+    text = header_text(ds, keyword)
+    try:
+        return [float(x) for x in text.split("\\") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{keyword} holds {text[:40]!r}, not numbers") from None
+
+
 def phi_values(ds: pydicom.Dataset) -> list[str]:
     """Identifying strings in a header (and the parts of a person name), for redaction."""
     out: list[str] = []
     for tag in PHI_TAGS:
-        v = ds.get(tag)
-        if v is None or v == "":
+        text = header_text(ds, tag)
+        if not text:
             continue
-        vals = v if isinstance(v, pydicom.multival.MultiValue) else [v]
-        for x in vals:
-            s = str(x).strip()
+        for x in text.split("\\"):
+            s = x.strip()
             if len(s) >= 3:
                 out.append(s)
                 out.extend(p for p in s.replace("^", " ").split() if len(p) >= 3)
@@ -76,15 +118,16 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
     compressed transfer syntaxes (JPEG 2000, JPEG lossless, RLE) go through pydicom's decoders.
     """
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    bits, spp = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("SamplesPerPixel", 1) or 1)
-    if ts in _RAW_LE and bits == 16 and spp == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-        buf = ds.PixelData
+    bits, spp = header_int(ds, "BitsAllocated", 0), header_int(ds, "SamplesPerPixel", 1) or 1
+    if ts in _RAW_LE and bits == 16 and spp == 1 and int((header_floats(ds, "NumberOfFrames") or [1])[0]) <= 1:
+        rows, cols = header_int(ds, "Rows", 0), header_int(ds, "Columns", 0)
+        signed = header_int(ds, "PixelRepresentation", 0) == 1
+        el = ds.get_item("PixelData")
+        buf = el.value if isinstance(el, RawDataElement) and isinstance(el.value, bytes) else ds.PixelData
         if len(buf) < rows * cols * 2:
             raise ValueError(f"pixel data has {len(buf)} bytes, {rows}x{cols}x2 expected (truncated file?)")
         arr = np.frombuffer(buf, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
-        stored_bits = int(ds.get("BitsStored", 16) or 16)
+        stored_bits = header_int(ds, "BitsStored", 16) or 16
         if signed and stored_bits < 16:  # sign-extend from BitsStored, as the standard defines
             shift = 16 - stored_bits
             arr = (arr.astype(np.int16) << shift) >> shift
@@ -181,14 +224,18 @@ class DicomSource(Source):
                 rejects.append(Reject(rel, f"unreadable DICOM file ({type(e).__name__}: {_short(e)})"))
                 continue
             phi.update(phi_values(ds))
-            modality = str(ds.get("Modality", "") or "")
+            modality = header_text(ds, "Modality")
             if modality and modality.upper() != "CT":
                 rejects.append(Reject(rel, f"modality {modality}, not CT"))
                 continue
             if "PixelData" not in ds:
                 rejects.append(Reject(rel, "DICOM object without pixel data"))
                 continue
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            try:
+                frames = int((header_floats(ds, "NumberOfFrames") or [1])[0])
+            except ValueError as e:
+                rejects.append(Reject(rel, f"malformed header: {e}"))
+                continue
             if frames > 1:
                 rejects.append(Reject(rel, f"multi-frame object ({frames} frames) is not supported yet"))
                 continue
@@ -200,23 +247,30 @@ class DicomSource(Source):
             if stored.ndim != 2:
                 rejects.append(Reject(rel, f"unexpected pixel array shape {stored.shape} (colour or multi-frame)"))
                 continue
-            slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-            intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-            pad = ds.get("PixelPaddingValue")
-            hu = to_hu(stored, slope, intercept, padding_value=None if pad is None else float(pad))
-            hu, factors = resize_square(hu, opts.size, pad_value=opts.pad_hu)  # early: bounds memory
-            iop = ds.get("ImageOrientationPatient")
-            ps = ds.get("PixelSpacing")
-            spacing = (float(ps[0]), float(ps[1])) if ps and len(ps) >= 2 else (1.0, 1.0)
-            uid = str(ds.get("SeriesInstanceUID", "") or "")
+            try:
+                slope = (header_floats(ds, "RescaleSlope") or [1.0])[0] or 1.0
+                intercept = (header_floats(ds, "RescaleIntercept") or [0.0])[0]
+                iop = header_floats(ds, "ImageOrientationPatient")
+                ipp = header_floats(ds, "ImagePositionPatient")
+                ps = header_floats(ds, "PixelSpacing")
+                instance = (header_floats(ds, "InstanceNumber") or [0.0])[0]
+            except ValueError as e:
+                rejects.append(Reject(rel, f"malformed header: {e}"))
+                continue
+            pad = ds.get("PixelPaddingValue")  # US/SS: a binary value, cheap to convert
+            # resized at once (bounds memory): one compiled pass for integer factors such as 512 -> 256
+            hu, factors = hu_resized(stored, slope, intercept, padding_value=None if pad is None else float(pad),
+                                     size=opts.size, pad_value=opts.pad_hu)
+            spacing = (ps[0], ps[1]) if len(ps) >= 2 else (1.0, 1.0)
+            uid = header_text(ds, "SeriesInstanceUID")
             orient = tuple(round(float(x), 3) for x in iop) if iop else ()
             key = f"uid:{uid}" if uid else f"dir:{folder}|{orient}|{tuple(round(x, 4) for x in spacing)}"
-            z, has_pos = _position_along_normal(ds.get("ImagePositionPatient"), iop)
-            order = z if has_pos else float(ds.get("InstanceNumber", 0) or 0)
+            z, has_pos = _position_along_normal(ipp, iop)
+            order = z if has_pos else instance
             spacing = (spacing[0] * factors[0], spacing[1] * factors[1])
             slices.append(_Slice(rel, key, stored.shape, order, z if has_pos else math.nan, hu, spacing,
-                                 str(ds.get("PatientID", "") or "") or f"dir:{folder}",
-                                 str(ds.get("StudyInstanceUID", "") or "") or f"dir:{folder}"))
+                                 header_text(ds, "PatientID") or f"dir:{folder}",
+                                 header_text(ds, "StudyInstanceUID") or f"dir:{folder}"))
             label_of[rel] = labels.get(p)
 
         groups: dict[str, list[_Slice]] = defaultdict(list)
@@ -264,11 +318,14 @@ def _effective_root(base: str) -> str:
             return cur
 
 
-def _position_along_normal(ipp, iop) -> tuple[float, bool]:  # noqa: ANN001 - pydicom multivalues
-    if not ipp or not iop or len(iop) != 6 or len(ipp) != 3:
+def _position_along_normal(ipp: list[float], iop: list[float]) -> tuple[float, bool]:
+    """ImagePositionPatient . (row direction x column direction); plain floats (np.cross per slice
+    costs more than the rest of this function's callers' bookkeeping)."""
+    if len(iop) != 6 or len(ipp) != 3:
         return math.nan, False
-    r, c = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
-    return float(np.dot(np.asarray(ipp, float), np.cross(r, c))), True
+    r0, r1, r2, c0, c1, c2 = iop
+    n = (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)
+    return ipp[0] * n[0] + ipp[1] * n[1] + ipp[2] * n[2], True
 
 
 def _short(e: Exception, n: int = 160) -> str:

@@ -72,6 +72,7 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from ray_jobs.finetune.progress import StudyProgress
     from ray_jobs.ray_cluster import arrow_filesystem
 
     fs, path = arrow_filesystem(cfg.storage)
@@ -91,7 +92,10 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
                                     reuse_actors=True,  # trials are short: skip a process start per trial
                                     trial_name_creator=lambda t: _trial_name(t.config["trial"]),
                                     trial_dirname_creator=lambda t: _trial_name(t.config["trial"])),
-        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs),
+        # Our one-line progress (trials done, rate, ETA) replaces Tune's per-trial status table.
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                  callbacks=[StudyProgress(f"finetune {name}", len(grid), cfg.epochs)],
+                                  verbose=0),
     )
     log.info("running %d fine-tuning trials (%s), at most %d at once", len(grid), name, _max_concurrent(cfg))
     grid_results = tuner.fit()
@@ -99,6 +103,8 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
     for r in grid_results:
         spec = dict(r.config["trial"])
         spec["error"] = repr(r.error) if r.error else None
+        if r.error:  # Tune's own table is off (verbose=0), so failures are named here
+            log.warning("trial %s failed: %s", _trial_name(spec), spec["error"][:500])
         spec["metrics"] = dict(r.metrics or {})
         out.append(spec)
     return out

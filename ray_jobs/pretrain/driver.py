@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import checkpoint as ckpt_io
+from ray_jobs.pretrain import resume_guard
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import DataInfo, build_dataset, inspect_data
 
@@ -50,6 +51,18 @@ def check_backbone(name: str) -> None:
 
     if not timm.list_models(name):
         raise CLIError(f"--backbone {name!r} is not a timm model (see timm.list_models())")
+
+
+def check_method_builds(cfg: PretrainConfig, img_size: int, opts: dict) -> None:
+    """Build the method once here: a setting it cannot take (an image too small for SparK's patches,
+    an unknown option) is then one line before any worker starts, not an error every worker repeats
+    through --max-failures restarts."""
+    from ssl_core.methods import create_method
+
+    try:
+        create_method(cfg.method, backbone=cfg.backbone, in_chans=cfg.in_chans, img_size=img_size, **opts)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--method {cfg.method} with --backbone {cfg.backbone} at {img_size} px: {e}") from None
 
 
 def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None = None) -> dict:
@@ -142,13 +155,15 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     info, img_size, spe = prepare(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
+    opts = method_options(cfg, info, spe * cfg.epochs)
+    check_method_builds(cfg, img_size, opts)
+    resume_guard.check_or_record(cfg, resume_guard.identity(cfg, img_size, spe, opts))
     ray_cluster.connect(cfg.address)
     ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
                                                           streams_data=True))
     storage_fs, storage_path = ray_cluster.arrow_filesystem(cfg.storage)
     if storage_fs is None:
         os.makedirs(storage_path, exist_ok=True)
-    opts = method_options(cfg, info, spe * cfg.epochs)
     run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe, opts)
     log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %d steps/epoch x %d epochs",
              cfg.method, info.read_url, info.rows, info.height, info.width, img_size, cfg.workers,

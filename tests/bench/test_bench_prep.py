@@ -47,6 +47,22 @@ def _dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix not in (".csv", ".json") and p.name != ".complete")
 
 
+def warm_page_cache(files: list[Path]) -> None:
+    """Read every file once, so the first contestant does not pay the disk reads for all of them."""
+    for f in files:
+        f.read_bytes()
+
+
+def warm_up_ours(src: Path, tmp: Path, **kw) -> None:
+    """One small prep first: imports and loading the compiled kernels happen once per process, and
+    throughput is about the steady state (the one-time cost is printed separately)."""
+    first = next(p for p in sorted(src.iterdir()) if p.is_dir())
+    t = time.perf_counter()
+    run_prep(PrepConfig(str(first), str(tmp / "warm-up"), progress=False, **kw), KEY)
+    print(f"\n  (one-time start-up of a prep process incl. a {len(_dicom_files(first))}-slice "
+          f"patient: {time.perf_counter() - t:.2f} s)")
+
+
 def decode_ceiling(files: list[Path]) -> float:
     t = time.perf_counter()
     for f in files:
@@ -75,6 +91,23 @@ def ours(src: Path, dst: Path, **kw) -> float:
     return s.slices_written / dt
 
 
+def encode_floor(out: Path) -> float:
+    """Slices/s of writing prep's own output again with the shard writer alone (zstd Parquet): a cost
+    prep cannot avoid, on top of the decode."""
+    import pyarrow.parquet as pq
+
+    from data_prep import shards
+
+    tables = [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]
+    n = sum(t.num_rows for t in tables)
+    t0 = time.perf_counter()
+    for t in tables:
+        w = shards.ShardWriter()
+        w.write(t)
+        w._writer.close()
+    return n / (time.perf_counter() - t0)
+
+
 def _report(title: str, rows: list[tuple[str, float]], ref: float) -> None:
     print(f"\n== {title}")
     for name, v in rows:
@@ -92,17 +125,23 @@ def test_prep_throughput_uncompressed_phantom_2000_slices(tmp_path, warm_imports
     src = _cohort("phantom-2000-512", patients=20, slices=100, size=512)
     files = _dicom_files(src)
     assert len(files) == 2000
+    warm_page_cache(files)
+    warm_up_ours(src, tmp_path, executor="local")
     ceil = decode_ceiling(files)
     png = naive_png(files, tmp_path / "png")
     one = ours(src, tmp_path / "o1", executor="local")
     native = ours(src, tmp_path / "o1n", executor="local", size=None)
+    enc = encode_floor(tmp_path / "o1")
+    both = 1 / (1 / ceil + 1 / enc)
     _report("uncompressed phantom, 2,000 slices 512x512, one process", [
         ("decode ceiling (dcmread + pixel_array)", ceil),
         ("naive baseline (one PNG per slice, PIL)", png),
         ("ctssl prep, 1 worker, 256 px (default)", one),
         ("ctssl prep, 1 worker, native 512 px", native),
+        ("encode alone: zstd Parquet of the 256 px output", enc),
+        ("decode + encode alone, back to back", both),
     ], ceil)
-    print(f"  ratio to naive PNG baseline: x{one / png:.2f}")
+    print(f"  ratio to naive PNG baseline: x{one / png:.2f}; to decode + encode alone: x{one / both:.2f}")
 
 
 def test_prep_scaling_one_to_two_ray_workers(tmp_path, warm_imports):
@@ -125,6 +164,8 @@ def test_prep_throughput_real_jpeg2000(tmp_path, warm_imports):
     for i in range(10):  # ten copies of the 20-slice series as ten patients
         shutil.copytree(REAL_CT, src / f"copy{i}")
     files = _dicom_files(src)
+    warm_page_cache(files)
+    warm_up_ours(src, tmp_path, executor="local")
     ceil = decode_ceiling(files)
     png = naive_png(files, tmp_path / "png")
     one = ours(src, tmp_path / "o1", executor="local")

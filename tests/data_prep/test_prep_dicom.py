@@ -194,3 +194,39 @@ def test_iter_slices_streams_exactly_the_committed_rows(tmp_path):
     assert all(b["image"].dtype == np.int16 and b["image"].shape[1:] == (32, 32) for b in batches)
     ids = np.concatenate([b["slice_id"] for b in batches])
     assert len(set(ids)) == 15
+
+
+def test_malformed_header_numbers_reject_the_file_with_the_element_named(tmp_path):
+    src = tmp_path / "src"
+    write_series(src / "good", 3)
+    bad = write_ct(src / "bad" / "b1", np.zeros((32, 32), np.int16), z=0, series_uid="1.2.3.9", study_uid="1.2.3")
+    raw = bytearray(bad.read_bytes())
+    at = raw.index(b"\x28\x00\x53\x10DS") + 6  # (0028,1053) RescaleSlope, explicit VR LE
+    n = int.from_bytes(raw[at:at + 2], "little")
+    raw[at + 2:at + 2 + n] = b"x" * n  # what a broken exporter leaves in a DS element
+    bad.write_bytes(bytes(raw))
+    s = prep(src, tmp_path / "out", size=None)
+    reasons = {r["input"]: r["reason"] for r in s.rejects}
+    assert reasons == {"bad/b1": f"malformed header: RescaleSlope holds {'x' * n!r}, not numbers"}
+    assert shards.read_table(str(tmp_path / "out")).num_rows == 3
+
+
+def test_non_ascii_patient_names_are_read_with_their_character_set_and_redacted(tmp_path):
+    """Header values are read from raw bytes only when ASCII; a UTF-8 name takes pydicom's decoding,
+    so the redaction still finds it in a folder name."""
+    name, pid = "Müller^Jürgen", "PID-ÄÖ-4711"
+    src = tmp_path / "src"
+    files = write_series(src / "Müller Jürgen", 3)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName, ds.PatientID = name, pid
+        ds.save_as(f)
+    truncated = files[0].parent / "IM_trunc"
+    truncated.write_bytes(files[1].read_bytes()[:2000])
+    s = prep(src, tmp_path / "out", size=None)
+    assert s.slices_written == 3 and s.rejected == 1
+    blob = json.dumps(shards.read_manifest(str(tmp_path / "out")), ensure_ascii=False)
+    for value in ("Müller", "Jürgen", pid):
+        assert value not in blob
+    assert "[redacted]" in s.rejects[0]["input"]

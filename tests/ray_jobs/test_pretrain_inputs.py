@@ -72,3 +72,53 @@ def test_bad_numbers_and_names_are_named(tmp_path, capsys, flag, value, message)
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "runs" / "e1")
+
+
+class _StopBeforeRay(Exception):
+    pass
+
+
+def test_resume_with_settings_its_checkpoints_cannot_take_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    """Same --experiment, other backbone: one line naming the change, not a retried state_dict error."""
+    from ray_jobs import ray_cluster
+    from ray_jobs.pretrain.resume_guard import SETTINGS_FILE
+
+    def stop(*_a, **_k):
+        raise _StopBeforeRay
+
+    monkeypatch.setattr(ray_cluster, "connect", stop)
+    write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=32)
+    first = _pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"))
+    with pytest.raises(_StopBeforeRay):  # the first run records its settings, then would start Ray
+        main(first)
+    assert (tmp_path / "runs" / "e1" / SETTINGS_FILE).exists()
+    (tmp_path / "runs" / "e1" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # what Ray Train leaves
+
+    changed = [*first]
+    changed[changed.index("--backbone") + 1] = "resnet34"
+    rc = main(changed)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--experiment 'e1'" in err and "already has checkpoints made with other settings" in err
+    assert "backbone: 'resnet18' -> 'resnet34'" in err
+    assert "method_options" not in err  # only what differs is named
+
+    with pytest.raises(_StopBeforeRay):  # the original settings pass the guard and go on to resume
+        main(first)
+
+
+def test_settings_the_method_cannot_take_fail_before_ray(tmp_path, capsys, monkeypatch):
+    """SparK on a ResNet needs at least two 32-px patches per side: 32 px images are refused in one line."""
+    from ray_jobs import ray_cluster
+
+    def stop(*_a, **_k):
+        raise _StopBeforeRay
+
+    monkeypatch.setattr(ray_cluster, "connect", stop)
+    write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=32)
+    rc = main(_pretrain(tmp_path, "--method", "spark", "--data", str(tmp_path / "data")))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--method spark with --backbone resnet18 at 32 px: img_size 32 gives a single 32-px patch" in err
+    rc = main(_pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"), "--method-option", "bogus=1"))
+    assert rc == 2 and "bogus" in capsys.readouterr().err

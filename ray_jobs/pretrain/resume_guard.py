@@ -1,0 +1,65 @@
+"""Refuse, before any worker starts, to resume an experiment with settings its checkpoint cannot take.
+
+Ray Train resumes a run by its name: the same ``--experiment`` under the same ``--storage`` picks up
+the latest checkpoint. When the settings changed in between (another backbone, method options, batch
+or image size) the checkpoint's tensors no longer fit, and the run would fail inside the workers on a
+state_dict mismatch, be retried ``--max-failures`` times and end with a traceback. The first run of an
+experiment writes the settings that shape its state next to its checkpoints; a later run compares
+and stops with one line naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from data_prep import storage
+from ray_jobs.errors import CLIError
+from ray_jobs.pretrain.config import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "ctssl_run_settings.json"
+
+
+def identity(cfg: PretrainConfig, img_size: int, steps_per_epoch: int, method_options: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint's tensors and its step schedule depend on (JSON-normalised).
+
+    Operational knobs (cluster address, tracking URI, failure budget, checkpoint cadence, cache size)
+    are left out: changing them on a resume is legitimate.
+    """
+    ident = {
+        "method": cfg.method, "backbone": cfg.backbone, "in_chans": cfg.in_chans, "img_size": img_size,
+        "data": cfg.data, "selection": cfg.selection, "batch_size": cfg.batch_size, "workers": cfg.workers,
+        "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+        "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed, "method_options": method_options,
+    }
+    return json.loads(json.dumps(ident, sort_keys=True, default=str))
+
+
+def _has_checkpoint(fs, run_dir: str) -> bool:  # noqa: ANN001 - fsspec filesystem
+    try:
+        return any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(run_dir, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def check_or_record(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
+    """Raise :class:`CLIError` when ``cfg.experiment`` already has checkpoints made with other settings;
+    otherwise record ``ident`` for the next run to compare with."""
+    fs, root = storage.open_fs(cfg.storage)
+    run_dir = storage.join(root, cfg.experiment)
+    path = storage.join(run_dir, SETTINGS_FILE)
+    if fs.exists(path) and _has_checkpoint(fs, run_dir):
+        before = storage.read_json(fs, path)
+        diff = [k for k in sorted(set(before) | set(ident)) if before.get(k) != ident.get(k)]
+        if diff:
+            changes = "; ".join(f"{k}: {before.get(k)!r} -> {ident.get(k)!r}" for k in diff)
+            raise CLIError(f"--experiment {cfg.experiment!r} in {cfg.storage} already has checkpoints made with "
+                           f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
+                           "name, or rerun with the original settings to continue that run")
+        log.info("resuming experiment %s with the settings its checkpoints were made with", cfg.experiment)
+        return
+    storage.ensure_dir(fs, run_dir)
+    storage.write_json_atomic(fs, path, ident)
