@@ -86,14 +86,20 @@ def _committed(url: str) -> bool:
 
 # ----------------------------------------------------------------------------------------- stages
 def _phantom(cfg: DemoConfig) -> dict[str, Any]:
+    import shutil
+
     from data_prep.phantom.cohort import write_cohort
+    from data_prep.progress import Progress
 
     out = {}
-    for name, patients, slices, seed in (("pretrain", cfg.pretrain_patients, cfg.slices, cfg.seed),
-                                         ("labelled", cfg.labelled_patients, cfg.labelled_slices, cfg.seed + 1000)):
-        dst = Path(cfg.out) / "phantom" / name
-        write_cohort(dst, patients=patients, slices=slices, size=cfg.render_size, seed=seed)
-        out[name] = str(dst)
+    cohorts = (("pretrain", cfg.pretrain_patients, cfg.slices, cfg.seed),
+               ("labelled", cfg.labelled_patients, cfg.labelled_slices, cfg.seed + 1000))
+    with Progress(total=sum(p * s for _, p, s, _ in cohorts), unit="slices", desc="phantom", every_s=5.0) as bar:
+        for name, patients, slices, seed in cohorts:
+            dst = Path(cfg.out) / "phantom" / name
+            shutil.rmtree(dst, ignore_errors=True)  # this stage is being redone: a cohort from a crashed run goes
+            write_cohort(dst, patients=patients, slices=slices, size=cfg.render_size, seed=seed, progress=bar.update)
+            out[name] = str(dst)
     return out
 
 

@@ -32,6 +32,7 @@ from ssl_core.backbones import classifier_keys, load_encoder_state_dict
 from ssl_core.ct_window import WindowSpec, default_windows
 from ssl_core.device import autocast, channels_last, default_device
 from ssl_core.metrics import classification_metrics
+from ssl_core.optim import fused_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ class FineTuner:
         self._window = Window(windows, None)
         self._gen = torch.Generator().manual_seed(cfg.seed)
         # Adam skips parameters without gradients, so one optimiser covers both phases
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = list(model.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused_kwargs(params))
         self.frozen = False
 
     # ------------------------------------------------------------ helpers

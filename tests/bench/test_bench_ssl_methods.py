@@ -41,6 +41,7 @@ from ssl_core.augment import swav_local_size  # noqa: E402
 from ssl_core.backbones import create_backbone, feature_dim  # noqa: E402
 from ssl_core.heads import byol_head_dims  # noqa: E402
 from ssl_core.methods import StepContext, create_method  # noqa: E402
+from ssl_core.optim import fused_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.timeout(7200)  # minutes per configuration on a busy 2-core machine
 
@@ -149,16 +150,19 @@ def _views_for_peer(case: Case, batch: int, size: int) -> list[torch.Tensor]:
         torch.rand(batch, 1, local, local) for _ in range(case.n_local)]
 
 
-def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, **impl) -> torch.optim.Optimizer:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                           weight_decay=1e-5)
+                           weight_decay=1e-5, **impl)
 
 
 def _measure(case: Case, backbone: str, size: int, batch: int, rounds: int) -> tuple[float, float]:
     torch.manual_seed(0)
     ours = _ours(case, backbone, size)
     peer = PEERS[case.method](create_backbone(backbone, in_chans=1))
-    opt_o, opt_p = _sgd(ours), _sgd(peer)
+    # Same SGD settings; ctssl's side uses the fused kernel its own optimiser builder picks
+    # (ssl_core.optim.fused_kwargs), lightly's side the optimiser as lightly's examples build it.
+    opt_o = _sgd(ours, **fused_kwargs([p for p in ours.parameters() if p.requires_grad]))
+    opt_p = _sgd(peer)
     hu = torch.randn(batch, 1, size, size) * 400 - 400
     views = _views_for_peer(case, batch, size)
     step = {"n": 0}
