@@ -230,7 +230,11 @@ class FineTuner:
         return torch.cat(ys).numpy(), torch.cat(ps).numpy()
 
     def evaluate(self, batches: Batches, prefix: str = "val_") -> dict[str, float]:
-        y, p = self.predict(batches)
+        return self.metrics(*self.predict(batches), prefix=prefix)
+
+    @staticmethod
+    def metrics(y: np.ndarray, p: np.ndarray, prefix: str = "val_") -> dict[str, float]:
+        """Metrics and mean negative log-likelihood of predictions from :meth:`predict`."""
         out = {f"{prefix}{k}": v for k, v in classification_metrics(y, p).items()}
         nll = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()
         out[f"{prefix}loss"] = float(nll)

@@ -157,7 +157,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
     ctx = StudyContext(images=data.images, labels=data.labels, classes=data.classes, folds=folds,
                        encoders=_encoder_payload(encoders, data.intensity), settings=settings,
                        tracking_uri=tracking_uri, experiment_id=exp_id, parent_run_id=parent_id,
-                       env=ray_cluster.forwarded_env())
+                       env=ray_cluster.forwarded_env(), patients=np.asarray(data.patients))
     try:
         names = [e.name for e in encoders]
         results = run_trials(plan_grid(names, cfg.sizes, cfg.folds, cfg.seeds), ctx, cfg, f"{cfg.experiment}-grid")

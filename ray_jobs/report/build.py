@@ -15,6 +15,7 @@ from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.report.collect import load_study
 from ray_jobs.report.plots import plot_auc_vs_size
+from ray_jobs.report.pooled import bootstrap_markdown, bootstrap_vs_baseline, load_predictions
 from ray_jobs.report.tables import (
     minimal_samples,
     smallest_size_verdict,
@@ -84,6 +85,8 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
     os.makedirs(cfg.out, exist_ok=True)
     summary = summarise(trials)
     wil = wilcoxon_vs_baseline(trials, cfg.baseline)
+    preds = load_predictions(tracking.client(uri), trials["run_id"].tolist())
+    boot = bootstrap_vs_baseline(trials, preds, cfg.baseline)
     target = cfg.target_auc if cfg.target_auc is not None else _param_float(study.params, "search_target_auc")
     margin = cfg.margin if cfg.margin is not None else _param_float(study.params, "search_margin")
     if target is None and margin is None:
@@ -99,11 +102,14 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
         (f"Fine-tuning study `{cfg.experiment}`",
          f"MLflow parent run `{study.parent_run_id}`; {len(trials)} finished trials; dataset "
          f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."),
-        ("Verdict at the smallest training-set size", smallest_size_verdict(summary, wil, cfg.baseline)),
+        ("Verdict at the smallest training-set size", smallest_size_verdict(summary, wil, cfg.baseline, boot=boot)),
         ("Test metrics (mean ± std over folds)", summary_markdown(summary)),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
+        (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",
+         (BOOTSTRAP_NOTE + "\n\n" + bootstrap_markdown(boot, cfg.baseline)) if not boot.empty
+         else "no logged test predictions to pool (trials from an older ctssl, or no baseline)"),
         (f"Minimal samples per class ({rule})", _minimal_markdown(minimal, searched)),
     ]
     md_text = "\n\n".join(f"## {h}\n\n{b}" for h, b in sections) + "\n"
@@ -112,22 +118,62 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
         f.write(md_text)
     html_path = os.path.join(cfg.out, "report.html")
     with open(html_path, "w") as f:
-        f.write(_html(cfg.experiment, sections, plot, summary, wil, minimal))
+        f.write(_html(cfg.experiment, sections, plot, {"summary": summary, "wilcoxon": wil, "bootstrap": boot,
+                                                         "minimal": minimal}))
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
                    "searched_minimal": searched}, f, indent=1, default=str)
     return ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv)
 
 
-def _html(title: str, sections, plot: str, summary: pd.DataFrame, wil: pd.DataFrame, minimal: pd.DataFrame) -> str:
+BOOTSTRAP_NOTE = ("Each encoder's test predictions are pooled over the folds (every labelled patient is "
+                  "a test patient exactly once), compared with the baseline's on the same slices, and "
+                  "patients are resampled with replacement (1,000 times) to give a 95 % interval and a "
+                  "two-sided p-value for the difference in macro AUC.")
+
+
+def _md_inline(text: str) -> str:
+    """The little markdown the report's prose uses (bold, code, bullet lists) as HTML."""
+    import re
+
+    out, items = [], []
+    for line in text.splitlines():
+        h = html.escape(line)
+        h = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", h)
+        h = re.sub(r"`(.+?)`", r"<code>\1</code>", h)
+        if line.startswith("- "):
+            items.append(f"<li>{h[2:]}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.strip():
+            out.append(f"<p>{h}</p>")
+    if items:
+        out.append("<ul>" + "".join(items) + "</ul>")
+    return "".join(out)
+
+
+def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame]) -> str:
+    """The report as one self-contained page: every section under its own heading; tables from the
+    data frames, prose from the markdown, the plot inlined."""
     with open(plot, "rb") as f:
         img = base64.b64encode(f.read()).decode()
     fmt = {"float_format": lambda v: f"{v:.4g}", "index": False, "na_rep": "n/a", "border": 0}
-    body = [f"<h1>{html.escape(sections[0][0])}</h1>", f"<p>{html.escape(sections[0][1])}</p>",
-            "<h2>Test metrics (mean ± std over folds)</h2>", summary.to_html(**fmt),
-            "<h2>AUC vs training-set size</h2>", f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">',
-            f"<h2>{html.escape(sections[3][0])}</h2>", wil.to_html(**fmt),
-            f"<h2>{html.escape(sections[4][0])}</h2>", minimal.to_html(**fmt)]
+    table_of = {"Test metrics": "summary", "Paired Wilcoxon": "wilcoxon", "Patient-level bootstrap": "bootstrap",
+                "Minimal samples": "minimal"}
+    body = [f"<h1>{html.escape(sections[0][0])}</h1>", _md_inline(sections[0][1])]
+    for head, text in sections[1:]:
+        body.append(f"<h2>{html.escape(head)}</h2>")
+        key = next((v for k, v in table_of.items() if head.startswith(k)), None)
+        if head.startswith("AUC vs"):
+            body.append(f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">')
+        elif key is not None and not tables[key].empty:
+            if key == "bootstrap":
+                body.append(_md_inline(BOOTSTRAP_NOTE))
+            body.append(tables[key].to_html(**fmt))
+        else:
+            body.append(_md_inline(text))
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -123,13 +123,15 @@ def minimal_samples(summary: pd.DataFrame, target_auc: float | None = None,
     return pd.DataFrame(rows, columns=cols)
 
 
-def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: str, alpha: float = 0.05) -> str:
+def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: str, alpha: float = 0.05,
+                          boot: pd.DataFrame | None = None) -> str:
     """The study's question in plain words: at the smallest training-set size, which pre-trained
     encoders beat ``baseline`` in mean AUC over folds, and is that significant?
 
     With n paired folds the exact two-sided Wilcoxon p cannot go below 2 / 2**n (0.25 for 3 folds,
     0.0625 for 5), so the verdict names that floor instead of letting "not significant" read as
-    "no effect".
+    "no effect", and adds the patient-level bootstrap of the pooled out-of-fold AUC (``boot``, see
+    :mod:`ray_jobs.report.pooled`), which has no such floor.
     """
     if summary.empty or baseline not in set(summary["encoder"]):
         return f"no `{baseline}` trials: nothing to compare with"
@@ -155,9 +157,22 @@ def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: st
             sig = f"not significant (Wilcoxon p = {p:.3g} >= {alpha})"
         verb = "beats" if diff > 0 else "does not beat"
         lines.append(f"- `{enc}` {verb} `{baseline}`: mean AUC {float(row['auc_mean']):.3f} "
-                     f"({diff:+.3f}); {sig}.")
+                     f"({diff:+.3f}); {sig}{_bootstrap_clause(boot, enc, smallest, alpha)}.")
         if diff > 0:
             better.append(enc)
     lines += ["", (f"**{len(better)} of {len(at) - 1} pre-trained encoders beat `{baseline}` at {smallest}"
                    + (f": {', '.join(better)}.**" if better else ".**"))]
     return "\n".join(lines)
+
+
+def _bootstrap_clause(boot: pd.DataFrame | None, enc: str, size: str, alpha: float) -> str:
+    if boot is None or boot.empty:
+        return ""
+    b = boot[(boot["encoder"] == enc) & (boot["size"] == size)]
+    if b.empty or not math.isfinite(float(b["p_value"].iloc[0])):
+        return ""
+    r = b.iloc[0]
+    verdict = "significant" if r["p_value"] < alpha else "not significant"
+    return (f"; patient-level bootstrap of the pooled out-of-fold AUC ({int(r['patients'])} patients): "
+            f"ΔAUC {r['diff']:+.3f}, 95 % CI {r['ci_low']:+.3f} .. {r['ci_high']:+.3f}, p = {r['p_value']:.3g}: "
+            f"**{verdict}** at {alpha}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -90,7 +91,16 @@ def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report
     for row in ("| random | n1 |", "| random | n2 |", "| random | all |", "| seeded | n2 |", "| seeded | all |"):
         assert row in md
     assert "Paired Wilcoxon signed-rank test against `random`" in md and "| seeded | n2 | 2 |" in md
+    # every trial logged its test predictions; the report pooled them over the 2 folds per size
+    preds = mlflow.MlflowClient().list_artifacts(one, "predictions")
+    assert [a.path for a in preds] == ["predictions/test.npz"]
+    assert "Patient-level bootstrap of the pooled out-of-fold AUC against `random`" in md
+    for size in ("n1", "n2", "all"):
+        assert re.search(rf"\| seeded \| {size} \| \d+ \| \d+ \| 0\.\d+ \| 0\.\d+ \| [+-]0\.\d+ \|", md), size
     html = Path(paths.html).read_text()
+    assert "<h2>Patient-level bootstrap of the pooled out-of-fold AUC against `random`</h2>" in html
+    assert "<th>ci_low</th>" in html  # the bootstrap table under its own heading
+    assert "<h2>Verdict at the smallest training-set size</h2>" in html and "<li><code>seeded</code>" in html
     assert "data:image/png;base64," in html and "<img" in html and 'src="auc_vs_size.png"' not in html
     assert Path(paths.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
