@@ -45,21 +45,32 @@ def _has_checkpoint(fs, run_dir: str) -> bool:  # noqa: ANN001 - fsspec filesyst
         return False
 
 
-def check_or_record(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
-    """Raise :class:`CLIError` when ``cfg.experiment`` already has checkpoints made with other settings;
-    otherwise record ``ident`` for the next run to compare with."""
+def _paths(cfg: PretrainConfig):  # noqa: ANN202 - (fs, run folder, settings file)
     fs, root = storage.open_fs(cfg.storage)
     run_dir = storage.join(root, cfg.experiment)
-    path = storage.join(run_dir, SETTINGS_FILE)
-    if fs.exists(path) and _has_checkpoint(fs, run_dir):
-        before = storage.read_json(fs, path)
-        diff = [k for k in sorted(set(before) | set(ident)) if before.get(k) != ident.get(k)]
-        if diff:
-            changes = "; ".join(f"{k}: {before.get(k)!r} -> {ident.get(k)!r}" for k in diff)
-            raise CLIError(f"--experiment {cfg.experiment!r} in {cfg.storage} already has checkpoints made with "
-                           f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
-                           "name, or rerun with the original settings to continue that run")
-        log.info("resuming experiment %s with the settings its checkpoints were made with", cfg.experiment)
+    return fs, run_dir, storage.join(run_dir, SETTINGS_FILE)
+
+
+def check(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
+    """Raise :class:`CLIError` when ``cfg.experiment`` already has checkpoints made with other settings."""
+    fs, run_dir, path = _paths(cfg)
+    if not (fs.exists(path) and _has_checkpoint(fs, run_dir)):
         return
+    before = storage.read_json(fs, path)
+    diff = [k for k in sorted(set(before) | set(ident)) if before.get(k) != ident.get(k)]
+    if diff:
+        changes = "; ".join(f"{k}: {before.get(k)!r} -> {ident.get(k)!r}" for k in diff)
+        raise CLIError(f"--experiment {cfg.experiment!r} in {cfg.storage} already has checkpoints made with "
+                       f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
+                       "name, or rerun with the original settings to continue that run")
+    log.info("resuming experiment %s with the settings its checkpoints were made with", cfg.experiment)
+
+
+def record(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
+    """Write ``ident`` next to the checkpoints, just before training starts (a run refused by a later
+    check leaves nothing behind)."""
+    fs, run_dir, path = _paths(cfg)
+    if fs.exists(path) and _has_checkpoint(fs, run_dir):
+        return  # checked equal by :func:`check`
     storage.ensure_dir(fs, run_dir)
     storage.write_json_atomic(fs, path, ident)

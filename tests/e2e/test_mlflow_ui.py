@@ -78,7 +78,11 @@ def test_report_html_renders_with_every_plot_loaded(page, study, shots):
     assert all(i["w"] > 0 and i["h"] > 0 for i in images), images
     assert page.title() == EXPERIMENT
     assert page.get_by_role("heading", level=1).inner_text() == f"Fine-tuning study `{EXPERIMENT}`"
-    assert f"MLflow parent run `{study.parent_run_id}`; 8 finished trials" in page.inner_text("body")
+    assert f"MLflow parent run {study.parent_run_id}; 8 finished trials" in page.inner_text("body")
+    assert page.locator("code", has_text=study.parent_run_id).count() == 1  # markdown code marks rendered
+    headings = page.get_by_role("heading", level=2).all_inner_texts()
+    assert headings[:2] == ["Verdict at the smallest training-set size", "Test metrics (mean ± std over folds)"]
+    assert any(h.startswith("Patient-level bootstrap") for h in headings)
     rows = [r.split("\t")[:3] for r in page.locator("table").first.locator("tr").all_inner_texts()]
     assert rows[0] == ["encoder", "size", "n_trials"]
     assert sorted(rows[1:]) == [["random", "all", "2"], ["random", "n2", "2"], ["seeded", "all", "2"],

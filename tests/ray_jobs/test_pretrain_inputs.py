@@ -81,22 +81,30 @@ class _StopBeforeRay(Exception):
 def test_resume_with_settings_its_checkpoints_cannot_take_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     """Same --experiment, other backbone: one line naming the change, not a retried state_dict error."""
     from ray_jobs import ray_cluster
+    from ray_jobs.pretrain import driver
     from ray_jobs.pretrain.resume_guard import SETTINGS_FILE
+
+    connected = []
 
     def stop(*_a, **_k):
         raise _StopBeforeRay
 
-    monkeypatch.setattr(ray_cluster, "connect", stop)
+    # Ray itself is not needed here: connecting is recorded, training is replaced by a stop
+    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: connected.append(1))
+    monkeypatch.setattr(ray_cluster, "check_capacity", lambda *a, **k: None)
+    monkeypatch.setattr(driver, "_mlflow_run", stop)
     write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=32)
     first = _pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"))
-    with pytest.raises(_StopBeforeRay):  # the first run records its settings, then would start Ray
+    with pytest.raises(_StopBeforeRay):  # the first run records its settings just before training
         main(first)
     assert (tmp_path / "runs" / "e1" / SETTINGS_FILE).exists()
     (tmp_path / "runs" / "e1" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # what Ray Train leaves
 
     changed = [*first]
     changed[changed.index("--backbone") + 1] = "resnet34"
+    connected.clear()
     rc = main(changed)
+    assert connected == []  # refused before connecting to Ray
     err = capsys.readouterr().err
     assert rc == 2
     assert "--experiment 'e1'" in err and "already has checkpoints made with other settings" in err
