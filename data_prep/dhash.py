@@ -27,6 +27,8 @@ import math
 
 import numpy as np
 
+from data_prep.compiled import optional_kernel
+
 HASH_SIZE = 8
 PRECISION_BITS = 22  # Pillow: 32 - 8 - 2
 _HALF = float(1 << (PRECISION_BITS - 1))
@@ -272,19 +274,9 @@ def dhash64_hu(hu: np.ndarray, compiled: bool = True) -> np.ndarray:
 # horizontal pass first, integer pixels); everything else takes the numpy path. Tests check that
 # both paths agree with imagehash.
 
-_KERNEL = None
-
-
 def _numba_kernel():
     """The compiled kernel (numba is optional: without it the numpy path is used)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from data_prep.dhash_kernel import kernel
-        except ImportError:
-            kernel = False
-        _KERNEL = kernel
-    return _KERNEL or None
+    return optional_kernel("data_prep.dhash_kernel", "kernel")
 
 
 def _kernel_applies(arr: np.ndarray) -> bool:

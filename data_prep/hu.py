@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from data_prep.compiled import optional_kernel
+
 HU_MIN, HU_MAX = -1024, 3071  # the 12-bit CT range; values outside are clipped (metal, padding)
 
 
@@ -52,13 +54,18 @@ def resize_square(img: np.ndarray, size: int | None,
         out = out.astype(img.dtype)
     else:
         out = img
-    factors = (h / nh, w / nw)
+    return _pad_square(out, size, pad_value), (h / nh, w / nw)
+
+
+def _pad_square(img: np.ndarray, size: int, pad_value: float) -> np.ndarray:
+    """``img`` centred on a ``size x size`` canvas of ``pad_value`` (unchanged when already square)."""
+    nh, nw = img.shape
     if (nh, nw) == (size, size):
-        return out, factors
+        return img
     canvas = np.full((size, size), pad_value, dtype=img.dtype)
     top, left = (size - nh) // 2, (size - nw) // 2
-    canvas[top:top + nh, left:left + nw] = out
-    return canvas, factors
+    canvas[top:top + nh, left:left + nw] = img
+    return canvas
 
 
 def hu_resized(stored: np.ndarray, slope: float, intercept: float, *, padding_value: float | None,
@@ -80,12 +87,7 @@ def hu_resized(stored: np.ndarray, slope: float, intercept: float, *, padding_va
     kernel(stored, k, np.float32(slope), np.float32(intercept), int_path, int(intercept) if int_path else 0,
            float(padding_value) if padding_value is not None else 0.0, padding_value is not None, HU_MIN, HU_MAX,
            out)
-    if size is None or out.shape == (size, size):
-        return out, (float(k), float(k))
-    canvas = np.full((size, size), pad_value, dtype=np.int16)
-    top, left = (size - out.shape[0]) // 2, (size - out.shape[1]) // 2
-    canvas[top:top + out.shape[0], left:left + out.shape[1]] = out
-    return canvas, (float(k), float(k))
+    return (out if size is None else _pad_square(out, size, pad_value)), (float(k), float(k))
 
 
 def _integer_factor(h: int, w: int, size: int | None) -> int | None:
@@ -98,16 +100,6 @@ def _integer_factor(h: int, w: int, size: int | None) -> int | None:
     return k if h % k == 0 and w % k == 0 else None
 
 
-_KERNEL = None
-
-
 def _hu_kernel():
     """The numba kernel, or None when numba is unavailable (the numpy path is then used)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from data_prep.hu_kernel import hu_box_downsample
-        except ImportError:
-            hu_box_downsample = False
-        _KERNEL = hu_box_downsample
-    return _KERNEL or None
+    return optional_kernel("data_prep.hu_kernel", "hu_box_downsample")

@@ -76,10 +76,14 @@ class ShardWriter:
         self.rows += table.num_rows
         self.raw_bytes += table.nbytes
 
+    def to_bytes(self) -> bytes:
+        """Close the Parquet file and return its bytes (the writer takes no more rows)."""
+        self._writer.close()
+        return self._buf.getvalue()
+
     def finish(self, url: str, name: str) -> ShardRecord:
         """Upload the shard as ``url/name`` (atomically) and return its record."""
-        self._writer.close()
-        data = self._buf.getvalue()
+        data = self.to_bytes()
         fs, root = storage.open_fs(url)
         failpoints.hit("shard.before_write")
         storage.write_bytes_atomic(fs, storage.join(root, name), data)

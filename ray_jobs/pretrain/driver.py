@@ -158,14 +158,15 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     opts = method_options(cfg, info, spe * cfg.epochs)
     check_method_builds(cfg, img_size, opts)
     ident = resume_guard.identity(cfg, img_size, spe, opts)
-    resume_guard.check(cfg, ident)
+    resuming = resume_guard.check(cfg, ident)
     ray_cluster.connect(cfg.address)
     ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
                                                           streams_data=True))
     storage_fs, storage_path = ray_cluster.arrow_filesystem(cfg.storage)
     if storage_fs is None:
         os.makedirs(storage_path, exist_ok=True)
-    resume_guard.record(cfg, ident)
+    if not resuming:
+        resume_guard.record(cfg, ident)
     run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe, opts)
     log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %d steps/epoch x %d epochs",
              cfg.method, info.read_url, info.rows, info.height, info.width, img_size, cfg.workers,

@@ -51,11 +51,12 @@ def _paths(cfg: PretrainConfig):  # noqa: ANN202 - (fs, run folder, settings fil
     return fs, run_dir, storage.join(run_dir, SETTINGS_FILE)
 
 
-def check(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
-    """Raise :class:`CLIError` when ``cfg.experiment`` already has checkpoints made with other settings."""
+def check(cfg: PretrainConfig, ident: dict[str, Any]) -> bool:
+    """Raise :class:`CLIError` when ``cfg.experiment`` already has checkpoints made with other settings;
+    return whether it has checkpoints (a resume) made with these."""
     fs, run_dir, path = _paths(cfg)
     if not (fs.exists(path) and _has_checkpoint(fs, run_dir)):
-        return
+        return False
     before = storage.read_json(fs, path)
     diff = [k for k in sorted(set(before) | set(ident)) if before.get(k) != ident.get(k)]
     if diff:
@@ -64,13 +65,12 @@ def check(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
                        f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
                        "name, or rerun with the original settings to continue that run")
     log.info("resuming experiment %s with the settings its checkpoints were made with", cfg.experiment)
+    return True
 
 
 def record(cfg: PretrainConfig, ident: dict[str, Any]) -> None:
     """Write ``ident`` next to the checkpoints, just before training starts (a run refused by a later
-    check leaves nothing behind)."""
+    check leaves nothing behind). Not called on a resume: the file there already matches."""
     fs, run_dir, path = _paths(cfg)
-    if fs.exists(path) and _has_checkpoint(fs, run_dir):
-        return  # checked equal by :func:`check`
     storage.ensure_dir(fs, run_dir)
     storage.write_json_atomic(fs, path, ident)

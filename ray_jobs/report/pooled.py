@@ -122,11 +122,9 @@ def bootstrap_vs_baseline(trials: pd.DataFrame, preds: Predictions, baseline: st
         rows_out.append({"encoder": enc, "size": size, "patients": n_pat, "slices": n_sl,
                          "auc": float(np.mean(points)), "auc_base": float(np.mean(bases)), "diff": point,
                          "ci_low": lo, "ci_high": hi, "p_value": pval, "n_boot": len(d)})
-    from ray_jobs.report.tables import _size_key
+    from ray_jobs.report.tables import by_encoder_and_size
 
-    out = pd.DataFrame(rows_out, columns=cols)
-    out["_k"] = out["size"].map(_size_key)
-    return out.sort_values(["encoder", "_k"]).drop(columns="_k").reset_index(drop=True)
+    return by_encoder_and_size(pd.DataFrame(rows_out, columns=cols))
 
 
 def bootstrap_markdown(table: pd.DataFrame, baseline: str) -> str:

@@ -38,9 +38,13 @@ def summarise(trials: pd.DataFrame) -> pd.DataFrame:
             row[f"{k}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
             row[f"{k}_std"] = float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
         rows.append(row)
-    out = pd.DataFrame(rows, columns=cols)
-    out["_k"] = out["size"].map(_size_key)
-    return out.sort_values(["encoder", "_k"]).drop(columns="_k").reset_index(drop=True)
+    return by_encoder_and_size(pd.DataFrame(rows, columns=cols))
+
+
+def by_encoder_and_size(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by encoder, then training-set size from smallest to "all"."""
+    key = table["size"].map(_size_key)
+    return table.assign(_k=key).sort_values(["encoder", "_k"]).drop(columns="_k").reset_index(drop=True)
 
 
 def _pm(mean: float, std: float) -> str:
@@ -86,9 +90,7 @@ def wilcoxon_vs_baseline(trials: pd.DataFrame, baseline: str = "random", metric:
         rows.append({"encoder": enc, "size": size, "n_pairs": len(diff),
                      "median_diff": float(np.median(diff)) if len(diff) else math.nan, "statistic": stat,
                      "p_value": p})
-    out = pd.DataFrame(rows, columns=cols)
-    out["_k"] = out["size"].map(_size_key)
-    return out.sort_values(["encoder", "_k"]).drop(columns="_k").reset_index(drop=True)
+    return by_encoder_and_size(pd.DataFrame(rows, columns=cols))
 
 
 def wilcoxon_markdown(table: pd.DataFrame, baseline: str) -> str:
