@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import checkpoint as ckpt_io
-from ray_jobs.pretrain import resume_guard
+from ray_jobs.pretrain import orphans, resume_guard
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import DataInfo, build_dataset, inspect_data
 
@@ -216,6 +216,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     tracking.set_tags(cl, run_id, {"checkpoint": result.checkpoint.path, "final_step": progress.step})
     cl.set_terminated(run_id, status="FINISHED")
     ckpt_path = result.checkpoint.path
+    registered = [c.path for c, _ in (result.best_checkpoints or [])] + [ckpt_path]
+    orphans.prune_unregistered(cfg.storage, cfg.experiment, registered)
     if storage_fs is not None:
         ckpt_path = f"{cfg.storage.split('://', 1)[0]}://{ckpt_path}"
     res = PretrainResult(run_id=run_id, tracking_uri=tracking_uri, checkpoint_path=ckpt_path,

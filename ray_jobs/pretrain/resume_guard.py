@@ -16,6 +16,7 @@ from typing import Any
 
 from data_prep import storage
 from ray_jobs.errors import CLIError
+from ray_jobs.pretrain import orphans
 from ray_jobs.pretrain.config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def identity(cfg: PretrainConfig, img_size: int, steps_per_epoch: int, method_op
 
 def _has_checkpoint(fs, run_dir: str) -> bool:  # noqa: ANN001 - fsspec filesystem
     try:
-        return any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(run_dir, detail=False))
+        return bool(orphans.checkpoint_dirs(fs.ls(run_dir, detail=True)))
     except FileNotFoundError:
         return False
 
