@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from timm.layers import BatchNormAct2d, LayerNorm, LayerNorm2d
 from torch import nn
+
+from ssl_core.sparse_bn import masked_batch_stats, sparse_batch_norm
 
 
 class MaskContext:
@@ -144,111 +145,6 @@ class SparseLinear(nn.Linear, _SparseLayer):
         return _mask_nhwc(self._sparse_ctx, super().forward(x))
 
 
-def _sync_active(sync: bool) -> bool:
-    return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def masked_batch_stats(x: torch.Tensor, m: torch.Tensor, sync: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, H, W) over positions where ``m`` is 1.
-
-    Precondition: ``x`` is already 0 at masked positions (true for the output of every sparse layer
-    and for SparK's masked input). Then the dense moments over all positions, from one fused
-    ``var_mean`` pass, convert exactly into moments over the visible positions — no gather of the
-    visible positions and no scatter back. Returns ``(mean, var, count)``; with ``sync`` under an
-    initialised process group the sums are all-reduced across ranks (SyncBN semantics).
-    """
-    x = x.float()  # statistics in fp32 even under bf16 autocast (no copy for fp32)
-    total = x.numel() // x.shape[1]
-    var_all, mean_all = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    s1 = mean_all * total
-    s2 = (var_all + mean_all * mean_all) * total
-    cnt = m.sum(dtype=torch.float32).reshape(1)
-    if _sync_active(sync):
-        packed = torch.cat([s1, s2, cnt])
-        dist.all_reduce(packed)
-        c = s1.numel()
-        s1, s2, cnt = packed[:c], packed[c:2 * c], packed[2 * c:]
-    n = cnt.clamp(min=1.0)
-    mean = s1 / n
-    var = (s2 / n - mean * mean).clamp(min=0.0)
-    return mean, var, cnt
-
-
-class _SparseBatchNormFn(torch.autograd.Function):
-    """Batch norm over visible positions with a hand-written backward.
-
-    Autograd through the moment formulas costs a dozen full-size temporaries per layer; batch norm's
-    own gradient needs only two per-channel reductions (sum g, sum g*x over visible positions) and
-    one fused pass, like the native kernel: dx = m * w/sigma * (g - mean(g) - x_hat * mean(g*x_hat)).
-    """
-
-    @staticmethod
-    def forward(ctx, x, m, weight, bias, eps: float, sync: bool):  # type: ignore[override]
-        mean, var, cnt = masked_batch_stats(x, m, sync)
-        invstd = torch.rsqrt(var + eps)
-        a = invstd * weight if weight is not None else invstd
-        shift = -mean * a
-        if bias is not None:
-            shift = shift + bias
-        c = x.shape[1]
-        dt = x.dtype
-        # x is 0 where masked, so x * a is too; only the shift must be kept off masked positions
-        y = torch.addcmul((m * shift.view(1, c, 1, 1).to(dt)), x, a.view(1, c, 1, 1).to(dt))
-        ctx.save_for_backward(x, m, weight, mean, invstd, cnt)
-        ctx.sync = sync
-        ctx.mark_non_differentiable(mean, var, cnt)
-        return y, mean, var, cnt
-
-    @staticmethod
-    def backward(ctx, gy, _gmean, _gvar, _gcnt):  # type: ignore[override]
-        x, m, weight, mean, invstd, cnt = ctx.saved_tensors
-        c = x.shape[1]
-        g = (gy * m).float()
-        xf = x.float()
-        sg = g.sum(dim=(0, 2, 3))
-        sgx = (g * xf).sum(dim=(0, 2, 3))
-        sgxhat = invstd * (sgx - mean * sg)  # sum over visible positions of g * x_hat
-        dweight = sgxhat if weight is not None and ctx.needs_input_grad[2] else None
-        dbias = sg if ctx.needs_input_grad[3] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if _sync_active(ctx.sync):  # the input gradient needs the global sums, as in SyncBN
-                packed = torch.cat([sg, sgxhat])
-                dist.all_reduce(packed)
-                sg, sgxhat = packed[:c], packed[c:]
-            n = cnt.clamp(min=1.0)
-            a = invstd * weight if weight is not None else invstd
-            k1 = a  # coefficient of g
-            k2 = -a * invstd * sgxhat / n  # coefficient of x
-            k0 = -a * sg / n - k2 * mean  # constant, visible positions only
-            dx = torch.addcmul(m * k0.view(1, c, 1, 1), g, k1.view(1, c, 1, 1))
-            dx = torch.addcmul(dx, xf, k2.view(1, c, 1, 1)).to(x.dtype)
-        return dx, None, dweight, dbias, None, None
-
-
-def _sparse_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: torch.Tensor,
-                       sync: bool) -> torch.Tensor:
-    """Batch norm whose statistics come from visible positions only; masked outputs are 0."""
-    if not (bn.training or bn.running_mean is None):  # eval: running statistics, a plain affine map
-        invstd = torch.rsqrt(bn.running_var + bn.eps)
-        a = invstd * bn.weight if bn.weight is not None else invstd
-        shift = -bn.running_mean * a
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        c = x.shape[1]
-        return torch.addcmul(m * shift.view(1, c, 1, 1).to(x.dtype), x, a.view(1, c, 1, 1).to(x.dtype))
-    y, mean, var, cnt = _SparseBatchNormFn.apply(x, m, bn.weight, bn.bias, bn.eps, sync)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-            unbiased = var * (cnt / (cnt - 1.0).clamp(min=1.0))
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-    return y
-
-
 class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):
     """BatchNorm2d over visible positions only (optionally synchronised across DDP ranks).
 
@@ -262,7 +158,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):
         m = self._sparse_ctx.at(x.shape[-2], x.shape[-1], x.dtype)
         if m is None:
             return super().forward(x)
-        return _sparse_batch_norm(self, x, m, self.sparse_sync)
+        return sparse_batch_norm(self, x, m, self.sparse_sync)
 
 
 class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
@@ -274,7 +170,7 @@ class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
         m = self._sparse_ctx.at(x.shape[-2], x.shape[-1], x.dtype)
         if m is None:
             return super().forward(x)
-        y = self.act(self.drop(_sparse_batch_norm(self, x, m, self.sparse_sync)))
+        y = self.act(self.drop(sparse_batch_norm(self, x, m, self.sparse_sync)))
         return y * m
 
 

@@ -11,6 +11,10 @@ from torch import nn
 
 from ssl_core.spark_encoder import SparseEncoder
 from ssl_core.sparse import MaskContext, SparseBatchNorm2d, random_mask, sparsify_, upsample_mask
+from ssl_core.sparse_bn import _kernels_for, cpu_kernel
+
+#: the sparse batch norm has two implementations (torch ops; compiled CPU kernels): both must be right
+BN_PATHS = pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
 
 # resnet18: Conv2d / BatchNorm2d / MaxPool2d. test_resnet: adds AvgPool2d shortcuts and bottlenecks.
 # convnext_atto: Conv2d MLP + LayerNorm2d. test_convnext: channels-last LayerNorm + Linear MLP (as in
@@ -56,7 +60,8 @@ def test_visible_features_do_not_depend_on_what_other_samples_hide(key):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_batch_norm_statistics_equal_those_of_the_visible_positions_only():
+@BN_PATHS
+def test_sparse_batch_norm_statistics_equal_those_of_the_visible_positions_only(kernel):
     ctx = MaskContext()
     torch.manual_seed(3)
     bn = nn.BatchNorm2d(5, momentum=0.3)
@@ -71,7 +76,8 @@ def test_sparse_batch_norm_statistics_equal_those_of_the_visible_positions_only(
     active = random_mask(3, (4, 4), 0.6, generator=torch.Generator().manual_seed(0))
     vis = upsample_mask(active, 2)[:, 0]  # (3, 8, 8)
     x = x * vis[:, None]  # a sparse layer's input is 0 at masked positions
-    with ctx.masked(active):
+    with ctx.masked(active), cpu_kernel(kernel):
+        assert (_kernels_for(x) is not None) == kernel
         y = bn(x)
     rows = x.permute(0, 2, 3, 1)[vis]  # (n_visible, 5)
     expected = ref(rows)
@@ -91,11 +97,13 @@ def test_sparse_batch_norm_statistics_equal_those_of_the_visible_positions_only(
     torch.testing.assert_close(y_eval.permute(0, 2, 3, 1)[vis], ref(rows), rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_batch_norm_gradients_equal_those_of_batch_norm_over_visible_rows():
+@BN_PATHS
+@pytest.mark.parametrize("affine", [True, False])
+def test_sparse_batch_norm_gradients_equal_those_of_batch_norm_over_visible_rows(kernel, affine):
     ctx = MaskContext()
-    bn = sparsify_(nn.BatchNorm2d(4), ctx)
-    ref = nn.BatchNorm1d(4)
-    for p in (bn.weight, bn.bias):
+    bn = sparsify_(nn.BatchNorm2d(4, affine=affine), ctx)
+    ref = nn.BatchNorm1d(4, affine=affine)
+    for p in (bn.weight, bn.bias) if affine else ():
         nn.init.uniform_(p, 0.5, 1.5)
     ref.load_state_dict(bn.state_dict())
     x = torch.randn(2, 4, 4, 4) * 3 + 1
@@ -103,14 +111,46 @@ def test_sparse_batch_norm_gradients_equal_those_of_batch_norm_over_visible_rows
     vis = upsample_mask(active, 2)[:, 0]
     x = (x * vis[:, None]).requires_grad_(True)
     w = torch.randn(2, 4, 4, 4)
-    with ctx.masked(active):
+    with ctx.masked(active), cpu_kernel(kernel):
         (bn(x) * w).sum().backward()
     xr = x.detach().permute(0, 2, 3, 1)[vis].clone().requires_grad_(True)
     (ref(xr) * w.permute(0, 2, 3, 1)[vis]).sum().backward()
     torch.testing.assert_close(x.grad.permute(0, 2, 3, 1)[vis], xr.grad, rtol=1e-4, atol=1e-5)
     assert torch.equal(x.grad.permute(0, 2, 3, 1)[~vis], torch.zeros(int((~vis).sum()), 4))
-    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    if affine:
+        torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_and_torch_ops_agree_on_a_resnet_stage_sized_layer_with_a_frozen_input():
+    """Larger maps than the exact tests (float64 vs float32 accumulation must not drift), and a layer
+    whose input needs no gradient (only the parameter sums are computed)."""
+    g = torch.Generator().manual_seed(4)
+    active = random_mask(8, (5, 5), 0.6, generator=g)
+    x = torch.randn(8, 32, 40, 40, generator=g) * 5 + 3
+    x = x * upsample_mask(active, 8)
+    w = torch.randn(8, 32, 40, 40, generator=g)
+    out = {}
+    for kernel in (True, False):
+        ctx = MaskContext()
+        bn = sparsify_(nn.BatchNorm2d(32), ctx)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        for needs_input_grad in (True, False):
+            xi = x.clone().requires_grad_(needs_input_grad)
+            bn.zero_grad()
+            with ctx.masked(active), cpu_kernel(kernel):
+                y = bn(xi)
+                (y * w).sum().backward()
+            out[kernel, needs_input_grad] = (y.detach(), xi.grad, bn.weight.grad.clone(), bn.bias.grad.clone())
+        out[kernel, "running"] = (bn.running_mean.clone(), bn.running_var.clone())
+    for key in ((True,), (False,), ("running",)):
+        for a, b in zip(out[(True, *key)], out[(False, *key)], strict=True):
+            if a is None:
+                assert b is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert out[True, True][1] is not None and out[True, False][1] is None
 
 
 @pytest.mark.parametrize("key", ["test_resnet", "test_convnext"])
@@ -166,7 +206,7 @@ def test_feature_map_not_aligned_with_the_mask_grid_is_an_error():
 
 
 def _sync_bn_rank(rank: int, world: int, port: int, x: torch.Tensor, w: torch.Tensor, active: torch.Tensor,
-                  queue) -> None:
+                  queue, kernel: bool) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -177,15 +217,16 @@ def _sync_bn_rank(rank: int, world: int, port: int, x: torch.Tensor, w: torch.Te
             bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
         half = slice(rank * 2, rank * 2 + 2)
         xr = x[half].clone().requires_grad_(True)
-        with ctx.masked(active[half]):
+        with ctx.masked(active[half]), cpu_kernel(kernel):
             y = bn(xr)
-        (y * w[half]).sum().backward()
+            (y * w[half]).sum().backward()
         queue.put((rank, y.detach().numpy(), xr.grad.numpy(), bn.weight.grad.numpy(), bn.running_var.numpy()))
     finally:
         dist.destroy_process_group()
 
 
-def test_synchronised_sparse_batch_norm_on_two_ranks_equals_one_process_on_the_whole_batch():
+@BN_PATHS
+def test_synchronised_sparse_batch_norm_on_two_ranks_equals_one_process_on_the_whole_batch(kernel):
     import socket
 
     import torch.multiprocessing as mp
@@ -199,7 +240,7 @@ def test_synchronised_sparse_batch_norm_on_two_ranks_equals_one_process_on_the_w
     w = torch.randn(4, 3, 4, 4, generator=g)
     spawn = mp.get_context("spawn")
     queue = spawn.Queue()
-    procs = [spawn.Process(target=_sync_bn_rank, args=(r, 2, port, x, w, active, queue)) for r in range(2)]
+    procs = [spawn.Process(target=_sync_bn_rank, args=(r, 2, port, x, w, active, queue, kernel)) for r in range(2)]
     for p in procs:
         p.start()
     out = {}
@@ -215,9 +256,9 @@ def test_synchronised_sparse_batch_norm_on_two_ranks_equals_one_process_on_the_w
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
     xs = x.clone().requires_grad_(True)
-    with ctx.masked(active):
+    with ctx.masked(active), cpu_kernel(False):  # reference: one process, torch ops
         y = bn(xs)
-    (y * w).sum().backward()
+        (y * w).sum().backward()
     torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), y.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), xs.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, rtol=1e-5, atol=1e-5)  # DDP sums these
