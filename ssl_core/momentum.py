@@ -32,8 +32,8 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
         raise ValueError("EMA target and online networks have different parameter lists")
     if tau == 1.0:
         return
-    torch._foreach_mul_(t, tau)
-    torch._foreach_add_(t, o, alpha=1.0 - tau)
+    # t + (1 - tau) * (o - t): the same average in one pass over both lists (mul_ + add_ is two)
+    torch._foreach_lerp_(t, o, 1.0 - tau)
 
 
 def cosine_tau(step: int, total_steps: int, base: float = 0.99, end: float = 1.0) -> float:

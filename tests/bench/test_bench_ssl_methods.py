@@ -194,7 +194,7 @@ def _measure(case: Case, backbone: str, size: int, batch: int, rounds: int) -> t
 
 
 _ROUNDS = int(os.environ.get("CTSSL_BENCH_ROUNDS", "0"))  # override the rounds on a very busy machine
-CONFIGS = [("resnet18", 64, 32, _ROUNDS or 5), ("resnet50", 64, 16, _ROUNDS or 3)]
+CONFIGS = [("resnet18", 64, 32, _ROUNDS or 9), ("resnet50", 64, 16, _ROUNDS or 7)]
 CASES = [Case("byol"), Case("mocov2"), Case("swav", 0), Case("swav", 4)]
 
 
