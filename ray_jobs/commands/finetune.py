@@ -62,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="trials at once (default: as many as the cluster's resources allow)")
-    p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on validation AUC)")
+    p.add_argument("--asha", action="store_true",
+                   help="stop weak trials early (ASHA on validation AUC); a stopped trial has no test "
+                        "metrics: the report names it and leaves it out of the means")
     p.add_argument("--search-target-auc", type=float, metavar="AUC",
                    help="search the smallest samples-per-class reaching this mean test AUC")
     p.add_argument("--search-margin", type=float, metavar="DELTA",

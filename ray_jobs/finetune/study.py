@@ -37,11 +37,13 @@ class StudyResult:
     failed: int
     summary: Any  # pandas DataFrame: encoder x size -> mean/std of metrics
     minimal: dict[str, Any] = field(default_factory=dict)  # encoder -> samples per class | "all" | None
+    stopped: int = 0  # ended by the scheduler (--asha) before their test metrics: in no table
 
     def summary_markdown(self) -> str:
         from ray_jobs.report.tables import summary_markdown
 
-        lines = [f"study {self.experiment}: {self.trials} trials ({self.failed} failed), MLflow parent run "
+        lines = [f"study {self.experiment}: {self.trials} trials ({self.failed} failed, {self.stopped} stopped "
+                 f"early), MLflow parent run "
                  f"{self.parent_run_id} at {self.tracking_uri}", "", summary_markdown(self.summary)]
         if self.minimal:
             lines += ["", "minimal samples per class: " + ", ".join(f"{k}: {v}" for k, v in self.minimal.items())]
@@ -67,10 +69,21 @@ def _max_concurrent(cfg: FinetuneConfig) -> int:
     return max(1, n)
 
 
+def asha_scheduler(cfg: FinetuneConfig):  # noqa: ANN201 - ASHAScheduler | None
+    """ASHA on validation AUC when ``--asha`` is on. A trial reports once per epoch plus its final
+    result, hence ``max_t = epochs + 1``; the first rung is one epoch after the backbone unfreezes, so
+    no trial is judged on its frozen-backbone epochs only."""
+    if not cfg.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1,
+                         grace_period=min(cfg.epochs, cfg.frozen_epochs + 1), reduction_factor=2)
+
+
 def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfig, name: str) -> list[dict[str, Any]]:
     """Run ``grid`` as one Tune experiment; returns each trial's spec with its last result."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from ray_jobs.finetune.progress import StudyProgress
     from ray_jobs.ray_cluster import arrow_filesystem
@@ -80,10 +93,7 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
         os.makedirs(path, exist_ok=True)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    scheduler = None
-    if cfg.asha:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1,
-                                  grace_period=min(cfg.epochs, cfg.frozen_epochs + 1), reduction_factor=2)
+    scheduler = asha_scheduler(cfg)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(grid)},
@@ -168,6 +178,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
             tracking.set_tags(cl, parent_id, {f"min_spc.{k}": v for k, v in minimal.items()})
         _close_orphans(cl, exp_id, parent_id)
         failed = sum(1 for r in results if r.get("error"))
+        stopped = sum(1 for r in results if not r.get("error") and "test_auc" not in r["metrics"])
         if failed == len(results):
             raise RuntimeError(f"all {failed} fine-tuning trials failed; first error: {results[0]['error']}")
         from ray_jobs.report.collect import collect_trials
@@ -181,8 +192,8 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
         cl.set_terminated(parent_id, status="FAILED")
         raise
     res = StudyResult(parent_run_id=parent_id, tracking_uri=tracking_uri, experiment=cfg.experiment,
-                      trials=len(results), failed=failed, summary=summary, minimal=minimal)
-    log.info("study finished: %d trials, %d failed", res.trials, res.failed)
+                      trials=len(results), failed=failed, summary=summary, minimal=minimal, stopped=stopped)
+    log.info("study finished: %d trials, %d failed, %d stopped early", res.trials, res.failed, res.stopped)
     return res
 
 

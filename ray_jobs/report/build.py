@@ -13,7 +13,7 @@ import pandas as pd
 
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
-from ray_jobs.report.collect import load_study
+from ray_jobs.report.collect import load_study, unfinished_note
 from ray_jobs.report.plots import plot_auc_vs_size
 from ray_jobs.report.pooled import bootstrap_markdown, bootstrap_vs_baseline, load_predictions
 from ray_jobs.report.tables import (
@@ -101,7 +101,8 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
     sections = [
         (f"Fine-tuning study `{cfg.experiment}`",
          f"MLflow parent run `{study.parent_run_id}`; {len(trials)} finished trials; dataset "
-         f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."),
+         f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."
+         + (f"\n\n{note}" if (note := unfinished_note(study.unfinished)) else "")),
         ("Verdict at the smallest training-set size", smallest_size_verdict(summary, wil, cfg.baseline, boot=boot)),
         ("Test metrics (mean ± std over folds)", summary_markdown(summary)),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),

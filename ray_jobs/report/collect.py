@@ -6,7 +6,7 @@ from a laptop that can reach its tracking server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -18,6 +18,7 @@ METRIC_KEYS = ("test_auc", "test_f1_macro", "test_accuracy", "best_val_auc", "be
                "n_train", "train_per_class_min")
 TRIAL_COLUMNS = ["run_id", "encoder", "size", "size_kind", "size_value", "fold", "seed", "phase", "status",
                  *METRIC_KEYS]
+UNFINISHED_COLUMNS = ["encoder", "size", "fold", "seed", "status"]
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Study:
     params: dict[str, str]
     tags: dict[str, str]
     trials: pd.DataFrame
+    #: child runs that did not finish (stopped early by ASHA or a user, failed, still running):
+    #: encoder, size, fold, seed, status; they are in no table, so the report names them
+    unfinished: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=UNFINISHED_COLUMNS))
 
 
 def find_study_run(cl, experiment: str, study_run: str | None = None):
@@ -67,10 +71,14 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     pid = parent.info.run_id
     runs = _all_runs(cl, parent.info.experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{pid}'")
     rows: list[dict[str, Any]] = []
+    unfinished: list[dict[str, Any]] = []
     for r in runs:
-        if not include_unfinished and r.info.status != "FINISHED":
-            continue
         t, m = r.data.tags, r.data.metrics
+        if r.info.status != "FINISHED":
+            unfinished.append({"encoder": t.get("method"), "size": t.get("size"), "fold": int(t.get("fold", "0")),
+                               "seed": int(t.get("seed", "0")), "status": r.info.status})
+            if not include_unfinished:
+                continue
         row = {"run_id": r.info.run_id, "encoder": t.get("method"), "size": t.get("size"),
                "size_kind": t.get("size_kind"), "size_value": int(t.get("size_value", "0")),
                "fold": int(t.get("fold", "0")), "seed": int(t.get("seed", "0")), "phase": t.get("ctssl.phase", "grid"),
@@ -78,4 +86,27 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         row.update({k: m.get(k, float("nan")) for k in METRIC_KEYS})
         rows.append(row)
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
-    return Study(parent_run_id=pid, params=dict(parent.data.params), tags=dict(parent.data.tags), trials=df)
+    gone = pd.DataFrame(unfinished, columns=UNFINISHED_COLUMNS).sort_values(UNFINISHED_COLUMNS, ignore_index=True)
+    return Study(parent_run_id=pid, params=dict(parent.data.params), tags=dict(parent.data.tags), trials=df,
+                 unfinished=gone)
+
+
+_STATUS_WORDS = {"KILLED": "stopped early (ASHA's `--asha`, or a user)", "FAILED": "failed",
+                 "RUNNING": "still running or lost", "SCHEDULED": "never started"}
+
+
+def unfinished_note(unfinished: pd.DataFrame) -> str:
+    """One sentence naming the trials the tables leave out, grouped by status ('' when none).
+
+    Why: a stopped or failed trial has no test metrics, so a cell's mean silently covers fewer folds;
+    with ASHA the stopped ones are the weak ones, which biases that mean upwards."""
+    if unfinished.empty:
+        return ""
+    parts = []
+    for status, grp in unfinished.groupby("status", sort=True):
+        names = ", ".join(f"{r.encoder}/{r.size}/fold{r.fold}/seed{r.seed}" for r in grp.itertuples())
+        parts.append(f"{len(grp)} {_STATUS_WORDS.get(status, status.lower())} ({names})")
+    return (f"{len(unfinished)} trial(s) did not finish and are left out of every table and test below: "
+            + "; ".join(parts) + ". Means of the cells they belong to cover fewer folds"
+            + ("; a trial ASHA stops was among the weaker ones at its rung, so those means lean high."
+               if (unfinished["status"] == "KILLED").any() else "."))
