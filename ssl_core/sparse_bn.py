@@ -185,7 +185,8 @@ class _SparseBatchNormFn(torch.autograd.Function):
                 sg, sgxhat = sg64.float(), sgx64.float()  # the kernel returns sum(g * x_hat) directly
             else:
                 kern.grad_moments(_flat(gy), _flat(x), _flat_mask(m), sg64.numpy(), sgx64.numpy())
-                sg, sgxhat = sg64.float(), (invstd * (sgx64.float() - mean * sg64.float()))
+                # sum(g * x_hat) = invstd * (sum(g x) - mean sum(g)): a difference of large sums, so in float64
+                sg, sgxhat = sg64.float(), (invstd.double() * (sgx64 - mean.double() * sg64)).float()
         else:
             g = (gy * m).float()
             xf = x.float()
