@@ -117,7 +117,7 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         labels = torch.from_numpy(np.array(ctx.labels, copy=True))
 
         def part(idx: np.ndarray, train: bool):
-            ix = torch.from_numpy(idx)
+            ix = torch.tensor(idx)  # a copy: split indices may be read-only views (Ray object store)
             return ft.batches(images[ix].unsqueeze(1), labels[ix], train=train)
 
         def on_epoch(rec: dict[str, float]) -> None:
