@@ -15,6 +15,7 @@ method's minimal samples per class.
 
 Example:
   ctssl report --experiment covid-study --tracking-uri http://mlflow:5000 --out report/
+  ctssl report --experiment covid-study --tracking-uri http://mlflow:5000 --out s3://bucket/covid/report
 """
 
 
@@ -24,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--storage", metavar="URL",
                    help="the study's --storage, to find its default SQLite tracking store when no URI is given")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (local path)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: a local path or a storage URL such as s3://bucket/study/report")
     p.add_argument("--baseline", default="random", help="encoder the Wilcoxon tests compare against")
     p.add_argument("--target-auc", type=float, help="AUC a size must reach (default: the study's setting)")
     p.add_argument("--margin", type=float, help="allowed AUC gap to full data (default: the study's setting)")

@@ -7,10 +7,12 @@ import html
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import pandas as pd
 
+from data_prep import storage
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.report.collect import load_study, unfinished_note
@@ -73,6 +75,26 @@ def _minimal_markdown(table: pd.DataFrame, searched: dict[str, str]) -> str:
 
 
 def build_report(cfg: ReportConfig) -> ReportPaths:
+    """Build the report into ``cfg.out``: a local folder, or any storage URL (``s3://...``), where the
+    files are built in a temporary folder and then uploaded, each with an atomic write."""
+    if storage.is_local(cfg.out):
+        return _build(cfg, storage.open_fs(cfg.out)[1])
+    storage.check_writable(cfg.out)  # fail before reading the study, with the URL in the message
+    fs, root = storage.open_fs(cfg.out)
+    with tempfile.TemporaryDirectory(prefix="ctssl-report-") as tmp:
+        local = _build(cfg, tmp)
+        urls = {}
+        for field_name in ("markdown", "html", "plot", "summary_csv"):
+            path = getattr(local, field_name)
+            with open(path, "rb") as f:
+                storage.write_bytes_atomic(fs, storage.join(root, os.path.basename(path)), f.read())
+            urls[field_name] = storage.join(cfg.out.rstrip("/"), os.path.basename(path))
+        with open(os.path.join(tmp, "report.json"), "rb") as f:
+            storage.write_bytes_atomic(fs, storage.join(root, "report.json"), f.read())
+    return ReportPaths(**urls)
+
+
+def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         if not cfg.storage:
@@ -82,7 +104,7 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
     trials = study.trials
     if trials.empty:
         raise CLIError(f"study run {study.parent_run_id} of {cfg.experiment!r} has no finished trials")
-    os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     summary = summarise(trials)
     wil = wilcoxon_vs_baseline(trials, cfg.baseline)
     preds = load_predictions(tracking.client(uri), trials["run_id"].tolist())
@@ -94,8 +116,8 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
     minimal = minimal_samples(summary, target, margin)
     searched = {k[len("min_spc."):]: v for k, v in study.tags.items() if k.startswith("min_spc.")}
 
-    plot = plot_auc_vs_size(trials, os.path.join(cfg.out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
-    csv = os.path.join(cfg.out, "summary.csv")
+    plot = plot_auc_vs_size(trials, os.path.join(out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
+    csv = os.path.join(out, "summary.csv")
     summary.to_csv(csv, index=False)
     rule = f"mean test AUC >= {target}" if target is not None else f"within {margin} of the largest size's AUC"
     sections = [
@@ -114,14 +136,14 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
         (f"Minimal samples per class ({rule})", _minimal_markdown(minimal, searched)),
     ]
     md_text = "\n\n".join(f"## {h}\n\n{b}" for h, b in sections) + "\n"
-    md_path = os.path.join(cfg.out, "report.md")
+    md_path = os.path.join(out, "report.md")
     with open(md_path, "w") as f:
         f.write(md_text)
-    html_path = os.path.join(cfg.out, "report.html")
+    html_path = os.path.join(out, "report.html")
     with open(html_path, "w") as f:
         f.write(_html(cfg.experiment, sections, plot, {"summary": summary, "wilcoxon": wil, "bootstrap": boot,
                                                          "minimal": minimal}))
-    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+    with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
                    "searched_minimal": searched}, f, indent=1, default=str)
     return ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv)

@@ -1,4 +1,5 @@
-"""Trials that did not finish (stopped by ASHA, failed) are named in the report, not silently averaged.
+"""Trials that did not finish (stopped by ASHA, failed) are named in the report, not silently averaged;
+the report can be written to object storage.
 
 The study is written straight into a SQLite MLflow store with the tags the study driver uses, so
 each trial's status is chosen exactly (a real ASHA run decides which trials to stop by itself).
@@ -6,6 +7,7 @@ each trial's status is chosen exactly (a real ASHA run decides which trials to s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ray_jobs import tracking
@@ -84,3 +86,28 @@ def test_asha_judges_trials_only_after_the_backbone_unfroze():
 
 def _rungs(sched) -> list[int]:  # noqa: ANN001 - the training iterations at which ASHA compares trials
     return sorted(milestone for milestone, _ in sched._brackets[0]._rungs)
+
+
+def test_report_out_may_be_an_s3_url_and_a_cli_run_writes_every_file_there(tmp_path, s3_bucket, capsys):
+    """On Kubernetes the report's RayJob pod goes away with its cluster, so the chart points --out at
+    the bucket: the files must land there (and nothing in a local folder named 's3:')."""
+    import fsspec
+
+    from ray_jobs.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _study(uri)
+    out = f"s3://{s3_bucket}/study/report"
+    assert main(["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", out]) == 0
+    assert f"{out}/report.html" in capsys.readouterr().out
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["CTSSL_S3_ENDPOINT_URL"]})
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/study/report")}
+    assert names == {"report.md", "report.html", "auc_vs_size.png", "summary.csv", "report.json"}
+    assert "did not finish" in fs.cat(f"{s3_bucket}/study/report/report.md").decode()
+    assert fs.cat(f"{s3_bucket}/study/report/auc_vs_size.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (Path.cwd() / "s3:").exists()
+
+    bad = f"s3://no-such-bucket-{s3_bucket}/report"
+    assert main(["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", bad]) != 0
+    assert f"{bad}: destination is not writable" in capsys.readouterr().err

@@ -74,7 +74,7 @@ finetune:
   extraArgs: {{ $v.finetune.extraArgs | toJson }}
 report:
   enabled: {{ $v.report.enabled }}
-  output: {{ $v.report.output | toJson }}
+  output: {{ $v.report.output | default (printf "%s/report" $root) | toJson }}
   extraArgs: {{ $v.report.extraArgs | toJson }}
 rayJob:
   shutdownAfterJobFinishes: {{ $v.rayJob.shutdownAfterJobFinishes }}
