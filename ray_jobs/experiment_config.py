@@ -86,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "gpusPerTrial": 0,
         "extraArgs": [],
     },
-    "report": {"enabled": True, "output": "/tmp/ctssl-report", "extraArgs": []},
+    "report": {"enabled": True, "output": "", "extraArgs": []},
     "rayJob": {
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": 3600,
@@ -173,6 +173,7 @@ def resolve(raw: dict[str, Any] | None) -> dict[str, Any]:
     pre["data"] = pre["data"] or prep["output"]
     pre["storage"] = pre["storage"] or f"{root}/pretrain"
     ft["output"] = ft["output"] or f"{root}/finetune"
+    cfg["report"]["output"] = cfg["report"]["output"] or f"{root}/report"
 
     if prep["enabled"]:
         _require(bool(prep["source"]), "prep.source", "is required when prep.enabled (the DICOM folder or bucket)")
@@ -183,7 +184,7 @@ def resolve(raw: dict[str, Any] | None) -> dict[str, Any]:
         _positive_int(cfg, "prep.size", 8)
     for key, url in (("prep.output", prep["output"]), ("reduce.output", reduce["output"]),
                      ("pretrain.data", pre["data"]), ("pretrain.storage", pre["storage"]),
-                     ("finetune.output", ft["output"])):
+                     ("finetune.output", ft["output"]), ("report.output", cfg["report"]["output"])):
         _check_url(url, key)
 
     methods = pre["methods"]

@@ -31,6 +31,7 @@ def test_stage_urls_derive_from_the_storage_root() -> None:
     assert cfg["pretrain"]["data"] == "s3://bkt/run1/shards"
     assert cfg["pretrain"]["storage"] == "s3://bkt/run1/pretrain"
     assert cfg["finetune"]["output"] == "s3://bkt/run1/finetune"
+    assert cfg["report"]["output"] == "s3://bkt/run1/report"
     assert cfg["mlflow"]["trackingUri"] == "http://brain-mlflow:5000"
     assert experiment_config.resolve(cfg) == cfg
 
