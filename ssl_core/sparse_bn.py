@@ -128,6 +128,17 @@ def _affine_params(weight: torch.Tensor | None, bias: torch.Tensor | None, mean:
     return a, shift
 
 
+def _masked_affine(x: torch.Tensor, m: torch.Tensor, a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y = x * a + m * shift per channel: x is 0 where masked, so only the shift needs the mask."""
+    kern = _kernels_for(x)
+    if kern is not None:
+        y = torch.empty_like(x)
+        kern.affine(_flat(x), _flat_mask(m), _np64(a), _np64(shift), _flat(y))
+        return y
+    c, dt = x.shape[1], x.dtype
+    return torch.addcmul(m * shift.view(1, c, 1, 1).to(dt), x, a.view(1, c, 1, 1).to(dt))
+
+
 class _SparseBatchNormFn(torch.autograd.Function):
     """Batch norm over visible positions with a hand-written backward.
 
@@ -152,15 +163,7 @@ class _SparseBatchNormFn(torch.autograd.Function):
         else:
             mean, var, cnt = masked_batch_stats(x, m, sync)
             invstd = torch.rsqrt(var + eps)
-            a, shift = _affine_params(weight, bias, mean, invstd)
-            c = x.shape[1]
-            if kern is not None:
-                y = torch.empty_like(x)
-                kern.affine(_flat(x), _flat_mask(m), _np64(a), _np64(shift), _flat(y))
-            else:
-                dt = x.dtype
-                # x is 0 where masked, so x * a is too; only the shift must be kept off masked positions
-                y = torch.addcmul((m * shift.view(1, c, 1, 1).to(dt)), x, a.view(1, c, 1, 1).to(dt))
+            y = _masked_affine(x, m, *_affine_params(weight, bias, mean, invstd))
         ctx.save_for_backward(x, m, weight, mean, invstd, cnt)
         ctx.sync = sync
         ctx.mark_non_differentiable(mean, var, cnt)
@@ -214,9 +217,8 @@ def sparse_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, m: t
                       sync: bool) -> torch.Tensor:
     """Batch norm whose statistics come from visible positions only; masked outputs are 0."""
     if not (bn.training or bn.running_mean is None):  # eval: running statistics, a plain affine map
-        a, shift = _affine_params(bn.weight, bn.bias, bn.running_mean, torch.rsqrt(bn.running_var + bn.eps))
-        c = x.shape[1]
-        return torch.addcmul(m * shift.view(1, c, 1, 1).to(x.dtype), x, a.view(1, c, 1, 1).to(x.dtype))
+        return _masked_affine(x, m, *_affine_params(bn.weight, bn.bias, bn.running_mean,
+                                                     torch.rsqrt(bn.running_var + bn.eps)))
     y, mean, var, cnt = _SparseBatchNormFn.apply(x, m, bn.weight, bn.bias, bn.eps, sync)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():

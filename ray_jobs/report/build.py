@@ -83,15 +83,11 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
     fs, root = storage.open_fs(cfg.out)
     with tempfile.TemporaryDirectory(prefix="ctssl-report-") as tmp:
         local = _build(cfg, tmp)
-        urls = {}
-        for field_name in ("markdown", "html", "plot", "summary_csv"):
-            path = getattr(local, field_name)
-            with open(path, "rb") as f:
-                storage.write_bytes_atomic(fs, storage.join(root, os.path.basename(path)), f.read())
-            urls[field_name] = storage.join(cfg.out.rstrip("/"), os.path.basename(path))
-        with open(os.path.join(tmp, "report.json"), "rb") as f:
-            storage.write_bytes_atomic(fs, storage.join(root, "report.json"), f.read())
-    return ReportPaths(**urls)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes_atomic(fs, storage.join(root, name), f.read())
+    base = cfg.out.rstrip("/")
+    return ReportPaths(**{k: storage.join(base, os.path.basename(v)) for k, v in vars(local).items()})
 
 
 def _build(cfg: ReportConfig, out: str) -> ReportPaths:
