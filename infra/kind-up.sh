@@ -2,8 +2,10 @@
 # Create a kind cluster, build and load the ctssl image, install the KubeRay operator and the chart
 # with the CPU-only values, and upload a small CT series so the study runs end to end:
 #
-#   infra/kind-up.sh                      # everything
+#   infra/kind-up.sh                      # everything, with the real CT series vendored in tests/data/real_ct
 #   DICOM_DIR=/data/my-ct infra/kind-up.sh  # your own series instead of the bundled example
+#   .venv/bin/ctssl phantom /tmp/phantom --patients 4 --slices 32 --size 128 \
+#     && DICOM_DIR=/tmp/phantom infra/kind-up.sh   # a synthetic phantom cohort instead
 #
 # Needs docker, kind, kubectl and helm on PATH, and internet access for the base images.
 set -euo pipefail
@@ -16,7 +18,7 @@ IMAGE_TAG=${IMAGE_TAG:-0.1.0}
 KUBERAY_VERSION=${KUBERAY_VERSION:-1.7.0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VALUES=${VALUES:-$ROOT/charts/ctssl/ci/cpu-small-values.yaml}
-DICOM_DIR=${DICOM_DIR:-$ROOT/../shared/data/real_ct/totalsegmentator_example_ct}
+DICOM_DIR=${DICOM_DIR:-$ROOT/tests/data/real_ct/totalsegmentator_example_ct}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 
 log() { printf '\033[1m[kind-up]\033[0m %s\n' "$*"; }

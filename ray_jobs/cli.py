@@ -24,6 +24,16 @@ def _command_modules() -> list[ModuleType]:
     return mods
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject's [project].version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctssl")
+    except PackageNotFoundError:  # sources on sys.path without an install
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; also used by the chart tests to check rendered commands against the CLI."""
     parser = argparse.ArgumentParser(
@@ -31,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pre-training of CNNs on CT: prep, reduce, pretrain, finetune, report.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the ctssl version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),

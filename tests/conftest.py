@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REAL_CT = SHARED / "data" / "real_ct" / "totalsegmentator_example_ct"
-REAL_CT_ORGANS_CSV = SHARED / "data" / "real_ct" / "totalsegmentator_example_ct_slice_organs.csv"
+TEST_DATA = REPO / "tests" / "data"  # vendored test data (see the README in each folder)
+REAL_CT = TEST_DATA / "real_ct" / "totalsegmentator_example_ct"
+REAL_CT_ORGANS_CSV = TEST_DATA / "real_ct" / "totalsegmentator_example_ct_slice_organs.csv"
 
 TEST_DEID_KEY = "ctssl-test-key-0123456789abcdef"
 
@@ -72,7 +72,7 @@ def deid_key(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def real_ct_dir() -> Path:
-    assert REAL_CT.is_dir(), f"the real CT test data is expected at {REAL_CT} (shared/ beside the repo)"
+    assert REAL_CT.is_dir(), f"the real CT test data is expected at {REAL_CT} (vendored in tests/data/real_ct)"
     return REAL_CT
 
 

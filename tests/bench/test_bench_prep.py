@@ -28,7 +28,7 @@ from data_prep.prep import PrepConfig, run_prep
 KEY = b"bench-key-0123456789abcdef"
 CACHE = Path(os.environ.get("CTSSL_BENCH_CACHE", "/tmp/ctssl-bench-cache"))
 REPO = Path(__file__).resolve().parents[2]
-REAL_CT = REPO.parent / "shared" / "data" / "real_ct" / "totalsegmentator_example_ct"
+REAL_CT = REPO / "tests" / "data" / "real_ct" / "totalsegmentator_example_ct"
 
 
 def _cohort(name: str, patients: int, slices: int, size: int) -> Path:

@@ -18,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ctssl"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
-CRD_DIR = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+CRD_DIR = REPO / "tests" / "data" / "kuberay-crds"  # KubeRay v1.7.0, see its README
 KUBE_VERSION = "1.33.0"
 RELEASE, NAMESPACE = "study", "ml"
 
@@ -71,7 +71,7 @@ def _strict(schema: Any) -> Any:
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     files = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
     path = CRD_DIR / files[kind]
-    assert path.is_file(), f"KubeRay CRD expected at {path} (shared/ beside the repository)"
+    assert path.is_file(), f"KubeRay CRD expected at {path} (vendored in tests/data/kuberay-crds)"
     crd = yaml.safe_load(path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))

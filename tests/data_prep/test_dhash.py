@@ -21,7 +21,7 @@ from data_prep.dhash import (
     resize_lanczos_u8,
 )
 
-REAL_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_ct" / "totalsegmentator_example_ct"
+REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct" / "totalsegmentator_example_ct"  # tests/data/
 
 
 def imagehash_codes(u8: np.ndarray) -> np.ndarray:
