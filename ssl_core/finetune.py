@@ -56,6 +56,13 @@ class FinetuneConfig:
     train_bn_when_frozen: bool = False
     select_metric: str = "auc"  # any key of classification_metrics, or "loss" (lower is better)
     seed: int = 0
+    #: re-estimate batch-norm running statistics on the (unaugmented) training images before every
+    #: evaluation. With a few dozen labelled images an epoch is one or two batches, so the running
+    #: averages never settle and evaluation runs on statistics of a network that no longer exists;
+    #: exact statistics of the current weights fix that (for pre-trained encoders too: they adapt
+    #: the encoder's statistics to the labelled data, as AdaBN does).
+    bn_recalibrate: bool = False
+    bn_recalibrate_max_images: int = 2048
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or not 0 <= self.freeze_epochs <= self.epochs:
@@ -232,6 +239,43 @@ class FineTuner:
     def evaluate(self, batches: Batches, prefix: str = "val_") -> dict[str, float]:
         return self.metrics(*self.predict(batches), prefix=prefix)
 
+    @torch.no_grad()
+    def recalibrate_bn(self, batches: Batches) -> int:
+        """Set every batch-norm layer's running mean / variance to the exact average over ``batches``
+        (evaluation-time preprocessing, no augmentation); returns the number of images used.
+
+        Uses a cumulative average (``momentum=None``), so the result does not depend on batch order,
+        and restores each layer's momentum afterwards; at most ``bn_recalibrate_max_images`` images
+        are read, so the cost stays below one training epoch on large sets."""
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        if not bns:
+            return 0
+        was_training = self.model.training
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        self.model.eval()
+        for m in bns:
+            m.train()
+        n = 0
+        try:
+            for images, _ in batches:
+                if n >= self.config.bn_recalibrate_max_images:
+                    break
+                if len(images) < 2 and n:  # a lone last image adds noise and can break 1x1 feature maps
+                    continue
+                x = self._prepare(images, train=False)
+                with autocast(self.device):
+                    self.model(x)
+                n += len(images)
+        finally:
+            for m, mom in zip(bns, momenta, strict=True):
+                m.momentum = mom
+            self.model.train(was_training)
+        return n
+
     @staticmethod
     def metrics(y: np.ndarray, p: np.ndarray, prefix: str = "val_") -> dict[str, float]:
         """Metrics and mean negative log-likelihood of predictions from :meth:`predict`."""
@@ -257,7 +301,10 @@ class FineTuner:
         best_epoch, best_val, best_state = -1, math.nan, None
         t_start = time.perf_counter()
         for epoch in range(epochs):
-            rec = {"epoch": float(epoch), **self.train_one_epoch(train, epoch), **self.evaluate(val)}
+            rec = {"epoch": float(epoch), **self.train_one_epoch(train, epoch)}
+            if self.config.bn_recalibrate:
+                self.recalibrate_bn(train)
+            rec.update(self.evaluate(val))
             if key not in rec:
                 raise ValueError(f"select_metric {self.config.select_metric!r} is not one of "
                                  f"{sorted(k[4:] for k in rec if k.startswith('val_'))}")

@@ -9,9 +9,14 @@ HELP = "fine-tuning study on Ray Tune: encoders x training-set sizes x patient-l
 DESCRIPTION = """\
 Fine-tune every encoder (pre-trained encoders and the random-init baseline) on a labelled prep output,
 over training-set sizes (reduction levels or samples per class) and patient-level stratified folds,
-one Ray Tune trial per (encoder, size, fold, seed). Defaults follow Wolf et al. 2023: Adam lr 1e-4,
-weight decay 5e-4, batch 64, 70 epochs with the backbone frozen for the first 10, best epoch chosen on
-validation. MLflow gets one parent run per study and one child run per trial.
+one Ray Tune trial per (encoder, size, fold, seed). By default (--protocol tuned) every encoder, the
+random baseline included, gets its recipe chosen on the validation split: each trial trains every
+recipe of a small grid (Adam lr 1e-3 and 1e-4, each with the backbone trained from the start or frozen
+for the first 1/7 of the epochs) and keeps the one with the best validation AUC. --protocol fixed
+trains one recipe for all (--lr, --frozen-epochs; defaults are Wolf et al. 2023's: lr 1e-4, 10 of 70
+epochs frozen), which can handicap whichever encoder it does not suit. Best epoch chosen on
+validation; batch-norm statistics re-estimated on the training images before each evaluation. MLflow
+gets one parent run per study and one child run per trial.
 
 Encoders (--encoder, repeatable): "random", a pre-training checkpoint or encoder folder (local or s3://),
 or runs:/<mlflow-run-id> of a pre-training run; prefix NAME= to choose the label, e.g. byol=s3://b/runs/byol.
@@ -40,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="URL", help="labelled prep output (local path or s3://)")
     p.add_argument("--encoder", action="append", dest="encoders", metavar="[NAME=]SOURCE",
                    help="random | checkpoint/encoder folder | runs:/RUN_ID (repeatable; default: random)")
-    p.add_argument("--backbone", default="resnet50", metavar="NAME",
-                   help="timm model for the random-init baseline (pre-trained encoders carry their own)")
+    p.add_argument("--backbone", metavar="NAME",
+                   help="timm model for the random-init baseline (default: the pre-trained encoders' backbone; "
+                        "resnet50 when random is the only encoder)")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--reductions", metavar="PCTS",
                        help="training-set reduction levels in %% (default 0,25,50,75,90)")
@@ -52,8 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each fold's training patients held out for choosing the best epoch")
     p.add_argument("--epochs", type=int, default=70)
-    p.add_argument("--frozen-epochs", type=int, default=10, help="epochs with the backbone frozen")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--protocol", choices=("tuned", "fixed"), default="tuned",
+                   help="tuned (default): each trial picks its recipe from --recipes on the validation split; "
+                        "fixed: one recipe (--lr, --frozen-epochs) for every encoder, as in the papers")
+    p.add_argument("--recipes", metavar="LR:FROZEN,...",
+                   help="the tuned grid, e.g. 1e-3:0,1e-3:10,1e-4:0,1e-4:10 (default: lr 1e-3 and 1e-4 x "
+                        "0 and epochs/7 frozen)")
+    p.add_argument("--frozen-epochs", type=int, default=10,
+                   help="--protocol fixed: epochs with the backbone frozen (default 10)")
+    p.add_argument("--lr", type=float, default=1e-4, help="--protocol fixed: Adam learning rate (default 1e-4)")
+    p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
+                   help="keep batch-norm running averages instead of re-estimating them before each evaluation")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, metavar="S", help="fine-tuning resolution (default: the shards' size)")
@@ -81,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+    from ray_jobs.finetune.config import FinetuneConfig, parse_recipes, parse_sizes
 
     sizes = parse_sizes(reductions=args.reductions, samples_per_class=args.samples_per_class)
     return FinetuneConfig(
@@ -93,7 +108,9 @@ def config_from_args(args: argparse.Namespace):
         max_concurrent=args.max_concurrent, asha=args.asha, search_target_auc=args.search_target_auc,
         search_margin=args.search_margin, search_candidates=args.search_candidates, storage=args.storage,
         experiment=args.experiment, address=args.address, tracking_uri=args.tracking_uri,
-        metrics_ci=args.metrics_ci,
+        metrics_ci=args.metrics_ci, protocol=args.protocol,
+        recipes=[r.to_text() for r in parse_recipes(args.recipes)] if args.recipes else None,
+        bn_recalibrate=args.bn_recalibrate,
     )
 
 

@@ -16,6 +16,63 @@ from ray_jobs.errors import CLIError
 DEFAULT_REDUCTIONS = (0, 25, 50, 75, 90)
 ALL = "all"
 
+#: how each encoder's fine-tuning recipe is set: chosen per trial on the validation split from a grid
+#: ("tuned", the default: a fixed recipe handicaps whichever encoder it does not suit, most often the
+#: random baseline), or one given recipe for every encoder ("fixed": the papers' protocol)
+PROTOCOLS = ("tuned", "fixed")
+DEFAULT_LRS = (1e-3, 1e-4)
+#: the papers' share of frozen-backbone epochs (10 of 70): the "linear probe, then fine-tune" recipe
+FROZEN_SHARE = 1 / 7
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One fine-tuning recipe: Adam learning rate and epochs with the backbone frozen first."""
+
+    lr: float
+    frozen_epochs: int
+
+    @property
+    def label(self) -> str:
+        return f"lr {self.lr:g}, {self.frozen_epochs} frozen"
+
+    def to_text(self) -> str:
+        return f"{self.lr:g}:{self.frozen_epochs}"
+
+    @classmethod
+    def from_text(cls, text: str) -> Recipe:
+        lr, _, frozen = text.partition(":")
+        return cls(float(lr), int(frozen or 0))
+
+
+def default_recipes(epochs: int) -> list[Recipe]:
+    """Two learning rates x (full fine-tuning from the start, or head-only first for 1/7 of the epochs)."""
+    frozen = max(1, round(epochs * FROZEN_SHARE)) if epochs > 1 else 0
+    shares = sorted({0, frozen})
+    return [Recipe(lr, f) for lr in DEFAULT_LRS for f in shares]
+
+
+def parse_recipes(text: str | None) -> list[Recipe] | None:
+    """``--recipes 1e-3:0,1e-4:10`` (lr:frozen_epochs, comma-separated) -> recipes; None: the default grid."""
+    if text is None or not text.strip():
+        return None
+    out: list[Recipe] = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        if not tok:
+            continue
+        try:
+            r = Recipe.from_text(tok)
+        except ValueError:
+            raise CLIError(f"--recipes: {tok!r} is not LR:FROZEN_EPOCHS (e.g. 1e-3:0)") from None
+        if not r.lr > 0 or r.frozen_epochs < 0:
+            raise CLIError(f"--recipes: {tok!r} needs lr > 0 and frozen epochs >= 0")
+        if r not in out:
+            out.append(r)
+    if not out:
+        raise CLIError("--recipes: no recipe given")
+    return out
+
 
 @dataclass(frozen=True, order=True)
 class SizeSpec:
@@ -98,7 +155,7 @@ class FinetuneConfig:
     storage: str
     experiment: str
     encoders: list[str] = field(default_factory=lambda: ["random"])
-    backbone: str = "resnet50"
+    backbone: str | None = None  # random baseline's network; None: the pre-trained encoders' (resnet50 alone)
     sizes: list[SizeSpec] = field(default_factory=lambda: parse_sizes())
     folds: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -121,13 +178,16 @@ class FinetuneConfig:
     tracking_uri: str | None = None
     metrics_ci: int = 0
     fold_seed: int = 0  # seed of the patient-level fold assignment (same folds for every encoder)
+    protocol: str = "tuned"
+    recipes: list[str] | None = None  # "lr:frozen" texts for "tuned"; None: default_recipes(epochs)
+    bn_recalibrate: bool = True  # re-estimate batch-norm statistics on the training images before each evaluation
 
     def validate(self) -> None:
         if self.folds < 2:
             raise CLIError(f"--folds must be >= 2, got {self.folds}")
         if not 0.0 < self.val_fraction < 0.5:
             raise CLIError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.epochs < 1 or not 0 <= self.frozen_epochs <= self.epochs:
+        if self.epochs < 1 or (self.protocol == "fixed" and not 0 <= self.frozen_epochs <= self.epochs):
             raise CLIError(f"need --epochs >= 1 and 0 <= --frozen-epochs <= --epochs, got {self.epochs}, "
                            f"{self.frozen_epochs}")
         if self.batch_size < 1 or self.lr <= 0:
@@ -142,6 +202,34 @@ class FinetuneConfig:
             raise CLIError(f"--search-margin must be in [0, 1), got {self.search_margin}")
         if not self.experiment:
             raise CLIError("--experiment must not be empty")
+        if self.protocol not in PROTOCOLS:
+            raise CLIError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.protocol == "fixed" and self.recipes:
+            raise CLIError("--recipes is the grid of --protocol tuned; --protocol fixed uses --lr and --frozen-epochs")
+        for r in self.recipe_grid():
+            if r.frozen_epochs > self.epochs:
+                raise CLIError(f"recipe '{r.to_text()}' freezes the backbone for {r.frozen_epochs} epochs, "
+                               f"more than --epochs {self.epochs}")
+        if self.protocol == "tuned" and self.asha:
+            raise CLIError("--asha needs --protocol fixed: with a tuned recipe every trial trains several "
+                           "recipes in turn, which ASHA's per-epoch rungs cannot compare")
+
+    def recipe_grid(self) -> list[Recipe]:
+        """The recipes a trial trains: the grid (tuned) or the one given recipe (fixed)."""
+        if self.protocol == "fixed":
+            return [Recipe(self.lr, self.frozen_epochs)]
+        if self.recipes:
+            return [Recipe.from_text(t) for t in self.recipes]
+        return default_recipes(self.epochs)
+
+    def protocol_text(self) -> str:
+        """How the recipe was set, in words for the report."""
+        if self.protocol == "fixed":
+            return (f"fixed recipe for every encoder (lr {self.lr:g}, backbone frozen for {self.frozen_epochs} "
+                    f"of {self.epochs} epochs), not tuned per encoder")
+        grid = "; ".join(r.label for r in self.recipe_grid())
+        return (f"tuned: each trial trains every recipe of the grid ({grid}; {self.epochs} epochs) and keeps "
+                "the one with the best validation AUC; the test split plays no part in the choice")
 
     @property
     def search_enabled(self) -> bool:

@@ -114,10 +114,31 @@ def resolve_encoder(value: str, *, default_backbone: str, in_chans: int | None, 
                        state=state, config=config)
 
 
-def resolve_encoders(values: list[str], *, default_backbone: str, in_chans: int | None,
+#: the random baseline's network when no pre-trained encoder names one (the papers' ResNet-50)
+DEFAULT_BACKBONE = "resnet50"
+
+
+def resolve_encoders(values: list[str], *, default_backbone: str | None, in_chans: int | None,
                      tracking_uri: str) -> list[EncoderSpec]:
-    specs = [resolve_encoder(v, default_backbone=default_backbone, in_chans=in_chans, tracking_uri=tracking_uri)
-             for v in values]
+    """Load every ``--encoder``. The random baseline takes the pre-trained encoders' backbone and
+    channels unless ``default_backbone`` names one: a baseline on another network would compare
+    networks, not initialisations. Encoders of different backbones need the baseline's named."""
+    loaded = [resolve_encoder(v, default_backbone=default_backbone or DEFAULT_BACKBONE, in_chans=in_chans,
+                              tracking_uri=tracking_uri) if split_name(v)[1] != RANDOM else None for v in values]
+    pre = [s for s in loaded if s is not None]
+    backbones = sorted({s.backbone for s in pre})
+    chans = sorted({s.in_chans for s in pre})
+    if default_backbone is None and len(backbones) > 1 and len(pre) < len(values):
+        raise CLIError(f"--encoder random: the pre-trained encoders use different backbones ({', '.join(backbones)}); "
+                       "name the baseline's with --backbone")
+    base_backbone = default_backbone or (backbones[0] if backbones else DEFAULT_BACKBONE)
+    if default_backbone is not None and backbones and backbones != [default_backbone] and len(pre) < len(values):
+        log.warning("the random baseline is a %s, the pre-trained encoders are %s: the comparison mixes networks",
+                    default_backbone, ", ".join(backbones))
+    base_chans = in_chans or (chans[0] if len(chans) == 1 else 1)
+    specs = [s if s is not None else resolve_encoder(v, default_backbone=base_backbone, in_chans=base_chans,
+                                                     tracking_uri=tracking_uri)
+             for v, s in zip(values, loaded, strict=True)]
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

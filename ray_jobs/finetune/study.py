@@ -104,10 +104,12 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
                                     trial_dirname_creator=lambda t: _trial_name(t.config["trial"])),
         # Our one-line progress (trials done, rate, ETA) replaces Tune's per-trial status table.
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                  callbacks=[StudyProgress(f"finetune {name}", len(grid), cfg.epochs)],
+                                  callbacks=[StudyProgress(f"finetune {name}", len(grid),
+                                                           cfg.epochs * len(cfg.recipe_grid()))],
                                   verbose=0),
     )
-    log.info("running %d fine-tuning trials (%s), at most %d at once", len(grid), name, _max_concurrent(cfg))
+    log.info("running %d fine-tuning trials (%s), at most %d at once; recipe %s", len(grid), name,
+             _max_concurrent(cfg), cfg.protocol_text())
     grid_results = tuner.fit()
     out = []
     for r in grid_results:
@@ -161,6 +163,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
         tracking.TAG_KIND: "study", tracking.TAG_STUDY: cfg.experiment, "dataset": data.dataset,
         "encoders": ",".join(e.name for e in encoders)})
     parent_id = parent.info.run_id
+    tracking.set_tags(cl, parent_id, {"protocol": cfg.protocol, "protocol_text": cfg.protocol_text()})
     tracking.log_params(cl, parent_id, {**cfg.as_params(), "classes": json.dumps(data.classes),
                                         "n_slices": len(data.labels), "n_patients": len(set(data.patients)),
                                         "img_size_effective": settings["img_size"]})

@@ -9,6 +9,7 @@ weights, evaluated once at the end — the test fold never influences any choice
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ray_jobs import tracking
-from ray_jobs.finetune.config import SizeSpec
+from ray_jobs.finetune.config import Recipe, SizeSpec
 from ray_jobs.finetune.folds import FoldSplit, nested_subset
 
 log = logging.getLogger("ctssl.finetune")
@@ -70,8 +71,30 @@ def trial_tags(encoder: str, method: str, size: SizeSpec, fold: int, seed: int, 
     }
 
 
+def recipes_of(settings: dict[str, Any]) -> list[Recipe]:
+    """The recipes a trial trains, from the study settings (FinetuneConfig.to_dict())."""
+    from ray_jobs.finetune.config import FinetuneConfig
+
+    return FinetuneConfig.from_dict(settings).recipe_grid()
+
+
+def choose_recipe(fits: list[tuple[Recipe, float]]) -> int:
+    """Index of the recipe with the highest best-epoch validation AUC; the first listed wins a tie and a
+    NaN never wins (index 0 when every value is NaN). The test split is not an argument on purpose."""
+    best, best_v = 0, float("nan")
+    for i, (_, v) in enumerate(fits):
+        if np.isfinite(v) and (not np.isfinite(best_v) or v > best_v):
+            best, best_v = i, v
+    return best
+
+
 def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
-    """The Tune function trainable (wrapped with ``tune.with_parameters(run_trial, ctx=...)``)."""
+    """The Tune function trainable (wrapped with ``tune.with_parameters(run_trial, ctx=...)``).
+
+    Trains every recipe of the study's grid on the same training subset and initialisation, keeps the
+    recipe whose best epoch has the highest validation AUC, and evaluates that one on the test fold.
+    Per-epoch metrics of recipe i are logged as ``r<i>.<metric>``; the chosen recipe's curve is logged
+    again under the plain names, so a fixed-recipe study and a tuned one read the same in MLflow."""
     import torch
     from ray import tune
 
@@ -86,6 +109,8 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     spec = config["trial"]
     enc_name, size, fold, seed = spec["encoder"], SizeSpec.from_label(spec["size"]), int(spec["fold"]), int(spec["seed"])
     s = ctx.settings
+    recipes = recipes_of(s)
+    epochs = int(s["epochs"])
     enc = ctx.encoders[enc_name]
     split = ctx.folds[fold]
     train_idx = nested_subset(split.train, ctx.labels, size, seed)
@@ -100,33 +125,58 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         "encoder": enc_name, "backbone": enc["backbone"], "in_chans": enc["in_chans"], "size": size.label,
         "fold": fold, "seed": seed, "n_train": len(train_idx), "n_val": len(split.val), "n_test": len(split.test),
         "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max()),
-        "epochs": s["epochs"], "frozen_epochs": s["frozen_epochs"], "lr": s["lr"],
-        "weight_decay": s["weight_decay"], "batch_size": s["batch_size"], "img_size": s["img_size"],
+        "epochs": epochs, "protocol": s.get("protocol", "fixed"),
+        "recipes": ",".join(r.to_text() for r in recipes), "weight_decay": s["weight_decay"],
+        "batch_size": s["batch_size"], "img_size": s["img_size"], "bn_recalibrate": s.get("bn_recalibrate", False),
     })
     mlog = tracking.MetricLogger(cl, run_id, flush_every=1)
     completed = False  # test metrics logged: the run is complete even if Tune stops it afterwards
     try:
-        torch.manual_seed(seed * 1009 + fold)
-        model = create_classifier(enc["backbone"], num_classes=len(ctx.classes), in_chans=enc["in_chans"],
-                                  encoder_state=enc["state"])
-        ft = FineTuner(model, FTConfig(epochs=s["epochs"], freeze_epochs=s["frozen_epochs"], lr=s["lr"],
-                                       weight_decay=s["weight_decay"], batch_size=s["batch_size"],
-                                       img_size=s["img_size"], windows=enc.get("windows"), select_metric="auc",
-                                       seed=seed))
         images = torch.from_numpy(ctx.images.astype(np.float32))
         labels = torch.from_numpy(np.array(ctx.labels, copy=True))
+        fits: list[tuple[Recipe, float]] = []
+        best = None  # (FineTuner, FitResult) of the best recipe so far
+        for i, recipe in enumerate(recipes):
+            torch.manual_seed(seed * 1009 + fold)  # every recipe starts from the same head initialisation
+            model = create_classifier(enc["backbone"], num_classes=len(ctx.classes), in_chans=enc["in_chans"],
+                                      encoder_state=enc["state"])
+            ft = FineTuner(model, FTConfig(epochs=epochs, freeze_epochs=recipe.frozen_epochs, lr=recipe.lr,
+                                           weight_decay=s["weight_decay"], batch_size=s["batch_size"],
+                                           img_size=s["img_size"], windows=enc.get("windows"),
+                                           select_metric="auc", seed=seed,
+                                           bn_recalibrate=bool(s.get("bn_recalibrate", False))))
 
-        def part(idx: np.ndarray, train: bool):
-            ix = torch.tensor(idx)  # a copy: split indices may be read-only views (Ray object store)
-            return ft.batches(images[ix].unsqueeze(1), labels[ix], train=train)
+            def part(idx: np.ndarray, train: bool, ft: FineTuner = ft):
+                ix = torch.tensor(idx)  # a copy: split indices may be read-only views (Ray object store)
+                return ft.batches(images[ix].unsqueeze(1), labels[ix], train=train)
 
-        def on_epoch(rec: dict[str, float]) -> None:
-            step = int(rec["epoch"])
-            metrics = {k: float(v) for k, v in rec.items() if k != "epoch" and np.isfinite(v)}
-            mlog.log(metrics, step)
-            tune.report({**metrics, "epoch": step})
+            def on_epoch(rec: dict[str, float], i: int = i) -> None:
+                step = int(rec["epoch"])
+                metrics = {k: float(v) for k, v in rec.items() if k != "epoch" and np.isfinite(v)}
+                if len(recipes) > 1:
+                    mlog.log({f"r{i}.{k}": v for k, v in metrics.items()}, step)
+                else:
+                    mlog.log(metrics, step)
+                tune.report({**metrics, "epoch": i * epochs + step, "recipe": i})
 
-        fit = ft.fit(part(train_idx, True), part(split.val, False), on_epoch=on_epoch)
+            fit = ft.fit(part(train_idx, True), part(split.val, False), on_epoch=on_epoch)
+            v = float(fit.best_metrics.get(SELECT_METRIC, float("nan")))
+            fits.append((recipe, v))
+            if len(recipes) > 1:
+                mlog.log({f"r{i}.best_{SELECT_METRIC}": v, f"r{i}.best_epoch": float(fit.best_epoch)}, epochs)
+            if choose_recipe(fits) == i:
+                best = (ft, fit, part)
+            else:
+                del ft, model
+        chosen = choose_recipe(fits)
+        recipe = recipes[chosen]
+        assert best is not None
+        ft, fit, part = best
+        if len(recipes) > 1:  # the chosen curve under the plain names, as a fixed-recipe study logs it
+            for rec in fit.history:
+                mlog.log({k: float(v) for k, v in rec.items() if k != "epoch" and np.isfinite(v)},
+                         int(rec["epoch"]))
+        tracking.set_tags(cl, run_id, {"recipe": recipe.to_text(), "recipe_label": recipe.label})
         ft.model.load_state_dict(fit.best_state)
         y, p = ft.predict(part(split.test, False))
         if s.get("metrics_ci"):
@@ -139,15 +189,18 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         log_test_predictions(cl, run_id, y, p, split.test, ctx.patients)
         final = {**{k: float(v) for k, v in test.items()}, "best_epoch": float(fit.best_epoch),
                  f"best_{SELECT_METRIC}": float(fit.best_metrics.get(SELECT_METRIC, float("nan"))),
+                 "late_best": float(late_best(fit.best_epoch, epochs)), "chosen_lr": recipe.lr,
+                 "chosen_frozen_epochs": float(recipe.frozen_epochs),
                  "n_train": float(len(train_idx)), "train_per_class_min": float(counts.min()),
                  "trial_time_s": time.perf_counter() - t0}
-        mlog.log({k: v for k, v in final.items() if np.isfinite(v)}, s["epochs"])
+        mlog.log({k: v for k, v in final.items() if np.isfinite(v)}, epochs)
         mlog.flush()
         completed = True
-        log.info("trial %s/%s/fold%d/seed%d: test AUC %.3f (best epoch %d) in %.0fs", enc_name, size.label, fold,
-                 seed, final.get("test_auc", float("nan")), fit.best_epoch, final["trial_time_s"])
+        log.info("trial %s/%s/fold%d/seed%d: recipe %s, test AUC %.3f (best epoch %d) in %.0fs", enc_name,
+                 size.label, fold, seed, recipe.label, final.get("test_auc", float("nan")), fit.best_epoch,
+                 final["trial_time_s"])
         # val_auc again so a scheduler watching it sees it in every result
-        tune.report({**final, SELECT_METRIC: final[f"best_{SELECT_METRIC}"], "epoch": s["epochs"]})
+        tune.report({**final, SELECT_METRIC: final[f"best_{SELECT_METRIC}"], "epoch": epochs * len(recipes)})
         cl.set_terminated(run_id, status="FINISHED")
         # nothing is returned: Tune would record a returned dict as one more result
     except Exception:
@@ -158,3 +211,10 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         mlog.flush()
         cl.set_terminated(run_id, status="FINISHED" if completed else "KILLED")
         raise
+
+
+def late_best(best_epoch: int, epochs: int) -> bool:
+    """True when the best validation epoch lies in the last 10 % of training (at least the last epoch):
+    the curve was still rising, so the cell may be under-trained."""
+    last = max(1, math.ceil(epochs * 0.1))
+    return best_epoch >= epochs - last

@@ -20,9 +20,13 @@ from ray_jobs.report.plots import plot_auc_vs_size
 from ray_jobs.report.pooled import bootstrap_markdown, bootstrap_vs_baseline, load_predictions
 from ray_jobs.report.tables import (
     minimal_samples,
+    recipe_markdown,
+    recipe_table,
     smallest_size_verdict,
     summarise,
     summary_markdown,
+    undertrained_cells,
+    undertrained_note,
     wilcoxon_markdown,
     wilcoxon_vs_baseline,
 )
@@ -110,6 +114,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     if target is None and margin is None:
         margin = DEFAULT_MARGIN
     minimal = minimal_samples(summary, target, margin)
+    late = undertrained_cells(trials)
+    protocol = study.tags.get("protocol_text") or _protocol_from_params(study.params)
     searched = {k[len("min_spc."):]: v for k, v in study.tags.items() if k.startswith("min_spc.")}
 
     plot = plot_auc_vs_size(trials, os.path.join(out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
@@ -121,8 +127,11 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
          f"MLflow parent run `{study.parent_run_id}`; {len(trials)} finished trials; dataset "
          f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."
          + (f"\n\n{note}" if (note := unfinished_note(study.unfinished)) else "")),
-        ("Verdict at the smallest training-set size", smallest_size_verdict(summary, wil, cfg.baseline, boot=boot)),
-        ("Test metrics (mean ± std over folds)", summary_markdown(summary)),
+        ("Verdict at the smallest training-set size",
+         smallest_size_verdict(summary, wil, cfg.baseline, boot=boot, protocol=protocol, undertrained=late)),
+        ("Test metrics (mean ± std over folds)", summary_markdown(summary) + "\n\n" + undertrained_note(late)),
+        ("Fine-tuning recipe per encoder", f"{protocol[:1].upper()}{protocol[1:]}.\n\n"
+         + recipe_markdown(recipe_table(trials))),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
@@ -138,11 +147,17 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     html_path = os.path.join(out, "report.html")
     with open(html_path, "w") as f:
         f.write(_html(cfg.experiment, sections, plot, {"summary": summary, "wilcoxon": wil, "bootstrap": boot,
-                                                         "minimal": minimal}))
+                                                         "minimal": minimal, "recipes": recipe_table(trials)}))
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
                    "searched_minimal": searched}, f, indent=1, default=str)
     return ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv)
+
+
+def _protocol_from_params(params: dict[str, str]) -> str:
+    """How recipes were set, for a study that did not tag it (one fixed recipe for every encoder)."""
+    lr, frozen, epochs = params.get("lr", "?"), params.get("frozen_epochs", "?"), params.get("epochs", "?")
+    return f"fixed recipe for every encoder (lr {lr}, backbone frozen for {frozen} of {epochs} epochs), not tuned"
 
 
 BOOTSTRAP_NOTE = ("Each encoder's test predictions are pooled over the folds (every labelled patient is "
@@ -180,7 +195,7 @@ def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame]) -> s
         img = base64.b64encode(f.read()).decode()
     fmt = {"float_format": lambda v: f"{v:.4g}", "index": False, "na_rep": "n/a", "border": 0}
     table_of = {"Test metrics": "summary", "Paired Wilcoxon": "wilcoxon", "Patient-level bootstrap": "bootstrap",
-                "Minimal samples": "minimal"}
+                "Minimal samples": "minimal", "Fine-tuning recipe": "recipes"}
     body = [f"<h1>{html.escape(sections[0][0])}</h1>", _md_inline(sections[0][1])]
     for head, text in sections[1:]:
         body.append(f"<h2>{html.escape(head)}</h2>")
@@ -188,8 +203,9 @@ def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame]) -> s
         if head.startswith("AUC vs"):
             body.append(f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">')
         elif key is not None and not tables[key].empty:
-            if key == "bootstrap":
-                body.append(_md_inline(BOOTSTRAP_NOTE))
+            # the section's prose (notes, the protocol), then its table from the data frame
+            prose = [p for p in text.split("\n\n") if not p.lstrip().startswith("|")]
+            body.extend(_md_inline(p) for p in prose)
             body.append(tables[key].to_html(**fmt))
         else:
             body.append(_md_inline(text))

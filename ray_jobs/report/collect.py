@@ -15,9 +15,9 @@ from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 
 METRIC_KEYS = ("test_auc", "test_f1_macro", "test_accuracy", "best_val_auc", "best_epoch", "trial_time_s",
-               "n_train", "train_per_class_min")
+               "n_train", "train_per_class_min", "late_best")
 TRIAL_COLUMNS = ["run_id", "encoder", "size", "size_kind", "size_value", "fold", "seed", "phase", "status",
-                 *METRIC_KEYS]
+                 "recipe", *METRIC_KEYS]
 UNFINISHED_COLUMNS = ["encoder", "size", "fold", "seed", "status"]
 
 
@@ -82,13 +82,20 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         row = {"run_id": r.info.run_id, "encoder": t.get("method"), "size": t.get("size"),
                "size_kind": t.get("size_kind"), "size_value": int(t.get("size_value", "0")),
                "fold": int(t.get("fold", "0")), "seed": int(t.get("seed", "0")), "phase": t.get("ctssl.phase", "grid"),
-               "status": r.info.status}
+               "status": r.info.status, "recipe": t.get("recipe_label") or _fixed_recipe(r.data.params)}
         row.update({k: m.get(k, float("nan")) for k in METRIC_KEYS})
         rows.append(row)
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     gone = pd.DataFrame(unfinished, columns=UNFINISHED_COLUMNS).sort_values(UNFINISHED_COLUMNS, ignore_index=True)
     return Study(parent_run_id=pid, params=dict(parent.data.params), tags=dict(parent.data.tags), trials=df,
                  unfinished=gone)
+
+
+def _fixed_recipe(params: dict[str, str]) -> str:
+    """The recipe of a trial from before recipes were tagged: its lr and frozen-epoch params."""
+    if "lr" in params and "frozen_epochs" in params:
+        return f"lr {float(params['lr']):g}, {params['frozen_epochs']} frozen"
+    return ""
 
 
 _STATUS_WORDS = {"KILLED": "stopped early (ASHA's `--asha`, or a user)", "FAILED": "failed",

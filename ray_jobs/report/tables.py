@@ -125,28 +125,83 @@ def minimal_samples(summary: pd.DataFrame, target_auc: float | None = None,
     return pd.DataFrame(rows, columns=cols)
 
 
-def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: str, alpha: float = 0.05,
-                          boot: pd.DataFrame | None = None) -> str:
-    """The study's question in plain words: at the smallest training-set size, which pre-trained
-    encoders beat ``baseline`` in mean AUC over folds, and is that significant?
+def recipe_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per encoder x size, which recipes the trials chose (most often first), e.g.
+    "lr 0.001, 0 frozen: 5/6; lr 0.0001, 1 frozen: 1/6"."""
+    cols = ["encoder", "size", "chosen"]
+    if trials.empty or "recipe" not in trials:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (enc, size), g in trials.groupby(["encoder", "size"], sort=False):
+        counts = g["recipe"].fillna("").replace("", "?").value_counts()
+        rows.append({"encoder": enc, "size": size,
+                     "chosen": "; ".join(f"{k}: {v}/{len(g)}" for k, v in counts.items())})
+    return by_encoder_and_size(pd.DataFrame(rows, columns=cols))
 
+
+def recipe_markdown(table: pd.DataFrame) -> str:
+    lines = ["| encoder | size | recipe chosen on validation (trials) |", "|---|---|---|"]
+    lines += [f"| {r.encoder} | {r.size} | {r.chosen} |" for r in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def undertrained_cells(trials: pd.DataFrame) -> pd.DataFrame:
+    """Cells where at least half of the trials had their best validation epoch in the last 10 % of
+    training: the curves were still rising, so more epochs could change those means (and a ranking
+    that depends on them)."""
+    cols = ["encoder", "size", "n_trials", "n_late"]
+    if trials.empty or "late_best" not in trials:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (enc, size), g in trials.groupby(["encoder", "size"], sort=False):
+        late = g["late_best"].astype(float)
+        n_late = int((late[np.isfinite(late)] > 0.5).sum())
+        if n_late and 2 * n_late >= len(g):
+            rows.append({"encoder": enc, "size": size, "n_trials": len(g), "n_late": n_late})
+    return by_encoder_and_size(pd.DataFrame(rows, columns=cols))
+
+
+def undertrained_note(cells: pd.DataFrame) -> str:
+    if cells.empty:
+        return "No cell peaked in its last 10 % of epochs: every curve had levelled off."
+    names = ", ".join(f"`{r.encoder}` at {r.size} ({r.n_late}/{r.n_trials} trials)" for r in cells.itertuples())
+    return (f"**Possibly under-trained**: best validation epoch in the last 10 % of training for {names}. "
+            "These curves were still rising; more fine-tuning epochs could change their means.")
+
+
+def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: str, alpha: float = 0.05,
+                          boot: pd.DataFrame | None = None, protocol: str | None = None,
+                          undertrained: pd.DataFrame | None = None) -> str:
+    """The study's question in plain words: at the smallest training-set size, which pre-trained
+    encoders beat ``baseline``, as far as the tests support it?
+
+    An encoder "beats" the baseline only when its mean AUC is higher, the median paired difference
+    is not negative, and a test says so at ``alpha``: the paired Wilcoxon over folds x seeds or the
+    patient-level bootstrap of the pooled out-of-fold AUC (``boot``, see :mod:`ray_jobs.report.pooled`),
+    which has no floor on p. A higher mean without that support is reported as such, never as a win.
     With n paired folds the exact two-sided Wilcoxon p cannot go below 2 / 2**n (0.25 for 3 folds,
     0.0625 for 5), so the verdict names that floor instead of letting "not significant" read as
-    "no effect", and adds the patient-level bootstrap of the pooled out-of-fold AUC (``boot``, see
-    :mod:`ray_jobs.report.pooled`), which has no such floor.
+    "no effect". ``protocol`` (how recipes were set) and under-trained cells are stated with it.
     """
     if summary.empty or baseline not in set(summary["encoder"]):
         return f"no `{baseline}` trials: nothing to compare with"
     smallest = min(summary["size"], key=_size_key)
     at = summary[summary["size"] == smallest].set_index("encoder")
     base_auc = float(at.loc[baseline, "auc_mean"])
-    lines = [f"Smallest training-set size: **{smallest}**; `{baseline}` mean test AUC {base_auc:.3f}.", ""]
-    better = []
+    lines = []
+    if protocol:
+        lines += [f"Fine-tuning recipe: {protocol}.", ""]
+    lines += [f"Smallest training-set size: **{smallest}**; `{baseline}` mean test AUC {base_auc:.3f}.", ""]
+    better, ahead = [], []
+    flagged = set()
+    if undertrained is not None and not undertrained.empty:
+        flagged = {(r.encoder, r.size) for r in undertrained.itertuples()}
     for enc, row in at.drop(index=baseline).sort_values("auc_mean", ascending=False).iterrows():
         diff = float(row["auc_mean"]) - base_auc
         w = wil[(wil["encoder"] == enc) & (wil["size"] == smallest)] if not wil.empty else wil
         p = float(w["p_value"].iloc[0]) if len(w) else math.nan
         n = int(w["n_pairs"].iloc[0]) if len(w) else 0
+        med = float(w["median_diff"].iloc[0]) if len(w) else math.nan
         floor = 2.0 / 2**n if n else math.nan
         if not math.isfinite(p):
             sig = "no paired test (fewer than 2 folds)"
@@ -157,14 +212,40 @@ def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: st
                    f"(smallest attainable p = {floor:.3g}): run more folds or seeds to test it")
         else:
             sig = f"not significant (Wilcoxon p = {p:.3g} >= {alpha})"
-        verb = "beats" if diff > 0 else "does not beat"
-        lines.append(f"- `{enc}` {verb} `{baseline}`: mean AUC {float(row['auc_mean']):.3f} "
-                     f"({diff:+.3f}); {sig}{_bootstrap_clause(boot, enc, smallest, alpha)}.")
-        if diff > 0:
+        supported = (diff > 0 and not (math.isfinite(med) and med < 0)
+                     and ((math.isfinite(p) and p < alpha) or _bootstrap_supports(boot, enc, smallest, alpha)))
+        if supported:
+            verb = "beats"
             better.append(enc)
-    lines += ["", (f"**{len(better)} of {len(at) - 1} pre-trained encoders beat `{baseline}` at {smallest}"
-                   + (f": {', '.join(better)}.**" if better else ".**"))]
+        elif diff > 0:
+            why = "the median paired difference is negative" if math.isfinite(med) and med < 0 else \
+                "no test supports it"
+            verb = f"is ahead of (not shown to beat; {why})"
+            ahead.append(enc)
+        else:
+            verb = "does not beat"
+        caveat = " (under-trained cell: see below)" if (enc, smallest) in flagged or (baseline, smallest) in flagged \
+            else ""
+        lines.append(f"- `{enc}` {verb} `{baseline}`: mean AUC {float(row['auc_mean']):.3f} "
+                     f"({diff:+.3f}); {sig}{_bootstrap_clause(boot, enc, smallest, alpha)}{caveat}.")
+    summary_line = (f"**{len(better)} of {len(at) - 1} pre-trained encoders beat `{baseline}` at {smallest}"
+                    + (f" (supported by a test at {alpha}): {', '.join(better)}.**" if better else ".**"))
+    if ahead:
+        summary_line += (f" Ahead in mean AUC without a test that supports it: {', '.join(ahead)} — "
+                         "not evidence of a gain.")
+    lines += ["", summary_line]
     return "\n".join(lines)
+
+
+def _bootstrap_supports(boot: pd.DataFrame | None, enc: str, size: str, alpha: float) -> bool:
+    """The pooled-AUC bootstrap finds ``enc`` better than the baseline at ``alpha``."""
+    if boot is None or boot.empty:
+        return False
+    b = boot[(boot["encoder"] == enc) & (boot["size"] == size)]
+    if b.empty:
+        return False
+    p, d = float(b["p_value"].iloc[0]), float(b["diff"].iloc[0])
+    return math.isfinite(p) and p < alpha and d > 0
 
 
 def _bootstrap_clause(boot: pd.DataFrame | None, enc: str, size: str, alpha: float) -> str:

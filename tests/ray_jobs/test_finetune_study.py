@@ -56,7 +56,7 @@ def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report
     cfg = FinetuneConfig(
         data=labelled_s3, storage=str(tmp_path / "tune"), experiment="tiny-study",
         encoders=["random", seeded_encoder], backbone="resnet18", sizes=parse_sizes(samples_per_class="2,all"),
-        folds=2, seeds=[0], epochs=2, frozen_epochs=1, batch_size=8, tracking_uri=mlflow_server.uri,
+        folds=2, seeds=[0], epochs=2, recipes=["1e-3:0", "1e-4:1"], batch_size=8, tracking_uri=mlflow_server.uri,
         search_margin=0.5, search_candidates=[1],  # everything within 0.5 of full-data AUC: minimum is 1
     )
     res = run_study(cfg)
@@ -79,6 +79,14 @@ def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report
     assert (grid_n2["metrics.train_per_class_min"] == 2).all()
     one = grid_n2["run_id"].iloc[0]
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(one, "val_auc")][:2] == [0, 1]  # per epoch
+    # both recipes trained (their curves under r0./r1.), the tag names the one validation chose
+    for i in (0, 1):
+        assert [m.step for m in mlflow.MlflowClient().get_metric_history(one, f"r{i}.val_auc")] == [0, 1]
+    assert set(children["tags.recipe"]) <= {"0.001:0", "0.0001:1"}
+    chosen = grid_n2.iloc[0]
+    r_best = [mlflow.get_run(one).data.metrics[f"r{i}.best_val_auc"] for i in (0, 1)]
+    assert chosen["tags.recipe"] == ("0.001:0" if r_best[0] >= r_best[1] else "0.0001:1")
+    assert parent.data.tags["protocol"] == "tuned"
 
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(res.parent_run_id)}
     assert {"summary.md", "summary.csv", "auc_vs_size.png", "search.json"} <= arts
@@ -91,6 +99,8 @@ def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report
     for row in ("| random | n1 |", "| random | n2 |", "| random | all |", "| seeded | n2 |", "| seeded | all |"):
         assert row in md
     assert "Paired Wilcoxon signed-rank test against `random`" in md and "| seeded | n2 | 2 |" in md
+    assert "## Fine-tuning recipe per encoder" in md and "Fine-tuning recipe: tuned: each trial trains" in md
+    assert re.search(r"\| random \| n2 \| lr 0\.00?01?, [01] frozen: \d/2", md)
     # every trial logged its test predictions; the report pooled them over the 2 folds per size
     preds = mlflow.MlflowClient().list_artifacts(one, "predictions")
     assert [a.path for a in preds] == ["predictions/test.npz"]

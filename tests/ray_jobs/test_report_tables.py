@@ -8,7 +8,16 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from ray_jobs.report.tables import minimal_samples, smallest_size_verdict, summarise, wilcoxon_vs_baseline
+from ray_jobs.report.tables import (
+    minimal_samples,
+    recipe_markdown,
+    recipe_table,
+    smallest_size_verdict,
+    summarise,
+    undertrained_cells,
+    undertrained_note,
+    wilcoxon_vs_baseline,
+)
 
 
 def _trials() -> pd.DataFrame:
@@ -33,18 +42,68 @@ def test_summary_is_mean_and_sample_std_over_folds_smallest_size_first():
     assert r.f1_mean == pytest.approx(0.52) and r.acc_mean == pytest.approx(0.57)
 
 
-def test_verdict_names_the_encoders_that_beat_random_at_the_smallest_size_and_the_p_value_floor():
+def test_verdict_says_beats_only_where_a_test_supports_it_and_names_the_p_value_floor():
     t = _trials()
     five = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random")
     assert "Smallest training-set size: **n5**" in five
-    assert "`byol` beats `random`: mean AUC 0.670 (+0.050)" in five
-    # 5 folds all +0.05: exact two-sided p = 0.0625, the floor for 5 pairs, which cannot reach 0.05
-    assert "smallest attainable p = 0.0625" in five and "**1 of 1 pre-trained encoders beat `random` at n5: byol.**" in five
+    # 5 folds all +0.05: exact two-sided p = 0.0625, the floor for 5 pairs, which cannot reach 0.05:
+    # a higher mean without a supporting test is not a win
+    assert "`byol` is ahead of (not shown to beat; no test supports it) `random`: mean AUC 0.670 (+0.050)" in five
+    assert "smallest attainable p = 0.0625" in five
+    assert "**0 of 1 pre-trained encoders beat `random` at n5.**" in five
+    assert "Ahead in mean AUC without a test that supports it: byol" in five
+    # the patient-level bootstrap has no floor: when it finds byol better, the verdict says so
+    boot = pd.DataFrame([{"encoder": "byol", "size": "n5", "patients": 40, "diff": 0.05, "ci_low": 0.01,
+                          "ci_high": 0.09, "p_value": 0.004}])
+    v = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random", boot=boot)
+    assert "`byol` beats `random`: mean AUC 0.670 (+0.050)" in v
+    assert "**1 of 1 pre-trained encoders beat `random` at n5 (supported by a test at 0.05): byol.**" in v
+    # a bootstrap that finds byol *worse* with p < 0.05 is no support for a win
+    v = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random", boot=boot.assign(diff=-0.05))
+    assert "**0 of 1" in v
     three = t[t["fold"] < 3].copy()
     three.loc[(three.encoder == "byol") & (three["size"] == "n5"), "test_auc"] -= 0.2
     v = smallest_size_verdict(summarise(three), wilcoxon_vs_baseline(three), "random")
     assert "`byol` does not beat `random`" in v and "smallest attainable p = 0.25" in v
     assert "**0 of 1 pre-trained encoders beat `random` at n5.**" in v
+
+
+def test_a_higher_mean_with_a_negative_median_difference_is_not_a_win():
+    rows = []
+    # one fold far ahead lifts the mean, the other five folds are slightly behind
+    for fold, d in enumerate([0.30, -0.01, -0.01, -0.01, -0.01, -0.01]):
+        for enc, auc in (("random", 0.6), ("swav", 0.6 + d)):
+            rows.append({"encoder": enc, "size": "n5", "fold": fold, "seed": 0, "test_auc": auc,
+                         "test_f1_macro": auc, "test_accuracy": auc, "train_per_class_min": 5})
+    t = pd.DataFrame(rows)
+    boot = pd.DataFrame([{"encoder": "swav", "size": "n5", "patients": 60, "diff": 0.04, "ci_low": 0.01,
+                          "ci_high": 0.07, "p_value": 0.01}])
+    v = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random", boot=boot)
+    assert "`swav` is ahead of (not shown to beat; the median paired difference is negative)" in v
+    assert "**0 of 1" in v
+
+
+def test_verdict_states_the_protocol_and_flags_under_trained_cells():
+    t = _trials()
+    t["late_best"] = [1.0 if (e == "random" and s == "n5") else 0.0 for e, s in zip(t.encoder, t["size"])]
+    t.loc[(t.encoder == "byol") & (t["size"] == "n5") & (t.fold < 2), "late_best"] = 1.0  # 2 of 5: not flagged
+    late = undertrained_cells(t)
+    assert list(zip(late.encoder, late["size"], late.n_late, strict=True)) == [("random", "n5", 5)]
+    v = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random", protocol="tuned: grid",
+                              undertrained=late)
+    assert v.startswith("Fine-tuning recipe: tuned: grid.")
+    assert "(under-trained cell: see below)" in v
+    assert "`random` at n5 (5/5 trials)" in undertrained_note(late)
+    assert "every curve had levelled off" in undertrained_note(undertrained_cells(t.assign(late_best=0.0)))
+
+
+def test_recipe_table_counts_the_recipe_each_trial_chose():
+    t = _trials()
+    t["recipe"] = ["lr 0.001, 0 frozen" if f < 3 else "lr 0.0001, 1 frozen" for f in t.fold]
+    r = recipe_table(t)
+    row = r[(r.encoder == "byol") & (r["size"] == "n5")].iloc[0]
+    assert row.chosen == "lr 0.001, 0 frozen: 3/5; lr 0.0001, 1 frozen: 2/5"
+    assert "| byol | n5 | lr 0.001, 0 frozen: 3/5; lr 0.0001, 1 frozen: 2/5 |" in recipe_markdown(r)
 
 
 def test_wilcoxon_pairs_folds_and_matches_scipy():

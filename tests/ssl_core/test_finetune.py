@@ -126,3 +126,41 @@ def test_bad_configuration_and_inputs_are_refused():
                   FinetuneConfig(epochs=1, freeze_epochs=0, select_metric="precision"), device="cpu").fit(
             TensorBatches(torch.zeros(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]), 4),
             TensorBatches(torch.zeros(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]), 4))
+
+
+def test_bn_recalibration_sets_running_stats_to_the_exact_average_of_the_training_images():
+    torch.manual_seed(3)
+    model = create_classifier("test_resnet", num_classes=2, in_chans=1)
+    ft = FineTuner(model, FinetuneConfig(epochs=1, freeze_epochs=0, lr=1e-3, batch_size=8,
+                                         windows=["soft_tissue"], bn_recalibrate=True), device="cpu")
+    hu, y = _blob_data(24, seed=4)
+    ft.train_one_epoch(ft.batches(hu, y, train=True), 0)
+    conv, bn1 = model.conv1[0], model.conv1[1]  # test_resnet's deep stem: conv -> batch norm first
+    momentum = bn1.momentum
+    # what the first batch norm sees: the unaugmented, windowed images through the first conv
+    with torch.no_grad():
+        x = conv(ft._prepare(hu, train=False))
+    used = ft.recalibrate_bn(ft.batches(hu, y, train=True))
+    assert used == 24
+    torch.testing.assert_close(bn1.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn1.momentum == momentum  # restored
+    # the order of the batches does not matter (cumulative average), the weights did not move
+    before = _snapshot(model)
+    ft.recalibrate_bn(ft.batches(hu.flip(0), y.flip(0), train=False))
+    torch.testing.assert_close(bn1.running_mean, before["conv1.1.running_mean"], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+
+
+def test_fit_recalibrates_before_each_evaluation_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(FineTuner, "recalibrate_bn", lambda self, batches: calls.append(1) or 0)
+    hu, y = _blob_data(16, seed=5)
+    for flag, expected in ((True, 2), (False, 0)):
+        calls.clear()
+        torch.manual_seed(0)
+        ft = FineTuner(create_classifier("test_resnet", num_classes=2, in_chans=1),
+                       FinetuneConfig(epochs=2, freeze_epochs=0, lr=1e-3, batch_size=8, windows=["soft_tissue"],
+                                      bn_recalibrate=flag), device="cpu")
+        ft.fit(ft.batches(hu, y, train=True), ft.batches(hu, y, train=False))
+        assert len(calls) == expected
