@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ssl_core.ct_window import WindowJitter, WindowSpec, apply_window, default_windows
+from ssl_core.ct_window import WindowJitter, WindowSpec, apply_window, default_windows, standardise_windowed
 
 Op = Callable[..., torch.Tensor]
 
@@ -253,9 +253,21 @@ class Window:
 
     windows: WindowSpec | Sequence[WindowSpec] = ("lung",)
     jitter: WindowJitter | None = None
+    standardise: bool = True  # False when a later op needs [0, 1] values: put Standardise after it
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return apply_window(x, self.windows, self.jitter, generator)
+        return apply_window(x, self.windows, self.jitter, generator, standardise=self.standardise)
+
+
+@dataclass
+class Standardise:
+    """The per-dataset standardisation of windows written ``NAME@MEAN/STD`` (a no-op for others), for
+    pipelines whose [0, 1]-based ops (solarize) run between windowing and standardising."""
+
+    windows: WindowSpec | Sequence[WindowSpec] = ("lung",)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return standardise_windowed(x, self.windows)
 
 
 @dataclass
@@ -332,8 +344,9 @@ def byol_views(img_size: int, windows: Sequence[WindowSpec] | None = None, in_ch
         return Compose([
             RandomResizedCrop(img_size, scale=(0.08, 1.0), hflip_p=0.5, fill=fill),
             GaussianBlur(_blur_sigma(img_size), p=blur_p),
-            Window(windows, jit),
+            Window(windows, jit, standardise=False),
             RandomSolarize(p=solar_p),
+            Standardise(windows),
         ])
 
     return MultiView([(view(1.0, 0.0), 1), (view(0.1, 0.2), 1)])
@@ -405,6 +418,6 @@ def create_views(method: str, img_size: int, **kwargs) -> MultiView:
 
 
 __all__ = ["AIR_HU", "VIEW_RECIPES", "Compose", "GaussianBlur", "GaussianNoise", "MultiView", "RandomFlip",
-           "RandomResizedCrop", "RandomSolarize", "Window", "byol_views", "create_views", "crop_affine",
+           "RandomResizedCrop", "RandomSolarize", "Standardise", "Window", "byol_views", "create_views", "crop_affine",
            "gaussian_blur", "mocov2_views", "random_resized_crop", "spark_views", "swav_local_size",
            "swav_views"]

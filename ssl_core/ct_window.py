@@ -9,6 +9,9 @@ Public API (stable):
 * :func:`apply_window` ``(hu (N,1,H,W), windows, jitter=None, generator=None) -> (N, len(windows), H, W)``.
 * :func:`default_windows` ``(in_chans) -> list[str]`` — 1 channel: lung; 3 channels: lung / soft
   tissue / bone.
+* :func:`standardised` ``(window, mean, std) -> str`` — a window whose [0, 1] output is then
+  standardised, ``(y - mean) / std``, written ``"NAME@MEAN/STD"`` (e.g. ``"gray8@0.42/0.27"``) so it
+  stays a plain string in configs, MLflow params and encoder configs.
 
 Windowing is done at training time, batched on the tensor's device, because slices are stored as
 lossless HU: the same shards then serve 1- and 3-channel models, and a jittered window is a real CT
@@ -17,6 +20,7 @@ window rather than a brightness trick on already-clipped pixels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +44,57 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 WindowSpec = str | tuple[float, float]
 
 
+def standardised(window: str, mean: float, std: float) -> str:
+    """The spec of ``window`` followed by ``(y - mean) / std`` on its [0, 1] output.
+
+    Why: 8-bit sources (PNG folders, MedMNIST) carry no physical scale, so their grey / 255 inputs sit
+    wherever the dataset's brightness puts them; with a handful of labelled images a network's
+    batch-norm statistics never catch up. Standardising with the dataset's own mean / std (computed
+    once by prep) gives every model zero-mean, unit-variance input."""
+    if not std > 0:
+        raise ValueError(f"standardising needs std > 0, got {std}")
+    return f"{_split(window)[0]}@{mean:.6g}/{std:.6g}"
+
+
+def dataset_windows(intensity: str, stats: dict[str, float] | None, in_chans: int) -> list[str] | None:
+    """The windows a model reads a dataset with: for 8-bit data (``intensity`` "gray8") the gray8
+    window standardised by the dataset's grey-value ``stats`` (``mean`` / ``std`` in 0..255 units, as
+    prep stores them), plain gray8 without usable statistics; None for HU data, where the method's
+    CT windows apply."""
+    if intensity != "gray8":
+        return None
+    mean, std = (stats or {}).get("mean", math.nan), (stats or {}).get("std", 0.0)
+    if math.isfinite(mean) and math.isfinite(std) and std > 0:
+        return [standardised("gray8", mean / 255.0, std / 255.0)] * in_chans
+    return ["gray8"] * in_chans
+
+
+def _split(w: str) -> tuple[str, tuple[float, float] | None]:
+    """``"gray8@0.4/0.2"`` -> ("gray8", (0.4, 0.2)); ``"lung"`` -> ("lung", None)."""
+    name, sep, rest = w.partition("@")
+    if not sep:
+        return w, None
+    mean, _, std = rest.partition("/")
+    try:
+        m, sd = float(mean), float(std)
+    except ValueError:
+        raise ValueError(f"CT window {w!r}: expected NAME@MEAN/STD") from None
+    if not sd > 0:
+        raise ValueError(f"CT window {w!r}: std must be > 0")
+    return name, (m, sd)
+
+
+def standardisation(windows: WindowSpec | Sequence[WindowSpec]) -> list[tuple[float, float]] | None:
+    """Per-channel ``(mean, std)`` applied after windowing; None when no window asks for it."""
+    if isinstance(windows, str) or (isinstance(windows, tuple) and len(windows) == 2
+                                    and all(isinstance(v, int | float) for v in windows)):
+        windows = [windows]  # type: ignore[list-item]
+    out = [(_split(w)[1] if isinstance(w, str) else None) for w in windows]  # type: ignore[union-attr]
+    if all(o is None for o in out):
+        return None
+    return [o if o is not None else (0.0, 1.0) for o in out]
+
+
 def resolve_windows(windows: WindowSpec | Sequence[WindowSpec]) -> list[tuple[float, float]]:
     """Turn preset names and/or ``(center, width)`` pairs into a list of pairs, validating widths."""
     if isinstance(windows, str) or (
@@ -50,7 +105,7 @@ def resolve_windows(windows: WindowSpec | Sequence[WindowSpec]) -> list[tuple[fl
     for w in windows:  # type: ignore[union-attr]
         if isinstance(w, str):
             try:
-                out.append(WINDOW_PRESETS[w])
+                out.append(WINDOW_PRESETS[_split(w)[0]])
             except KeyError:
                 raise ValueError(f"unknown CT window {w!r}; known: {', '.join(WINDOW_PRESETS)}") from None
         else:
@@ -128,8 +183,11 @@ def apply_window(
     windows: WindowSpec | Sequence[WindowSpec],
     jitter: WindowJitter | None = None,
     generator: torch.Generator | None = None,
+    standardise: bool = True,
 ) -> torch.Tensor:
-    """Window ``hu`` (N, 1, H, W) into (N, len(windows), H, W) float values clipped to [0, 1].
+    """Window ``hu`` (N, 1, H, W) into (N, len(windows), H, W) float values clipped to [0, 1], then
+    standardised per channel where a window says so (see :func:`standardised`) unless
+    ``standardise`` is False (for ops that need [0, 1] first: :func:`standardise_windowed` after them).
 
     One fused multiply-add per output element: ``(hu - (c - w/2)) / w``.
     """
@@ -139,8 +197,19 @@ def apply_window(
     c, w = window_params(hu.shape[0], windows, jitter, generator, hu.device)
     inv_w = 1.0 / w
     offset = 0.5 - c * inv_w  # (hu - c + w/2) / w
-    return torch.addcmul(offset, hu, inv_w).clamp_(0.0, 1.0)
+    y = torch.addcmul(offset, hu, inv_w).clamp_(0.0, 1.0)
+    return standardise_windowed(y, windows) if standardise else y
 
 
-__all__ = ["WINDOW_PRESETS", "WindowJitter", "WindowSpec", "apply_window", "default_windows",
-           "resolve_windows", "window_params"]
+def standardise_windowed(y: torch.Tensor, windows: WindowSpec | Sequence[WindowSpec]) -> torch.Tensor:
+    """``(y - mean) / std`` per channel of windowed ``y`` for the windows that ask for it; else ``y``."""
+    std = standardisation(windows)
+    if std is not None:
+        m = torch.tensor([s[0] for s in std], dtype=y.dtype, device=y.device).view(1, -1, 1, 1)
+        inv = torch.tensor([1.0 / s[1] for s in std], dtype=y.dtype, device=y.device).view(1, -1, 1, 1)
+        y = (y - m).mul_(inv)
+    return y
+
+
+__all__ = ["WINDOW_PRESETS", "WindowJitter", "WindowSpec", "apply_window", "dataset_windows", "default_windows",
+           "resolve_windows", "standardisation", "standardise_windowed", "standardised", "window_params"]

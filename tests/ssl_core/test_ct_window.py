@@ -76,3 +76,36 @@ def test_bad_window_input_is_rejected_with_the_offending_value():
         apply_window(torch.zeros(1, 3, 2, 2), "lung")
     with pytest.raises(ValueError, match="width_scale"):
         WindowJitter(width_scale=(1.5, 0.5))
+
+
+def test_standardised_windows_give_zero_mean_unit_variance_on_the_datasets_statistics():
+    from ssl_core.ct_window import dataset_windows, standardisation, standardised
+
+    g = torch.Generator().manual_seed(0)
+    grey = (torch.rand(64, 1, 16, 16, generator=g) * 120 + 60).round()  # an 8-bit set, grey 60..180
+    mean, std = float(grey.mean()), float(grey.std(unbiased=False))
+    spec = dataset_windows("gray8", {"mean": mean, "std": std}, in_chans=1)
+    assert spec == [standardised("gray8", mean / 255, std / 255)] and spec[0].startswith("gray8@")
+    y = apply_window(grey, spec)
+    assert abs(float(y.mean())) < 1e-4 and abs(float(y.std(unbiased=False)) - 1) < 1e-4
+    plain = apply_window(grey, ["gray8"])
+    torch.testing.assert_close(apply_window(grey, spec, standardise=False), plain)
+    assert standardisation(["gray8", "lung"]) is None
+    assert standardisation(spec + ["lung"]) == [(pytest.approx(mean / 255, rel=1e-5),
+                                                 pytest.approx(std / 255, rel=1e-5)), (0.0, 1.0)]
+    assert dataset_windows("hu", None, 1) is None
+    assert dataset_windows("gray8", None, 3) == ["gray8"] * 3
+    with pytest.raises(ValueError, match="expected NAME@MEAN/STD"):
+        apply_window(grey, ["gray8@x/y"])
+
+
+def test_byol_solarizes_on_0_1_values_before_standardising():
+    from ssl_core.augment import byol_views
+
+    spec = ["gray8@0.5/0.25"]
+    views = byol_views(16, windows=spec, fill=0.0)
+    ops = [type(o).__name__ for o in views.pipelines[1][0].ops]
+    assert ops[-3:] == ["Window", "RandomSolarize", "Standardise"]
+    x = torch.full((4, 1, 16, 16), 255.0)
+    out = views(x, generator=torch.Generator().manual_seed(0))
+    assert all(float(v.max()) <= (1 - 0.5) / 0.25 + 1e-5 for v in out)  # [0, 1] -> at most +2 sd
