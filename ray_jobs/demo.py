@@ -44,9 +44,9 @@ class DemoConfig:
     folds: int = 3
     samples_per_class: str = "5,20,all"
     finetune_epochs: int = 8
-    finetune_frozen: int = 2
+    finetune_protocol: str = "tuned"  # each encoder's recipe chosen on validation (ctssl finetune's default)
+    finetune_recipes: str | None = None  # "lr:frozen,..."; None: ctssl finetune's default grid
     finetune_batch: int = 32
-    finetune_lr: float = 1e-3
     max_concurrent: int = 2
     # SparK's 768-wide decoder costs 2.5x a contrastive step at demo scale; 256 keeps its share fair
     extra: dict[str, Any] = field(default_factory=lambda: {"spark_options": {"decoder_width": 256}})
@@ -152,15 +152,16 @@ def _pretrain_one(method: str) -> Callable[[DemoConfig], dict[str, Any]]:
 
 
 def _finetune(cfg: DemoConfig) -> dict[str, Any]:
-    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+    from ray_jobs.finetune.config import FinetuneConfig, parse_recipes, parse_sizes
     from ray_jobs.finetune.study import run_study
 
     encoders = ["random"] + [f"{m}={_final_checkpoint(cfg, m)}" for m in cfg.methods]
     fc = FinetuneConfig(data=_url(cfg, "shards", "labelled"), storage=_url(cfg, "study"),
                         experiment="demo-study", encoders=encoders, backbone=cfg.backbone,
                         sizes=parse_sizes(samples_per_class=cfg.samples_per_class), folds=cfg.folds,
-                        epochs=cfg.finetune_epochs, frozen_epochs=cfg.finetune_frozen, lr=cfg.finetune_lr,
-                        batch_size=cfg.finetune_batch, max_concurrent=cfg.max_concurrent, address="local",
+                        epochs=cfg.finetune_epochs, protocol=cfg.finetune_protocol,
+                        recipes=[r.to_text() for r in parse_recipes(cfg.finetune_recipes) or []] or None,
+                        frozen_epochs=min(2, cfg.finetune_epochs), lr=1e-3, batch_size=cfg.finetune_batch, max_concurrent=cfg.max_concurrent, address="local",
                         tracking_uri=cfg.tracking_uri(), val_fraction=0.25)
     r = run_study(fc)
     print(r.summary_markdown())
@@ -213,7 +214,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                          lambda c, r: _exists(r["checkpoint"])))
     out.append(Stage("finetune", "fine-tuning study (Ray Tune)", _finetune,
                      keys(*pre_keys, "extra", "methods", "folds", "samples_per_class", "finetune_epochs",
-                          "finetune_frozen", "finetune_batch", "finetune_lr"),
+                          "finetune_protocol", "finetune_recipes", "finetune_batch"),
                      lambda c, r: True))
     out.append(Stage("report", "report", _report, lambda c: {"after": "finetune"},
                      lambda c, r: Path(r["html"]).exists()))

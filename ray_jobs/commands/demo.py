@@ -45,8 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=d.folds, help="patient-level folds")
     p.add_argument("--samples-per-class", default=d.samples_per_class, help="training-set sizes")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
-    p.add_argument("--finetune-frozen", type=int, default=d.finetune_frozen,
-                   help="of the fine-tuning epochs, how many train the head only (backbone frozen)")
+    p.add_argument("--finetune-protocol", choices=("tuned", "fixed"), default=d.finetune_protocol,
+                   help="tuned (default): each encoder's recipe chosen on validation; fixed: lr 1e-3, 2 epochs "
+                        "frozen for every encoder")
+    p.add_argument("--finetune-recipes", metavar="LR:FROZEN,...", default=d.finetune_recipes,
+                   help="the tuned grid (default: ctssl finetune's, lr 1e-3 / 1e-4 x 0 / epochs/7 frozen)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
@@ -59,9 +62,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CLIError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if not 0 <= args.finetune_frozen <= args.finetune_epochs:
-        raise CLIError(f"--finetune-frozen {args.finetune_frozen} must be between 0 and --finetune-epochs "
-                       f"{args.finetune_epochs}")
+    if args.finetune_recipes is not None:
+        from ray_jobs.finetune.config import parse_recipes
+
+        for r in parse_recipes(args.finetune_recipes) or []:
+            if r.frozen_epochs > args.finetune_epochs:
+                raise CLIError(f"--finetune-recipes: {r.to_text()} freezes more than --finetune-epochs "
+                               f"{args.finetune_epochs}")
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
     cfg = DemoConfig(out=args.out, storage=args.storage, pretrain_patients=args.pretrain_patients,
@@ -69,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                      labelled_slices=args.labelled_slices, size=args.size,
                      task=args.task, backbone=args.backbone, methods=methods, pretrain_epochs=args.pretrain_epochs,
                      pretrain_batch=args.pretrain_batch, folds=args.folds, samples_per_class=args.samples_per_class,
-                     finetune_epochs=args.finetune_epochs, finetune_frozen=args.finetune_frozen, seed=args.seed)
+                     finetune_epochs=args.finetune_epochs, finetune_protocol=args.finetune_protocol,
+                     finetune_recipes=args.finetune_recipes, seed=args.seed)
     res = run_demo(cfg)
     out = Path(cfg.out).resolve()
     print("\nctssl demo finished.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep import shards
+from data_prep import intensity, shards
 from data_prep.errors import ManifestError
 from ray_jobs.errors import CLIError
 
@@ -26,6 +26,7 @@ class LabelledData:
     patients: np.ndarray  # (N,) str
     intensity: str
     dataset: str
+    intensity_stats: dict[str, float] | None = None  # 8-bit data: grey mean / std (data_prep.intensity)
 
     @property
     def label_names(self) -> np.ndarray:
@@ -55,4 +56,5 @@ def load_labelled(url: str) -> LabelledData:
     sources = sorted(set(table.column("source").to_pylist()))
     return LabelledData(images=np.ascontiguousarray(images), labels=y, classes=classes,
                         patients=np.asarray(table.column("patient_id").to_pylist()).astype(str),
-                        intensity=str(manifest.get("intensity", "hu")), dataset=",".join(sources))
+                        intensity=str(manifest.get("intensity", "hu")), dataset=",".join(sources),
+                        intensity_stats=intensity.dataset_stats(url))

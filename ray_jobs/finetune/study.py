@@ -136,9 +136,14 @@ def mean_auc(results: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def _encoder_payload(specs, intensity: str) -> dict[str, dict[str, Any]]:
+def _encoder_payload(specs, intensity: str, stats: dict[str, float] | None) -> dict[str, dict[str, Any]]:
+    """What a trial needs of each encoder. Input windows: the ones the encoder was pre-trained with
+    (its encoder_config), else the labelled set's (8-bit data standardised by its own statistics)."""
+    from ssl_core.ct_window import dataset_windows
+
     return {s.name: {"backbone": s.backbone, "in_chans": s.in_chans, "method": s.method, "state": s.state,
-                     "windows": ["gray8"] * s.in_chans if intensity == "gray8" else None} for s in specs}
+                     "windows": s.config.get("windows") or dataset_windows(intensity, stats, s.in_chans)}
+            for s in specs}
 
 
 def run_study(cfg: FinetuneConfig) -> StudyResult:
@@ -168,7 +173,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
                                         "n_slices": len(data.labels), "n_patients": len(set(data.patients)),
                                         "img_size_effective": settings["img_size"]})
     ctx = StudyContext(images=data.images, labels=data.labels, classes=data.classes, folds=folds,
-                       encoders=_encoder_payload(encoders, data.intensity), settings=settings,
+                       encoders=_encoder_payload(encoders, data.intensity, data.intensity_stats), settings=settings,
                        tracking_uri=tracking_uri, experiment_id=exp_id, parent_run_id=parent_id,
                        env=ray_cluster.forwarded_env(), patients=np.asarray(data.patients))
     try:

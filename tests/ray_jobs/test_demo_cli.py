@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(900)
 
 TINY = ["--pretrain-patients", "6", "--labelled-patients", "6", "--slices", "8", "--labelled-slices", "8",
         "--size", "64", "--methods", "byol,spark", "--pretrain-epochs", "1", "--pretrain-batch", "16",
-        "--folds", "3", "--samples-per-class", "2,all", "--finetune-epochs", "2"]
+        "--folds", "3", "--samples-per-class", "2,all", "--finetune-epochs", "2",
+        "--finetune-recipes", "1e-3:0,1e-4:1"]
 
 
 def _demo(out: Path, storage: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -77,6 +78,6 @@ def test_tiny_demo_on_s3_runs_every_stage_then_reuses_them(tmp_path, s3_bucket):
     redo = _stage_lines(third.stdout)
     assert [k for k, v in redo.items() if v == "ran"] == ["finetune", "report"], redo
 
-    bad = _demo(out, storage, "--finetune-epochs", "1")  # 2 frozen epochs do not fit in 1
+    bad = _demo(out, storage, "--finetune-epochs", "1", "--finetune-recipes", "1e-3:2")  # 2 frozen in 1 epoch
     assert bad.returncode == 2
-    assert "--finetune-frozen 2 must be between 0 and --finetune-epochs 1" in bad.stderr
+    assert "--finetune-recipes: 0.001:2 freezes more than --finetune-epochs 1" in bad.stderr
