@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from data_prep.errors import UserError
@@ -35,6 +36,25 @@ class Pseudonymizer:
     def fingerprint(self) -> str:
         """A short id of the key (not the key) so a manifest can tell which key made it."""
         return hmac.new(self._key, b"ctssl-key-fingerprint", hashlib.sha256).hexdigest()[:12]
+
+    def phi_digest(self, value: str) -> str:
+        """A keyed digest of one identifying value.
+
+        Commit records carry these instead of the values, so that whichever process writes the
+        manifest can redact with the identifiers every worker (and every earlier run) saw, without
+        any identifier being stored. Keyed like the pseudonyms, so no one without the key can test
+        candidate names against them. 96 bits: a chance match of a random substring is negligible.
+        """
+        return hmac.digest(self._key, b"phi\x00" + value.encode(), "sha256")[:12].hex()
+
+    def phi_digests(self, values: Iterable[str]) -> dict[str, list[str]]:
+        """Digests of ``values`` (those redaction would use: 3+ characters) grouped by length, the
+        form :class:`PhiIndex` reads back; JSON keys are strings, hence ``str(len)``."""
+        out: dict[str, set[str]] = {}
+        for v in values:
+            if len(v) >= MIN_REDACT_LEN:
+                out.setdefault(str(len(v)), set()).add(self.phi_digest(v))
+        return {k: sorted(out[k]) for k in sorted(out, key=int)}
 
 
 def load_key(key_file: str | None = None, *, allow_generate: bool = False,
@@ -71,6 +91,11 @@ def load_key(key_file: str | None = None, *, allow_generate: bool = False,
     )
 
 
+#: values shorter than this are never redacted: "M", "F" or "01" would shred every path
+MIN_REDACT_LEN = 3
+REDACTED = "[redacted]"
+
+
 def redact(text: str, phi: list[str] | set[str]) -> str:
     """``text`` with every identifying value in ``phi`` replaced by ``[redacted]``.
 
@@ -78,7 +103,72 @@ def redact(text: str, phi: list[str] | set[str]) -> str:
     and files by SOPInstanceUID, so a path alone can identify a patient. The rest of the path stays,
     so a person can still find the file.
     """
-    for v in sorted({v for v in phi if len(v) >= 3}, key=len, reverse=True):
+    for v in sorted({v for v in phi if len(v) >= MIN_REDACT_LEN}, key=len, reverse=True):
         if v in text:
-            text = text.replace(v, "[redacted]")
+            text = text.replace(v, REDACTED)
     return text
+
+
+class PhiIndex:
+    """Every identifier a run knows of, as keyed digests (:meth:`Pseudonymizer.phi_digests`), for
+    redacting text in the process that writes the manifest.
+
+    A worker can only redact with the identifiers it read itself, but a path can hold an identifier
+    that only another worker saw: a labels CSV row naming a missing file in a patient folder (found
+    before any header is read), or a folder of unreadable files named by a PatientID whose readable
+    series sit elsewhere. The digests of all commit records together cover the whole run, resumed
+    chunks and other ``--shard-index`` processes included. Matching hashes every substring of a
+    length some identifier has, so an identifier is found anywhere in a text, as :func:`redact`
+    finds it; results are cached because reject paths and reasons repeat.
+    """
+
+    def __init__(self, pseudo: Pseudonymizer):
+        self._pseudo = pseudo
+        self._by_len: dict[int, set[str]] = {}
+        self._cache: dict[str, str] = {}
+
+    def add(self, digests: Mapping[str, Iterable[str]]) -> None:
+        for n, ds in digests.items():
+            if int(n) >= MIN_REDACT_LEN:
+                self._by_len.setdefault(int(n), set()).update(ds)
+        self._cache.clear()
+
+    def add_values(self, values: Iterable[str]) -> None:
+        self.add(self._pseudo.phi_digests(values))
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds in self._by_len.values())
+
+    def redact(self, text: str) -> str:
+        """``text`` with every run of characters covered by a known identifier replaced by
+        ``[redacted]`` (overlapping or adjacent identifiers become one marker)."""
+        if not text or not self._by_len:
+            return text
+        hit = self._cache.get(text)
+        if hit is not None:
+            return hit
+        covered = bytearray(len(text))
+        digest = self._pseudo.phi_digest
+        for n, ds in self._by_len.items():
+            for i in range(len(text) - n + 1):
+                if digest(text[i:i + n]) in ds:
+                    covered[i:i + n] = b"\x01" * n
+        if not any(covered):
+            out = text
+        else:
+            parts: list[str] = []
+            i = 0
+            while i < len(text):
+                if covered[i]:
+                    while i < len(text) and covered[i]:
+                        i += 1
+                    parts.append(REDACTED)
+                else:
+                    j = i
+                    while j < len(text) and not covered[j]:
+                        j += 1
+                    parts.append(text[i:j])
+                    i = j
+            out = "".join(parts)
+        self._cache[text] = out
+        return out

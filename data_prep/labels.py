@@ -14,32 +14,52 @@ def read_labels_csv(path: str, *, root: str | None = None) -> dict[str, str]:
     """Map of input path (relative to ``root``, normalised, forward slashes) -> label.
 
     Accepts a header with columns ``file`` and ``label`` (extra columns ignored). A missing column,
-    an empty file name or a file listed twice with different labels is an error naming the line.
+    an empty file name or a file listed twice with different labels is an error naming the line, and
+    only the line: the file names of a CSV are paths into patient folders (often named by PatientID),
+    and an error message ends up in logs, where nothing may be redacted yet.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: labels CSV not found")
+    check_labels_csv(path)
     out: dict[str, str] = {}
-    with p.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "file" not in fields or "label" not in fields:
-            raise UserError(f"{path}: labels CSV needs the columns 'file' and 'label' (found {fields})")
-        reader.fieldnames = fields
-        for lineno, row in enumerate(reader, start=2):
-            name = (row.get("file") or "").strip()
-            label = (row.get("label") or "").strip()
-            if not name:
-                raise UserError(f"{path}:{lineno}: empty file name")
-            if label == "":
-                raise UserError(f"{path}:{lineno}: empty label for {name}")
-            key = normalise_key(name)
-            if key in out and out[key] != label:
-                raise UserError(f"{path}:{lineno}: {name} listed twice with labels {out[key]!r} and {label!r}")
-            out[key] = label
+    first_line: dict[str, int] = {}
+    lineno = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "file" not in fields or "label" not in fields:
+                raise UserError(f"{path}: labels CSV needs the columns 'file' and 'label' (found {fields})")
+            reader.fieldnames = fields
+            for lineno, row in enumerate(reader, start=2):
+                name = (row.get("file") or "").strip()
+                label = (row.get("label") or "").strip()
+                if not name:
+                    raise UserError(f"{path}:{lineno}: empty file name")
+                if label == "":
+                    raise UserError(f"{path}:{lineno}: empty label")
+                key = normalise_key(name)
+                if key in out and out[key] != label:
+                    raise UserError(f"{path}:{lineno}: the file of line {first_line[key]} again, with label "
+                                    f"{label!r} instead of {out[key]!r}")
+                out[key] = label
+                first_line.setdefault(key, lineno)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}:{lineno}: not a readable CSV text file ({type(e).__name__})") from None
+    except OSError as e:
+        raise UserError(f"{path}: labels CSV cannot be read ({e.strerror or type(e).__name__})") from None
     if root is not None:
         out = {normalise_key(os.path.relpath(os.path.join(root, k), root)): v for k, v in out.items()}
     return out
+
+
+def check_labels_csv(path: str) -> None:
+    """Fail with one line naming ``path`` when it is not a readable file, before any work starts."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: labels CSV not found")
+    if not p.is_file():
+        raise UserError(f"{path}: labels CSV is not a file (a folder?); give the CSV file itself")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{path}: labels CSV is not readable (permission denied)")
 
 
 def normalise_key(rel: str) -> str:

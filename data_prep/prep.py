@@ -9,6 +9,13 @@ Units of work are *chunks* of whole series, each written as one shard plus a com
   manifest.
 Workers pseudonymise what they load (a DICOM folder's series are only known once read), so the
 key travels to them in memory, never to storage or logs.
+
+Rejects are redacted twice. A worker redacts its commit record with the identifiers of its chunk and
+names a rejected file only by a keyed digest of its path; the process that writes the manifest
+rebuilds each path from its own file listing and redacts it, and every other reject and ignored file,
+with the identifiers of the whole run (keyed digests in every commit record, see
+:class:`~data_prep.deid.PhiIndex`). So an identifier that only another worker, an earlier run or
+another ``--shard-index`` read from a header still never reaches the manifest, a commit or stdout.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from data_prep import shards, storage
-from data_prep.deid import Pseudonymizer, redact
+from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
 from data_prep.errors import UserError
+from data_prep.labels import check_labels_csv
 from data_prep.records import Reject, SeriesTask
 from data_prep.schema import SCHEMA_VERSION
 from data_prep.sources import get_source
@@ -56,8 +64,12 @@ class PrepConfig:
         """What must be equal for a rerun to continue an existing output."""
         labels_sha = None
         if self.labels_csv:
-            with open(self.labels_csv, "rb") as f:
-                labels_sha = hashlib.sha256(f.read()).hexdigest()
+            check_labels_csv(self.labels_csv)
+            try:
+                with open(self.labels_csv, "rb") as f:
+                    labels_sha = hashlib.sha256(f.read()).hexdigest()
+            except OSError as e:
+                raise UserError(f"{self.labels_csv}: labels CSV cannot be read ({e.strerror})") from None
         return {"source": self.source, "size": self.size, "dataset": self.dataset, "labels_sha256": labels_sha,
                 "schema_version": SCHEMA_VERSION}
 
@@ -87,7 +99,8 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
     source = get_source(tasks[0]["task"].source)
     writer: shards.ShardWriter | None = None
     shard_records: list[dict[str, Any]] = []
-    rejects: list[dict[str, str]] = []
+    raw_rejects: list[tuple[dict[str, Any], Reject]] = []  # (task item, reject), redacted once all is read
+    phi: set[str] = set()
     patients: set[str] = set()
     series_ids: set[str] = set()
     slices = 0
@@ -107,11 +120,14 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
             series_list = source.load_many(task, opts)
         except UserError as e:
             base = task.options.get("base", "/")
-            rejects.extend(Reject(os.path.relpath(p, base), str(e)).as_dict() for p in task.inputs)
+            raw_rejects.extend((item, Reject(os.path.relpath(p, base), str(e))) for p in task.inputs)
             continue
         for data in series_list:
-            phi = [*data.phi, data.patient, data.study, data.series]
-            rejects.extend(Reject(redact(r.input, phi), redact(r.reason, phi)).as_dict() for r in data.rejects)
+            # only what the source marks as identifying: patient/study/series of NIfTI, MedMNIST and
+            # image folders are made from file names, and redacting those would blank out the names
+            # of the rejects themselves (DICOM's PatientID and UIDs are in data.phi already)
+            phi.update(data.phi)
+            raw_rejects.extend((item, r) for r in data.rejects)
             if not data.slices:
                 continue
             hu = np.stack([s.hu for s in data.slices])
@@ -141,11 +157,84 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
             if writer.rows >= rows_per_shard:
                 flush()
     flush()
+    # Redacted with the identifiers of the whole chunk, not only of the reject's own series: a folder
+    # of unreadable files has none of its own. The digests let the manifest writer do the same with
+    # the identifiers of the whole run.
+    inputs_of: dict[str, dict[str, str]] = {}
+    rejects = []
+    for item, r in raw_rejects:
+        if item["task_id"] not in inputs_of:
+            inputs_of[item["task_id"]] = _inputs_by_rel(item["task"])
+        rejects.append(_commit_reject(item["task_id"], inputs_of[item["task_id"]], r, phi, pseudo))
     record = {"tag": tag, "tasks": [t["task_id"] for t in tasks], "shards": shard_records,
               "rejects": rejects, "slices": slices, "inputs": inputs, "patients": sorted(patients),
-              "series": sorted(series_ids), "fingerprint": fingerprint}
+              "series": sorted(series_ids), "fingerprint": fingerprint, "phi": pseudo.phi_digests(phi)}
     shards.write_commit(dst, tag, record)
     return record
+
+
+#: stands for the rejected file's own path in a reason stored in a commit record (exception messages
+#: often quote the path, and the path is only ever written redacted by the manifest writer)
+INPUT_MARK = "<input>"
+
+
+def _inputs_by_rel(task: SeriesTask) -> dict[str, str]:
+    """The task's inputs keyed by the relative path that sources name rejects by."""
+    base = task.options.get("base", "/")
+    return {os.path.relpath(p, base): p for p in task.inputs}
+
+
+def _input_of(name: str, inputs: dict[str, str]) -> str | None:
+    """The input (relative path) a reject name designates: the name itself, or its part before a
+    ``#`` / ``:`` suffix (``file#z3``, ``file.npz:train``); None when it names no input of the task."""
+    if name in inputs:
+        return name
+    for i, ch in enumerate(name):
+        if ch in "#:" and name[:i] in inputs:
+            return name[:i]
+    return None
+
+
+def _commit_reject(task_id: str, inputs: dict[str, str], r: Reject, phi: set[str],
+                   pseudo: Pseudonymizer) -> dict[str, str]:
+    """A reject as stored in a commit record. A rejected input file is named by a keyed digest of its
+    path, not by the path: its folders may be named by identifiers this chunk never read (another
+    chunk's PatientID), which only the manifest writer, holding the whole run's, can redact."""
+    rel = _input_of(r.input, inputs)
+    if rel is None:  # a name that is no input path (nothing to rebuild it from): redacted as it is
+        return {"input": redact(r.input, phi), "reason": redact(r.reason, phi)}
+    reason = r.reason
+    path = inputs[rel]
+    for form in sorted({os.path.abspath(path), path}, key=len, reverse=True):
+        reason = reason.replace(form, INPUT_MARK)
+    out = {"task": task_id, "file": pseudo("file", rel), "reason": redact(reason, phi)}
+    if r.input != rel:
+        out["suffix"] = redact(r.input[len(rel):], phi)
+    return out
+
+
+def _manifest_rejects(discovered: list[Reject], commits: list[dict[str, Any]], items: list[dict[str, Any]],
+                      index: PhiIndex, pseudo: Pseudonymizer) -> list[dict[str, str]]:
+    """Every reject of the run, each path and reason redacted with every identifier of the run; paths
+    of rejected files rebuilt from this process's listing of the input."""
+    tasks = {it["task_id"]: it["task"] for it in items}
+    by_digest: dict[str, dict[str, str]] = {}
+    out = [{"input": index.redact(r.input), "reason": index.redact(r.reason)} for r in discovered]
+    for c in commits:
+        for r in c["rejects"]:
+            if "file" not in r:
+                out.append({"input": index.redact(r["input"]), "reason": index.redact(r["reason"])})
+                continue
+            tid = r["task"]
+            if tid not in by_digest:
+                task = tasks.get(tid)
+                by_digest[tid] = {pseudo("file", rel): rel for rel in _inputs_by_rel(task)} if task else {}
+            rel = by_digest[tid].get(r["file"])
+            # a file that is gone from the input since its chunk was committed cannot be named again
+            shown = index.redact(rel) if rel is not None else REDACTED
+            out.append({"input": shown + index.redact(r.get("suffix", "")),
+                        "reason": index.redact(r["reason"]).replace(INPUT_MARK, shown)})
+    return out
 
 
 def process_chunk_one_thread(*args: Any) -> dict[str, Any]:
@@ -191,25 +280,37 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     if cfg.workers < 1:
         raise UserError("--workers must be at least 1")
     pseudo = Pseudonymizer(key)
+    if cfg.labels_csv:
+        check_labels_csv(cfg.labels_csv)
     source = get_source(cfg.source) if cfg.source else detect_source(cfg.src)
     cfg.source = source.name
     cfg.dataset = cfg.dataset or source.name
     opts = PrepOptions(size=cfg.size, dataset=cfg.dataset, labels_csv=cfg.labels_csv)
-    storage.check_writable(cfg.dst)
-
-    fingerprint = {**cfg.fingerprint_fields(), "key": pseudo.fingerprint(), "src": pseudo("task", os.path.abspath(cfg.src) if storage.is_local(cfg.src) else cfg.src)}
-    _check_existing(cfg.dst, fingerprint)
 
     log.info("discovering %s inputs under the source folder", source.name)
     tasks, discover_rejects = source.discover(cfg.src, opts)
+    if not tasks:
+        # Committing an empty output would let the next stage go ahead on nothing; and the
+        # destination is not even created. SRC is the user's own argument: no identifier to redact.
+        found = [f"{n} {what}" for n, what in ((len(discover_rejects), "rejected"),
+                                               (len(source.ignored), "non-image files ignored")) if n]
+        raise UserError(f"no input found under {cfg.src} (--source {source.name})"
+                        + (f": {', '.join(found)}" if found else ""))
     items = [{"task": t, "task_id": pseudo("task", f"{t.source}:{t.key}")} for t in tasks]
     all_task_ids = {it["task_id"] for it in items}
+
+    storage.check_writable(cfg.dst)
+    fingerprint = {**cfg.fingerprint_fields(), "key": pseudo.fingerprint(), "src": pseudo("task", os.path.abspath(cfg.src) if storage.is_local(cfg.src) else cfg.src)}
+    _check_existing(cfg.dst, fingerprint)
 
     fp = _fp_digest(fingerprint)
     commits = [c for c in shards.read_commits(cfg.dst) if c.get("fingerprint") == fp]
     done = {tid for c in commits for tid in c["tasks"]}
     keep = {s["path"] for c in commits for s in c["shards"]}
-    removed = shards.remove_orphans(cfg.dst, keep, prefix=f"part-i{cfg.shard_index:03d}-")
+    # temp files are only ever this index's own: another index may be writing its own right now
+    removed = shards.remove_orphans(cfg.dst, keep, prefix=f"part-i{cfg.shard_index:03d}-",
+                                    commit_prefix=f"i{cfg.shard_index:03d}-",
+                                    manifest_temps=cfg.num_shards == 1)
     if removed:
         log.info("removed %d orphan file(s) left by an interrupted run", len(removed))
 
@@ -228,7 +329,11 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     commits = [c for c in shards.read_commits(cfg.dst) if c.get("fingerprint") == fp]
     covered = {tid for c in commits for tid in c["tasks"]}
     committed = all_task_ids <= covered
-    rejects = [r.as_dict() for r in discover_rejects] + [r for c in commits for r in c["rejects"]]
+    index = PhiIndex(pseudo)
+    for c in commits:
+        index.add(c.get("phi", {}))
+    rejects = _manifest_rejects(discover_rejects, commits, items, index, pseudo)
+    ignored = [index.redact(x) for x in source.ignored]
     n_inputs = sum(c["inputs"] for c in commits) + len(discover_rejects)
     summary.inputs = n_inputs
     # Series are only known once loaded (a DICOM folder may hold several): count distinct ids.
@@ -244,10 +349,10 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
             "intensity": getattr(source, "intensity", "hu"),
             "shards": shard_list,
             "counts": {"inputs": n_inputs, "series": summary.series, "slices_written": summary.slices_written,
-                       "rejected": len(rejects), "ignored": len(source.ignored),
+                       "rejected": len(rejects), "ignored": len(ignored),
                        "patients": len({p for c in commits for p in c.get("patients", [])})},
             "rejects": rejects,
-            "ignored": list(source.ignored),
+            "ignored": ignored,
             "config": {**{k: v for k, v in asdict(cfg).items() if k in ("source", "size", "dataset", "rows_per_shard")},
                        "labels": bool(cfg.labels_csv), "fingerprint": _fp_digest(fingerprint),
                        "deid_key_fingerprint": pseudo.fingerprint()},

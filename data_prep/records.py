@@ -62,6 +62,7 @@ class SeriesData:
     series: str
     slices: list[SliceData] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
-    #: identifying header values seen while loading (never written): used to redact messages
+    #: identifying values seen while loading (header values, a labels CSV's patient column; never
+    #: written): every reject path and reason of the run is redacted with those of every series
     phi: list[str] = field(default_factory=list)
     split: str | None = None  # official split of the input set (MedMNIST train/val/test), when it has one

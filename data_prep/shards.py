@@ -145,18 +145,34 @@ def read_commits(url: str) -> list[dict[str, Any]]:
     return out
 
 
-def remove_orphans(url: str, keep: set[str], prefix: str = "part-") -> list[str]:
+def remove_orphans(url: str, keep: set[str], prefix: str = "part-", *, commit_prefix: str | None = None,
+                   manifest_temps: bool = False) -> list[str]:
     """Delete shard files (named ``prefix*``) and temp files that no commit record names (left by a
-    crash)."""
+    crash).
+
+    A crash while a commit record or the manifest is written leaves ``NAME.tmp-*`` beside it; no
+    reader looks at those, but left alone they pile up with every crash. ``commit_prefix`` names the
+    commit records this process owns (``i003-`` for ``--shard-index 3``), so only its own temp
+    records go: another index may be writing one at this moment. ``manifest_temps`` also removes
+    ``_manifest.json.tmp-*``, for when no other process can be writing the manifest.
+    """
     fs, root = storage.open_fs(url)
     if not fs.exists(root):
         return []
     removed = []
     for p in fs.ls(root, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if (name.startswith(prefix) and name not in keep) or (name.startswith(prefix) and ".tmp-" in name):
+        if ((name.startswith(prefix) and name not in keep) or (name.startswith(prefix) and ".tmp-" in name)
+                or (manifest_temps and name.startswith(f"{MANIFEST}.tmp-"))):
             fs.rm(p)
             removed.append(name)
+    cdir = storage.join(root, COMMITS_DIR)
+    if commit_prefix is not None and fs.exists(cdir):
+        for p in fs.ls(cdir, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(commit_prefix) and ".tmp-" in name:
+                fs.rm(p)
+                removed.append(f"{COMMITS_DIR}/{name}")
     return removed
 
 

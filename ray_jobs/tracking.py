@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlparse
 
 from ray_jobs.errors import CLIError
 
@@ -25,17 +26,61 @@ PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_DB = "mlflow.db"
 
 
+#: URI schemes MLflow's client opens (its registry; psycopg2/pymysql/pyodbc drivers for the databases)
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SERVER_SCHEMES = ("http", "https", "databricks")
+WORKING_SCHEMES = "sqlite:///PATH/mlflow.db, http(s)://HOST:PORT (an MLflow server), postgresql://, mysql://, " \
+                  "mssql://, databricks"
+
+
+def check_tracking_uri(uri: str, origin: str = "--tracking-uri") -> str:
+    """``uri`` when MLflow can open it, else a one-line :class:`CLIError` naming the schemes that work.
+
+    Without this a bad URI surfaces as a long MLflow traceback only when the first run is created,
+    after Ray has started and the data was read. Checked on the text alone (no mlflow import: that
+    costs seconds), so every command can call it first. MLflow 3 refuses its file store
+    (``file://`` or a bare folder) unless ``MLFLOW_ALLOW_FILE_STORE`` is set; schemes added by MLflow
+    plugins (``mlflow.tracking_store`` entry points) are accepted as MLflow would.
+    """
+    text = uri.strip()
+    if text.lower() == "databricks":  # MLflow's name for the default Databricks profile
+        return uri
+    parsed = urlparse(text)
+    scheme = parsed.scheme.lower()  # how MLflow picks its store, too
+    base = scheme.split("+", 1)[0]  # postgresql+psycopg2, mysql+pymysql ...
+    if base in ("http", "https") and not parsed.netloc:
+        raise CLIError(f"{origin} {uri}: no host in the URI; e.g. http://mlflow:5000")
+    if base in DB_SCHEMES or base in SERVER_SCHEMES or scheme in _plugin_schemes():
+        return uri
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes"):
+            return uri
+        raise CLIError(f"{origin} {uri}: MLflow no longer opens a file store (file:// or a folder) unless "
+                       f"MLFLOW_ALLOW_FILE_STORE=true; use one of {WORKING_SCHEMES}")
+    raise CLIError(f"{origin} {uri}: unknown tracking URI scheme {scheme!r}; use one of {WORKING_SCHEMES}")
+
+
+def _plugin_schemes() -> set[str]:
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
+    except Exception:  # noqa: BLE001 - a broken package's metadata must not stop a run
+        return set()
+
+
 def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in a local storage folder.
 
     A remote (S3) storage with no tracking server is an error rather than a silent local database that
-    nobody would find again.
+    nobody would find again. A given URI is checked here (:func:`check_tracking_uri`), before any
+    command starts Ray or reads data, so a typo costs one line, not a traceback minutes later.
     """
     if explicit:
-        return explicit
+        return check_tracking_uri(explicit)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return check_tracking_uri(env, origin="MLFLOW_TRACKING_URI")
     from data_prep import storage as st
 
     if storage and st.is_local(storage):
@@ -58,6 +103,9 @@ def default_artifact_location(tracking_uri: str, storage: str | None) -> str | N
 
 
 def client(tracking_uri: str):
+    """An MLflow client for ``tracking_uri``; the URI is checked first (see :func:`check_tracking_uri`)
+    so a command that takes a URI without :func:`resolve_tracking_uri` still fails in one line."""
+    check_tracking_uri(tracking_uri, origin="tracking URI")
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=tracking_uri)

@@ -55,7 +55,7 @@ def read_gray8(path: str) -> np.ndarray:
 
 def _patients_column(csv_path: str) -> dict[str, str]:
     """file -> patient from the optional ``patient`` column (labels come from read_labels_csv)."""
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # as read_labels_csv: a BOM is no column
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "patient" not in fields:
@@ -132,7 +132,10 @@ class ImageFolderSource(Source):
                 bad.append(Reject(rel, f"unexpected image shape {img.shape}"))
                 continue
             g, _ = resize_square(img, opts.size, pad_value=0)
-            data = SeriesData(source=self.name, dataset=dataset, patient=patient, study=patient, series=rel)
+            # a patient value from the CSV identifies a person (files are often named by it); the
+            # default, the image's own path, does not, and must not blank out other files' names
+            data = SeriesData(source=self.name, dataset=dataset, patient=patient, study=patient, series=rel,
+                              phi=[patient] if patient != rel else [])
             data.slices.append(SliceData(hu=g, slice_index=0, z_mm=float("nan"),
                                          spacing_mm=(float("nan"), float("nan")), label=label, input=rel))
             out.append(data)

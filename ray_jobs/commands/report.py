@@ -33,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ray_jobs import tracking
     from ray_jobs.report.build import ReportConfig, build_report
+
+    if args.tracking_uri:  # checked here to name the flag; $MLFLOW_TRACKING_URI is checked on use
+        tracking.check_tracking_uri(args.tracking_uri)
 
     cfg = ReportConfig(experiment=args.experiment, out=args.out, study_run=args.study_run,
                        tracking_uri=args.tracking_uri, storage=args.storage, baseline=args.baseline,
