@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import shards, storage
+from data_prep import intensity, shards, storage
 from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
 from data_prep.errors import UserError
@@ -347,6 +347,9 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
         shards.write_manifest(cfg.dst, {
             "kind": "prep",
             "intensity": getattr(source, "intensity", "hu"),
+            # 8-bit sources have no physical scale: models standardise them with these (data_prep.intensity)
+            **({intensity.KEY: intensity.stats_of_shards(cfg.dst, shard_list)}
+               if getattr(source, "intensity", "hu") != "hu" else {}),
             "shards": shard_list,
             "counts": {"inputs": n_inputs, "series": summary.series, "slices_written": summary.slices_written,
                        "rejected": len(rejects), "ignored": len(ignored),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data_prep import shards
@@ -89,3 +90,27 @@ def test_folder_without_csv_is_written_unlabelled_one_patient_per_image(tmp_path
     series = [d for t in tasks for d in source.load_many(t, PrepOptions(size=None))]
     assert sorted(d.patient for d in series) == ["s0.png", "s1.png", "s2.png"]
     assert all(d.slices[0].label is None and d.slices[0].hu.shape == (10, 12) for d in series)
+
+
+def test_8bit_prep_stores_the_datasets_grey_value_statistics_in_the_manifest(tmp_path):
+    from data_prep import intensity
+
+    src = tmp_path / "imgs"
+    (src / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(20, 220, (24, 24), dtype=np.uint8)).save(src / "a" / f"x{i}.png")
+    (src / "labels.csv").write_text("file,label\n" + "".join(f"a/x{i}.png,{'ab'[i % 2]}\n" for i in range(5)))
+    out = str(tmp_path / "out")
+    run_prep(PrepConfig(src=str(src), dst=out, size=24, executor="local", progress=False), TEST_DEID_KEY.encode())
+    stored = shards.read_manifest(out)[intensity.KEY]
+    px = shards.decode_images(shards.read_table(out)).astype(np.float64)
+    assert stored["slices"] == 5
+    assert stored["mean"] == pytest.approx(px.mean()) and stored["std"] == pytest.approx(px.std())
+    assert intensity.dataset_stats(out) == stored
+    # an output prepped before the statistics were stored gets them computed on read
+    m = shards.read_manifest(out)
+    del m[intensity.KEY]
+    shards.write_manifest(out, m)
+    again = intensity.dataset_stats(out)
+    assert again["mean"] == pytest.approx(px.mean()) and again["std"] == pytest.approx(px.std())
