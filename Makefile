@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-real gpu-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (the tested Python is 3.11; set PYTHON=...)"; exit 1; }
@@ -24,6 +24,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest tests/bench -s -p no:cacheprovider --override-ini="addopts=" $(BENCH_ARGS)
+
+# few-label fine-tuning on a real 8-bit CT folder (images + labels.csv): ctssl vs lightly vs tuned random
+bench-real: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make bench-real DATA=<folder with labels.csv> [BUDGET=12m] [OUT=bench-real-out]"; exit 2; }
+	$(PY) tests/bench/bench_real.py "$(DATA)" --budget "$(or $(BUDGET),12m)" --out "$(or $(OUT),bench-real-out)" $(BENCH_REAL_ARGS)
+
+# on a machine with CUDA: each method's step at 224 px bf16 vs lightly, peak memory, CPU cores to feed a GPU
+gpu-check: $(STAMP)
+	$(PY) tests/bench/gpu_check.py $(GPU_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -222,13 +222,15 @@ class GaussianBlur:
         u = _rand((2, x.shape[0]), generator, x.device)
         sig = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[0]
         kernel = 2 * math.ceil(3.0 * self.sigma[1]) + 1
+        # under CUDA autocast the convolution returns bf16: keep the view in the input's dtype
         if self.p >= 1.0:
-            return gaussian_blur(x, sig, kernel_size=kernel)
+            return gaussian_blur(x, sig, kernel_size=kernel).to(x.dtype)
         # convolve only the samples drawn for blurring (half the work at p=0.5, a tenth at p=0.1)
         idx = torch.nonzero(u[1] < self.p).flatten()
         if idx.numel() == 0:
             return x
-        return x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), sig[idx], kernel_size=kernel))
+        blurred = gaussian_blur(x.index_select(0, idx), sig[idx], kernel_size=kernel).to(x.dtype)
+        return x.index_copy(0, idx, blurred)
 
 
 @dataclass

@@ -158,3 +158,15 @@ def test_invalid_crop_parameters_are_rejected():
     with pytest.raises(ValueError, match="no view recipe for 'simclr'"):
         create_views("simclr", 32)
     assert math.isclose(create_views("swav", 224).pipelines[1][0].ops[0].scale[1], 0.14)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_blur_keeps_the_input_dtype_under_bf16_autocast(p):
+    """On CUDA the training step runs the views under bf16 autocast; the blur's convolution then
+    returns bf16, which must not leak into (or fail to copy back into) the float32 view."""
+    from ssl_core.augment import GaussianBlur
+
+    x = torch.rand(8, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = GaussianBlur((0.5, 1.5), p=p)(x, generator=torch.Generator().manual_seed(0))
+    assert y.dtype == torch.float32 and y.shape == x.shape
