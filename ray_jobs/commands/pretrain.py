@@ -15,6 +15,8 @@ the final encoder (timm layout) are logged to MLflow.
 Example:
   ctssl pretrain --method byol --data s3://bucket/lidc --backbone resnet50 --workers 4 \\
       --gpus-per-worker 1 --epochs 100 --batch-size 256 --storage s3://bucket/runs --experiment byol-r50
+  ctssl pretrain --method spark --data ./shards --backbone resnet18 --img-size 160 --time-budget 12m \\
+      --storage ./runs --experiment spark-12m
   ray job submit --working-dir . -- ctssl pretrain ... --address auto
 """
 
@@ -29,8 +31,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default 1)")
     p.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="how workers are placed on nodes (default PACK)")
-    p.add_argument("--epochs", type=int, default=100, metavar="E")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="global batch size over all workers")
+    p.add_argument("--epochs", type=int, metavar="E",
+                   help="epochs to train (default 100); with --time-budget or --max-steps an upper bound "
+                        "(default: none)")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="train for this long, e.g. 90s, 12m, 1.5h or plain seconds, then write the final "
+                        "checkpoint. Counts the training loop only, from its first step (Ray and worker "
+                        "start-up are not counted); lr, weight decay, EMA momentum, warm-up and the other "
+                        "schedules run from start to end over the budget; a resumed run continues it")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="train for N optimiser steps (schedules end there); with --time-budget whichever "
+                        "comes first")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="global batch size over all workers (default: sized from the pool: the largest "
+                        "power of two <= slices/32, within 32..256, a multiple of --workers)")
     p.add_argument("--storage", required=True, metavar="URL", help="checkpoint folder (local path or s3://)")
     p.add_argument("--experiment", required=True, metavar="NAME",
                    help="run name: checkpoints under STORAGE/NAME, MLflow experiment NAME; rerun resumes")
@@ -46,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker failures to recover from (restart from the last checkpoint)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the method's, scaled by batch size)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: the method's)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default: the method's)")
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up epochs (default: the method's; with --time-budget at most 10 %% of "
+                        "the budget)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="cap on steps per epoch (default: one pass)")
     p.add_argument("--shuffle-buffer", type=int, default=1024, metavar="ROWS", help="per-worker shuffle buffer")
     p.add_argument("--cache-mb", type=int, default=512, metavar="MB",
@@ -59,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ray_jobs.pretrain.config import PretrainConfig, parse_method_options
+    from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_method_options
 
     return PretrainConfig(
         method=args.method, data=args.data, selection=args.selection, backbone=args.backbone,
@@ -70,7 +86,8 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, steps_per_epoch=args.steps_per_epoch,
         shuffle_buffer=args.shuffle_buffer, cache_mb=args.cache_mb, seed=args.seed, log_every=args.log_every,
-        method_options=parse_method_options(args.method_option),
+        time_budget_s=parse_duration(args.time_budget) if args.time_budget is not None else None,
+        max_steps=args.max_steps, method_options=parse_method_options(args.method_option),
     )
 
 

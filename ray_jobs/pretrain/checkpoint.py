@@ -1,9 +1,11 @@
 """What a pre-training checkpoint holds, and how it is written and read back.
 
 A checkpoint is a folder: ``state.pt`` (method state incl. EMA targets / queues / prototypes,
-optimiser, RNG; the lr / weight-decay schedule is a function of the step, so it needs no state), ``progress.json`` (step counters, readable without torch) and, in the
-final one, ``encoder.pt`` (timm-layout state_dict) + ``encoder_config.json``. The folder is what Ray
-Train uploads to ``--storage``; the fine-tuning study reads the encoder files from it directly.
+optimiser, RNG; the lr / weight-decay schedule is a function of the step and the training time, so
+it needs no state), ``progress.json`` (step counters and training time, readable without torch)
+and, in the final one, ``encoder.pt`` (timm-layout state_dict) + ``encoder_config.json``. The folder
+is what Ray Train uploads to ``--storage``; the fine-tuning study reads the encoder files from it
+directly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ ENCODER_CONFIG_FILE = "encoder_config.json"
 
 @dataclass
 class Progress:
-    """Where training is; ``step`` is the global optimiser step (continues across restarts)."""
+    """Where training is; ``step`` is the global optimiser step (continues across restarts).
+
+    ``train_time_s`` is the training-loop time spent up to this checkpoint (rank 0's clock, summed over
+    restarts): a time-budgeted run resumed after a crash continues its budget from here instead of
+    starting it over. Time between this checkpoint and a crash is not counted, as its steps are redone.
+    """
 
     step: int = 0
     epoch: int = 0
@@ -33,6 +40,7 @@ class Progress:
     images_seen: int = 0
     restarts: int = 0
     finished: bool = False
+    train_time_s: float = 0.0
 
 
 def save(path: str, *, method: torch.nn.Module, optimizer, progress: Progress,

@@ -8,10 +8,14 @@ every Ray Train worker unchanged.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ray_jobs.errors import CLIError
+
+DEFAULT_EPOCHS = 100  # without a budget, as before budgets existed
 
 
 @dataclass
@@ -26,8 +30,8 @@ class PretrainConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
-    epochs: int = 100
-    batch_size: int = 256  # global batch (all workers together), as in the papers
+    epochs: int | None = None  # None: 100 without a budget, unlimited with one (an upper bound then)
+    batch_size: int | None = None  # global batch (all workers together); None: sized from the pool
     img_size: int | None = None  # None: the prep resolution of the shards
     in_chans: int = 1
     checkpoint_every: int = 500  # optimiser steps between checkpoints
@@ -42,20 +46,28 @@ class PretrainConfig:
     cache_mb: int = 512  # keep a worker's epoch in memory when it fits (0: always stream)
     seed: int = 0
     log_every: int = 10  # steps between MLflow metric flushes
+    time_budget_s: float | None = None  # seconds of training loop; schedules follow the clock
+    max_steps: int | None = None  # optimiser steps; schedules end at this step
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Cheap checks on the values alone (no I/O), each naming the flag that is wrong."""
+        """Cheap checks on the values alone (no I/O), each naming the flag that is wrong.
+
+        Every number a worker uses is checked here, before Ray starts: a value that only fails inside
+        the training loop (``--log-every 0`` divides by zero at the first step) would otherwise fail in
+        every worker and be retried ``--max-failures`` times.
+        """
         if self.workers < 1:
             raise CLIError(f"--workers must be >= 1, got {self.workers}")
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise CLIError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < self.workers:
-            raise CLIError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}: "
-                           "every worker needs at least one image per step")
-        if self.batch_size % self.workers:
-            raise CLIError(f"--batch-size {self.batch_size} is the global batch and must be divisible by "
-                           f"--workers {self.workers}")
+        if self.batch_size is not None:
+            if self.batch_size < self.workers:
+                raise CLIError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}: "
+                               "every worker needs at least one image per step")
+            if self.batch_size % self.workers:
+                raise CLIError(f"--batch-size {self.batch_size} is the global batch and must be divisible by "
+                               f"--workers {self.workers}")
         if self.in_chans not in (1, 3):
             raise CLIError(f"--in-chans must be 1 (one HU window) or 3 (three windows), got {self.in_chans}")
         if self.checkpoint_every < 1:
@@ -65,17 +77,56 @@ class PretrainConfig:
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise CLIError(f"--placement-strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                            f"got {self.placement_strategy!r}")
-        if self.gpus_per_worker < 0:
+        if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
             raise CLIError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise CLIError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.img_size is not None and self.img_size < 16:
             raise CLIError(f"--img-size must be >= 16, got {self.img_size}")
         if not self.experiment or "/" in self.experiment:
             raise CLIError(f"--experiment must be a non-empty name without '/', got {self.experiment!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise CLIError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.log_every < 1:
+            raise CLIError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.shuffle_buffer < 0:
+            raise CLIError(f"--shuffle-buffer must be >= 0 (0 = no local shuffle), got {self.shuffle_buffer}")
+        if self.cache_mb < 0:
+            raise CLIError(f"--cache-mb must be >= 0 (0 = always stream), got {self.cache_mb}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise CLIError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise CLIError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs is not None and not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise CLIError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.seed < 0:
+            raise CLIError(f"--seed must be >= 0, got {self.seed}")
+        if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise CLIError(f"--time-budget must be > 0 seconds, got {self.time_budget_s}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CLIError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if (self.time_budget_s is not None and self.warmup_epochs and self.epochs is None
+                and self.max_steps is None):
+            raise CLIError(f"--warmup-epochs {self.warmup_epochs:g} cannot be placed in a --time-budget run of "
+                           "unknown length; give --epochs or --max-steps as well, or leave it out (warm-up is "
+                           "then at most 10 % of the budget)")
+
+    @property
+    def budgeted(self) -> bool:
+        """A time or step budget ends the run, not a fixed number of epochs."""
+        return self.time_budget_s is not None or self.max_steps is not None
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """Epochs to train at most: ``--epochs``, else 100 without a budget and unlimited (None) with one."""
+        if self.epochs is not None:
+            return self.epochs
+        return None if self.budgeted else DEFAULT_EPOCHS
 
     @property
     def per_worker_batch(self) -> int:
+        if self.batch_size is None:
+            raise RuntimeError("the batch size is sized from the pool first (driver.resolve_batch)")
         return self.batch_size // self.workers
 
     @property
@@ -99,6 +150,30 @@ class PretrainConfig:
         for k, v in self.to_dict().items():
             out[k] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
         return out
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
+
+
+def parse_duration(text: str, flag: str = "--time-budget") -> float:
+    """Seconds from ``90``, ``90s``, ``12m``, ``1.5h`` (a budget reads more naturally in minutes)."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise CLIError(f"{flag} expects a duration like 90s, 12m, 1.5h or plain seconds, got {text!r}")
+    seconds = float(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
+    if not seconds > 0:
+        raise CLIError(f"{flag} must be > 0 seconds, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``12m``, ``90s``, ``1.5h``: how a budget is shown in log lines."""
+    if seconds >= 3600 and seconds % 1800 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
 
 
 def parse_method_options(items: list[str] | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ worker starts, so a mistake costs seconds and prints one line.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -18,6 +19,7 @@ from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain import orphans, resume_guard
+from ray_jobs.pretrain.budget import Budget
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import DataInfo, build_dataset, inspect_data
 
@@ -32,10 +34,12 @@ class PretrainResult:
     steps: int
     epochs: int
     restarts: int
+    train_time_s: float = 0.0  # training-loop seconds over all attempts (what a time budget counts)
 
     def summary(self) -> str:
-        return (f"{self.steps} steps, {self.epochs} epochs, {self.restarts} restart(s); checkpoint "
-                f"{self.checkpoint_path}; MLflow run {self.run_id} at {self.tracking_uri}")
+        return (f"{self.steps} steps, {self.epochs} epochs, {self.restarts} restart(s), "
+                f"{self.train_time_s:.0f} s of training; checkpoint {self.checkpoint_path}; "
+                f"MLflow run {self.run_id} at {self.tracking_uri}")
 
 
 def check_method(cfg: PretrainConfig) -> None:
@@ -55,12 +59,13 @@ def check_backbone(name: str) -> None:
 
 def check_method_builds(cfg: PretrainConfig, img_size: int, opts: dict) -> None:
     """Build the method once here: a setting it cannot take (an image too small for SparK's patches,
-    an unknown option) is then one line before any worker starts, not an error every worker repeats
-    through --max-failures restarts."""
+    a mask ratio its patch grid cannot realise, an unknown option) is then one line before any worker
+    starts, not an error every worker repeats through --max-failures restarts."""
     from ssl_core.methods import create_method
 
     try:
-        create_method(cfg.method, backbone=cfg.backbone, in_chans=cfg.in_chans, img_size=img_size, **opts)
+        method = create_method(cfg.method, backbone=cfg.backbone, in_chans=cfg.in_chans, img_size=img_size, **opts)
+        method.check_setup()
     except (ValueError, TypeError) as e:
         raise CLIError(f"--method {cfg.method} with --backbone {cfg.backbone} at {img_size} px: {e}") from None
 
@@ -68,37 +73,65 @@ def check_method_builds(cfg: PretrainConfig, img_size: int, opts: dict) -> None:
 def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None = None) -> dict:
     """Constructor options: the user's, plus values sized from the data where stock defaults assume
     ImageNet (a 65,536-key MoCo queue or 3,000 SwAV prototypes on a pool of a few thousand slices
-    make each image its own negative / leave most prototypes empty). 8-bit image sets get the
-    ``gray8`` window unless windows are given. Every data-derived value is logged."""
+    make each image its own negative / leave most prototypes empty). The sizing rules are the
+    method's own (:meth:`SSLMethod.options_for_pool`); ``total_steps`` is the schedules' length, None
+    for a time-budgeted run. 8-bit image sets get the ``gray8`` window unless windows are given.
+    Every data-derived value is logged."""
     from ssl_core.methods import get_method_class
 
-    opts = dict(cfg.method_options)
-    params = inspect.signature(get_method_class(cfg.method).__init__).parameters
-
-    def default(name: str):
-        p = params.get(name)
-        return None if p is None or p.default is inspect.Parameter.empty else p.default
-
+    cls = get_method_class(cfg.method)
+    user = dict(cfg.method_options)
+    if cfg.time_budget_s is not None:
+        fixed = [k for k in cls.step_count_options if k in user]
+        if fixed:
+            raise CLIError(f"--method-option {fixed[0]} counts optimiser steps, but how many steps a --time-budget "
+                           "run makes is known only when it ends; leave it out (the method sizes it as a share "
+                           "of the budget) or use --max-steps instead of --time-budget")
+    batch = cfg.batch_size if cfg.batch_size is not None else auto_batch_size(info.rows, cfg.workers)[0]
+    suggested = cls.options_for_pool(info.rows, batch, total_steps, given=set(user))
+    suggested = {k: v for k, v in suggested.items() if k not in user}
+    if suggested:
+        log.info("%s options sized from the data (%d slices, batch %d%s): %s", cfg.method, info.rows,
+                 batch, f", {total_steps} schedule steps" if total_steps else ", a time budget",
+                 ", ".join(f"{k}={v}" for k, v in sorted(suggested.items())))
+    opts = {**suggested, **user}
+    params = inspect.signature(cls.__init__).parameters
     if info.intensity == "gray8" and "windows" not in opts and "windows" in params:
         opts["windows"] = ["gray8"] * cfg.in_chans
-    q = default("queue_size")
-    if q and "queue_size" not in opts:
-        # keys younger than a quarter epoch: an image's own previous key is (almost) never a negative
-        fit = max(cfg.batch_size, (info.rows // 4) // cfg.batch_size * cfg.batch_size)
-        if fit < q:
-            opts["queue_size"] = fit
-            log.info("MoCo queue sized from the data: %d keys (%d slices; default %d)", fit, info.rows, q)
-    k = default("n_prototypes")
-    if k and "n_prototypes" not in opts:
-        fit = max(10, info.rows // 10)
-        if fit < k:
-            opts["n_prototypes"] = fit
-            log.info("SwAV prototypes sized from the data: %d (%d slices; default %d)", fit, info.rows, k)
-    f = default("freeze_prototypes_iters")
-    if f and total_steps and "freeze_prototypes_iters" not in opts and f > total_steps // 10:
-        opts["freeze_prototypes_iters"] = total_steps // 10
-        log.info("SwAV prototypes frozen for %d of %d steps (default %d)", total_steps // 10, total_steps, f)
     return opts
+
+
+#: the auto batch aims at this many steps per epoch at least: a pool of a few thousand slices at the
+#: papers' 256 makes ~6 optimiser steps an epoch, too few for any schedule in a short run
+AUTO_BATCH_STEPS_PER_EPOCH = 32
+AUTO_BATCH_MIN, AUTO_BATCH_MAX = 32, 256
+
+
+def auto_batch_size(rows: int, workers: int) -> tuple[int, str]:
+    """(global batch, why) for a pool of ``rows`` slices over ``workers``.
+
+    The largest power of two <= rows / 32, clamped to 32..256 (the papers' batch for large pools;
+    below 32 contrastive batches and batch norm get noisy), never more than the pool, then rounded
+    down to a multiple of ``workers`` (each takes an equal share) and at least one image per worker.
+    """
+    target = max(rows // AUTO_BATCH_STEPS_PER_EPOCH, 1)
+    b = min(max(1 << (target.bit_length() - 1), AUTO_BATCH_MIN), AUTO_BATCH_MAX)
+    if b > rows:  # a tiny pool: one full batch of it
+        b = 1 << (max(rows, 1).bit_length() - 1)
+    b = max(b // workers * workers, workers)
+    why = (f"{rows} slices / {AUTO_BATCH_STEPS_PER_EPOCH} -> a power of two in {AUTO_BATCH_MIN}..{AUTO_BATCH_MAX}"
+           + (f", a multiple of {workers} workers" if workers > 1 else "") + f": {b}")
+    return b, why
+
+
+def resolve(cfg: PretrainConfig, info: DataInfo) -> tuple[PretrainConfig, str | None]:
+    """``cfg`` with the defaults that depend on the data or the budget filled in: the batch (auto,
+    with the reason, when --batch-size is not given) and the epoch limit (100, or none with a budget)."""
+    why = None
+    changes: dict = {"epochs": cfg.epoch_limit}
+    if cfg.batch_size is None:
+        changes["batch_size"], why = auto_batch_size(info.rows, cfg.workers)
+    return dataclasses.replace(cfg, **changes), why
 
 
 def plan_steps(cfg: PretrainConfig, info: DataInfo) -> int:
@@ -113,18 +146,24 @@ def plan_steps(cfg: PretrainConfig, info: DataInfo) -> int:
     return spe
 
 
-def prepare(cfg: PretrainConfig) -> tuple[DataInfo, int, int]:
-    """All checks that need no Ray: (data info, image size, steps per epoch)."""
+def prepare(cfg: PretrainConfig) -> tuple[PretrainConfig, DataInfo, int, int, str | None]:
+    """All checks that need no Ray: (resolved config, data info, image size, steps per epoch, why the
+    batch is what it is when it was sized from the pool)."""
     cfg.validate()
     check_method(cfg)
     check_backbone(cfg.backbone)
     info = inspect_data(cfg.data, cfg.selection)
+    cfg, why = resolve(cfg, info)
     img_size = cfg.img_size or info.height
-    return info, img_size, plan_steps(cfg, info)
+    spe = plan_steps(cfg, info)
+    if why:
+        why += f" ({spe} steps per epoch)"
+        log.info("batch size from the pool (--batch-size to set it): %s", why)
+    return cfg, info, img_size, spe, why
 
 
 def _mlflow_run(cfg: PretrainConfig, info: DataInfo, tracking_uri: str, img_size: int, spe: int,
-                opts: dict) -> str:
+                opts: dict, extra_params: dict | None = None) -> str:
     """The run of this experiment (reused when the same --experiment is rerun, so curves continue)."""
     cl = tracking.client(tracking_uri)
     exp_id = tracking.get_or_create_experiment(
@@ -141,7 +180,8 @@ def _mlflow_run(cfg: PretrainConfig, info: DataInfo, tracking_uri: str, img_size
         "backbone": cfg.backbone, "dataset": info.dataset, "selection": cfg.selection or "none",
     })
     params = {**cfg.as_params(), "img_size_effective": img_size, "steps_per_epoch": spe, "rows": info.rows,
-              "intensity": info.intensity, "method_options_effective": json.dumps(opts, sort_keys=True)}
+              "intensity": info.intensity, "method_options_effective": json.dumps(opts, sort_keys=True),
+              **(extra_params or {})}
     tracking.log_params(cl, run.info.run_id, params)
     return run.info.run_id
 
@@ -153,9 +193,10 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     from ray_jobs import ray_cluster
 
-    info, img_size, spe = prepare(cfg)
+    cfg, info, img_size, spe, batch_note = prepare(cfg)
+    budget = Budget.plan(spe, cfg.epochs, cfg.max_steps, cfg.time_budget_s)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
-    opts = method_options(cfg, info, spe * cfg.epochs)
+    opts = method_options(cfg, info, None if budget.timed else budget.schedule_steps)
     check_method_builds(cfg, img_size, opts)
     ident = resume_guard.identity(cfg, img_size, spe, opts)
     resuming = resume_guard.check(cfg, ident)
@@ -167,10 +208,15 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         os.makedirs(storage_path, exist_ok=True)
     if not resuming:
         resume_guard.record(cfg, ident)
-    run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe, opts)
-    log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %d steps/epoch x %d epochs",
-             cfg.method, info.read_url, info.rows, info.height, info.width, img_size, cfg.workers,
-             cfg.per_worker_batch, spe, cfg.epochs)
+    extra = {"batch_size_auto": batch_note or "no (--batch-size)", "schedule_steps": budget.schedule_steps,
+             "budget": budget.describe() if cfg.budgeted else "none"}
+    run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe, opts, extra)
+    length = (f"{spe} steps/epoch x {cfg.epochs} epochs" if not cfg.budgeted else
+              f"{spe} steps/epoch until {budget.describe()}"
+              + (", whichever comes first" if budget.timed and budget.step_cap else "")
+              + (" (training-loop time; Ray start-up not counted)" if budget.timed else ""))
+    log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %s", cfg.method, info.read_url,
+             info.rows, info.height, info.width, img_size, cfg.workers, cfg.per_worker_batch, length)
     payload = {
         "config": cfg.to_dict(), "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_cluster.forwarded_env(),
@@ -213,7 +259,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                 shutil.copy(os.path.join(d, name), os.path.join(tmp, name))
             tracking.log_artifacts(cl, run_id, [os.path.join(tmp, ckpt_io.ENCODER_FILE),
                                                 os.path.join(tmp, ckpt_io.ENCODER_CONFIG_FILE)], "encoder")
-    tracking.set_tags(cl, run_id, {"checkpoint": result.checkpoint.path, "final_step": progress.step})
+    tracking.set_tags(cl, run_id, {"checkpoint": result.checkpoint.path, "final_step": progress.step,
+                                   "train_time_s": f"{progress.train_time_s:.1f}"})
     cl.set_terminated(run_id, status="FINISHED")
     ckpt_path = result.checkpoint.path
     registered = [c.path for c, _ in (result.best_checkpoints or [])] + [ckpt_path]
@@ -221,6 +268,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     if storage_fs is not None:
         ckpt_path = f"{cfg.storage.split('://', 1)[0]}://{ckpt_path}"
     res = PretrainResult(run_id=run_id, tracking_uri=tracking_uri, checkpoint_path=ckpt_path,
-                         steps=progress.step, epochs=progress.epoch, restarts=progress.restarts)
+                         steps=progress.step, epochs=progress.epoch, restarts=progress.restarts,
+                         train_time_s=progress.train_time_s)
     log.info("pre-training finished: %s", res.summary())
     return res

@@ -4,8 +4,13 @@ Restart semantics: on a worker failure Ray Train restarts the worker group and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint. Its ``progress.json`` says which epoch
 and how many of its steps were done; the resumed epoch then trains only the *remaining* steps (on a
 freshly shuffled stream), so the global step counter, the LR schedule and the number of images seen
-continue instead of starting over. Rerunning a finished or interrupted run with the same
-``--experiment`` and ``--storage`` takes the same path.
+continue instead of starting over. A time-budgeted run also continues its training-loop time from
+the checkpoint, so its schedules and its stop continue where they were. Rerunning a finished or
+interrupted run with the same ``--experiment`` and ``--storage`` takes the same path.
+
+Budgets (:mod:`ray_jobs.pretrain.budget`): with ``--time-budget`` / ``--max-steps`` the loop stops when
+the budget is spent (checked after every step, with rank 0's clock so all ranks stop at the same
+step) and feeds the schedules the budget's schedule step; without one it is the real step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from ray_jobs.pretrain import checkpoint as ckpt_io
+from ray_jobs.pretrain.budget import Budget
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import decode_batch, to_training_tensor
 from ray_jobs.pretrain.epoch_cache import EpochCache
@@ -80,7 +86,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     cfg = PretrainConfig.from_dict(payload["config"])
     img_size: int = payload["img_size"]
     steps_per_epoch: int = payload["steps_per_epoch"]
-    total_steps = steps_per_epoch * cfg.epochs
+    epoch_limit = cfg.epoch_limit  # None: a budget ends the run
+    budget = Budget.plan(steps_per_epoch, epoch_limit, cfg.max_steps, cfg.time_budget_s)
+    total_steps = budget.schedule_steps  # without a budget: steps_per_epoch x epochs, as always
+    total_epochs = epoch_limit or 0
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -94,9 +103,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         method.to(memory_format=torch.channels_last)
     from ray_jobs.pretrain.optim_setup import build_optimizer, max_grad_norm
 
-    optimizer, scheduler = build_optimizer(method, cfg, total_steps, steps_per_epoch)
+    optimizer, scheduler = build_optimizer(method, cfg, total_steps, steps_per_epoch, budget)
     clip = max_grad_norm(method)
-    progress = ckpt_io.Progress(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    progress = ckpt_io.Progress(steps_per_epoch=steps_per_epoch, total_steps=budget.step_cap or 0)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -146,10 +155,29 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     per_bs = cfg.per_worker_batch
     cache = EpochCache(cfg.cache_mb << 20, per_bs, seed=cfg.seed + 7919 * rank)
     last = {"loss": float("nan")}
-    t_run = time.perf_counter()
     steps_this_run = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
-    while progress.epoch < cfg.epochs:
+    # the training-loop clock a time budget counts: from here (the first step's batch request) on,
+    # continuing the time of earlier attempts recorded in the checkpoint
+    t_run = time.perf_counter()
+    time_before = progress.train_time_s
+
+    def loop_time() -> float:
+        return time_before + time.perf_counter() - t_run
+
+    def agreed_loop_time() -> float:
+        """Rank 0's loop time on every rank: ranks' clocks differ, and a rank that stops one step
+        earlier than the others would leave them waiting in DDP's all-reduce forever."""
+        t = loop_time()
+        if budget.timed and world > 1:
+            buf = torch.tensor([t], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(buf, src=0)
+            t = float(buf.item())
+        return t
+
+    elapsed = agreed_loop_time() if cfg.budgeted else 0.0
+    stop = cfg.budgeted and budget.done(elapsed, progress.step)  # a finished budget: straight to the end
+    while not stop and (epoch_limit is None or progress.epoch < epoch_limit):
         model.train()
         t_epoch = time.perf_counter()
         t_step = time.perf_counter()
@@ -160,18 +188,20 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 local_shuffle_buffer_size=cfg.shuffle_buffer or None, prefetch_batches=2))
 
         for hu in cache.epoch(progress.epoch, stream, full_epoch=progress.step_in_epoch == 0, steps=steps_per_epoch):
+            # where the schedules are: the real step, or with a budget its share of the run on a fixed scale
+            sched_step = budget.schedule_step(elapsed, progress.step) if cfg.budgeted else progress.step
             images = to_training_tensor(hu, img_size, device)
             with autocast:
-                out = model(images, progress.step, total_steps, progress.epoch, cfg.epochs)
+                out = model(images, sched_step, total_steps, progress.epoch, total_epochs)
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
-            sched_values = scheduler.step(progress.step)
+            sched_values = scheduler.step(sched_step)
             loss.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
             optimizer.step()
-            method.after_optimizer_step(StepContext(step=progress.step, total_steps=total_steps,
-                                                    epoch=progress.epoch, total_epochs=cfg.epochs))
+            method.after_optimizer_step(StepContext(step=sched_step, total_steps=total_steps,
+                                                    epoch=progress.epoch, total_epochs=total_epochs))
             now = time.perf_counter()
             dt, t_step = now - t_step, now
             progress.step += 1
@@ -179,23 +209,36 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             progress.images_seen += per_bs * world
             steps_this_run += 1
             last = _scalar_metrics(out)
+            if cfg.budgeted:
+                elapsed = agreed_loop_time()
+                stop = budget.done(elapsed, progress.step)
             if mlog is not None:
-                mlog.log({**last, **sched_values, "images_per_s": per_bs * world / dt,
+                extra = {"budget_progress": min(budget.fraction(elapsed, progress.step), 1.0)} if cfg.budgeted else {}
+                mlog.log({**last, **sched_values, **extra, "images_per_s": per_bs * world / dt,
                           "epoch": progress.epoch}, progress.step)
-                if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                if progress.step % cfg.log_every == 0 or progress.step == total_steps or stop:
                     rate = steps_this_run / (now - t_run)
-                    eta = (total_steps - progress.step) / max(rate, 1e-9)
-                    log.info("step %d/%d epoch %d loss %.4f %.1f img/s ETA %.0fs", progress.step, total_steps,
-                             progress.epoch, last.get("loss", float("nan")), per_bs * world / dt, eta)
+                    if cfg.budgeted:
+                        log.info("step %d epoch %d loss %.4f %.1f img/s %.2f steps/s; %s %.0f %% done (%.0f s of "
+                                 "training) ETA %.0fs", progress.step, progress.epoch, last.get("loss", float("nan")),
+                                 per_bs * world / dt, rate, budget.describe(),
+                                 100 * min(budget.fraction(elapsed, progress.step), 1.0), elapsed,
+                                 budget.eta_s(elapsed, progress.step, rate))
+                    else:
+                        eta = (total_steps - progress.step) / max(rate, 1e-9)
+                        log.info("step %d/%d epoch %d loss %.4f %.1f img/s ETA %.0fs", progress.step, total_steps,
+                                 progress.epoch, last.get("loss", float("nan")), per_bs * world / dt, eta)
             if progress.step_in_epoch >= steps_per_epoch:
                 progress.epoch += 1
                 progress.step_in_epoch = 0
                 epoch_done = True
-            if progress.step % cfg.checkpoint_every == 0 and progress.step < total_steps:
+            more = not stop if cfg.budgeted else progress.step < total_steps  # the final one is saved below
+            if progress.step % cfg.checkpoint_every == 0 and more:
+                progress.train_time_s = loop_time()
                 save_checkpoint(False, last)
-            if epoch_done:
+            if epoch_done or stop:
                 break
-        if not epoch_done:
+        if not epoch_done and not stop:
             # the stream ended before steps_per_epoch (cannot happen with an equal split; never loop forever)
             log.warning("epoch %d ended after %d of %d steps", progress.epoch, progress.step_in_epoch,
                         steps_per_epoch)
@@ -203,6 +246,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             progress.step_in_epoch = 0
         if mlog is not None:
             mlog.log({"epoch_time_s": time.perf_counter() - t_epoch}, progress.step)
+    progress.train_time_s = elapsed if cfg.budgeted else loop_time()
+    if cfg.budgeted and rank == 0:
+        log.info("%s: stopped after %d steps, %.1f s of training", budget.describe(), progress.step,
+                 progress.train_time_s)
     progress.finished = True
     save_checkpoint(True, last)
     if mlog is not None:

@@ -2,8 +2,9 @@
 
 The method states its recipe (:class:`ssl_core.methods.OptimizerDefaults`); command-line overrides
 replace single values of it, ``ssl_core.optim`` scales the lr to the global batch, and the schedule
-is a pure function of the global step — so a resumed run continues it exactly by step number, with
-no scheduler state to restore.
+is a pure function of the schedule step — the global step, or with a time budget the budget's
+schedule step (:mod:`ray_jobs.pretrain.budget`) — so a resumed run continues it exactly, with no
+scheduler state to restore.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from ray_jobs.pretrain.budget import Budget
 from ray_jobs.pretrain.config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,27 @@ def max_grad_norm(method) -> float | None:
     return float(v) if v else None
 
 
-def build_optimizer(method, cfg: PretrainConfig, total_steps: int, steps_per_epoch: int):
-    """(optimizer, schedule) where ``schedule.step(global_step)`` sets lr and weight decay."""
+def build_optimizer(method, cfg: PretrainConfig, total_steps: int, steps_per_epoch: int,
+                    budget: Budget | None = None):
+    """(optimizer, schedule) where ``schedule.step(schedule_step)`` sets lr and weight decay.
+
+    ``total_steps`` is the schedules' length; with a ``budget`` it is ``budget.schedule_steps`` and
+    the warm-up is placed as a fraction of the run (see :meth:`Budget.warmup_steps`).
+    """
     from ssl_core.optim import build_schedule, create_optimizer
 
     d = recipe(method, cfg)
-    warmup_steps = d.warmup_epochs * steps_per_epoch
-    if warmup_steps > total_steps // 2 and total_steps > 1:
+    if budget is None:
+        budget = Budget(step_cap=total_steps)
+    warmup = budget.warmup_steps(d.warmup_epochs, steps_per_epoch, explicit=cfg.warmup_epochs is not None)
+    if not budget.timed and d.warmup_epochs * steps_per_epoch > total_steps // 2 and total_steps > 1:
         # a short run would otherwise never leave warm-up; say so rather than silently keep it there
-        new = (total_steps // 2) / steps_per_epoch
         log.info("warm-up of %.1f epochs exceeds half of this %d-step run; using %.2f epochs",
-                 d.warmup_epochs, total_steps, new)
-        d = dataclasses.replace(d, warmup_epochs=new)
+                 d.warmup_epochs, total_steps, warmup / steps_per_epoch)
+    elif budget.timed and warmup:
+        log.info("warm-up: the first %.1f %% of the run (%s)", 100 * warmup / total_steps, budget.describe())
+    # build_schedule takes the warm-up in epochs: this is exactly ``warmup`` schedule steps
+    d = dataclasses.replace(d, warmup_epochs=warmup / steps_per_epoch)
     optimizer = create_optimizer(method, d, cfg.batch_size)
     schedule = build_schedule(optimizer, d, total_steps, steps_per_epoch)
     return optimizer, schedule

@@ -25,7 +25,7 @@ SETTINGS_FILE = "ctssl_run_settings.json"
 
 
 def identity(cfg: PretrainConfig, img_size: int, steps_per_epoch: int, method_options: dict[str, Any]) -> dict[str, Any]:
-    """The settings a checkpoint's tensors and its step schedule depend on (JSON-normalised).
+    """The settings a checkpoint's tensors and its schedules depend on (JSON-normalised).
 
     Operational knobs (cluster address, tracking URI, failure budget, checkpoint cadence, cache size)
     are left out: changing them on a resume is legitimate.
@@ -33,8 +33,11 @@ def identity(cfg: PretrainConfig, img_size: int, steps_per_epoch: int, method_op
     ident = {
         "method": cfg.method, "backbone": cfg.backbone, "in_chans": cfg.in_chans, "img_size": img_size,
         "data": cfg.data, "selection": cfg.selection, "batch_size": cfg.batch_size, "workers": cfg.workers,
-        "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-        "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed, "method_options": method_options,
+        "epochs": cfg.epoch_limit, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed,
+        "method_options": method_options,
+        # a budget sets every schedule's length: a resume with another one would bend them mid-run
+        "time_budget_s": cfg.time_budget_s, "max_steps": cfg.max_steps,
     }
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
 

@@ -12,6 +12,7 @@ changes when a method is added: it calls :meth:`SSLMethod.training_step`, steps 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +24,15 @@ from torch import nn
 class StepContext:
     """Where training is, so schedules (EMA tau, frozen prototypes, queue start) can depend on it."""
 
-    step: int  # global optimiser step, 0-based
-    total_steps: int
+    step: int  # schedule step, 0-based: the global optimiser step, or a time budget's scaled position
+    total_steps: int  # the schedules' length in the same unit
     epoch: int = 0
-    total_epochs: int = 1
+    total_epochs: int = 1  # 0 when a budget, not an epoch count, ends the run
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run done, in [0, 1]: what a schedule given as a share of the run reads."""
+        return min(max(self.step / self.total_steps, 0.0), 1.0) if self.total_steps > 0 else 1.0
 
 
 @dataclass
@@ -48,6 +54,25 @@ class SSLMethod(nn.Module, ABC):
 
     #: registry name, set by :func:`ssl_core.methods.register`
     name: str = ""
+    #: constructor options counted in optimiser steps: a time-budgeted run cannot honour them, as its
+    #: step count is unknown until it ends (its schedules see a scaled step, not the real one)
+    step_count_options: tuple[str, ...] = ()
+
+    @classmethod
+    def options_for_pool(cls, rows: int, batch_size: int, total_steps: int | None,
+                         given: Collection[str] = ()) -> dict[str, Any]:
+        """Constructor options sized from the pool, where the stock defaults assume ImageNet.
+
+        ``rows`` slices, global ``batch_size``, ``total_steps`` schedule steps of the run (None when
+        a time budget ends it and the step count is unknown). Options in ``given`` were set by the
+        user and must not be suggested (the caller merges the user's on top anyway; ``given`` lets a
+        method skip a suggestion that would contradict one). Default: nothing depends on the pool.
+        """
+        return {}
+
+    def check_setup(self) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` for settings that build but would train something other than asked
+        (SparK: a mask ratio its patch grid cannot realise). Called once before a run starts."""
 
     @abstractmethod
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:

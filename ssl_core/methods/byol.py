@@ -93,10 +93,5 @@ class BYOL(SSLMethod):
         return OptimizerDefaults(name="lars", base_lr=0.2, weight_decay=1.5e-6, base_batch_size=256,
                                  warmup_epochs=10.0, momentum=0.9)
 
-    @staticmethod
-    def suggest_from_dataset_size(n_images: int, batch_size: int = 256) -> dict[str, Any]:
-        """BYOL has no negatives, queue or prototypes: nothing depends on the pool size."""
-        return {}
-
 
 __all__ = ["BYOL"]

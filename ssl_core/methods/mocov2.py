@@ -6,18 +6,26 @@
     after the optimiser step: key <- m * key + (1 - m) * online (m = 0.999);
                               queue.enqueue(gather(k) over all DDP ranks)
 
-The queue is sized from the data when the caller knows the pool (see
-:meth:`MoCoV2.suggest_from_dataset_size`): ImageNet's 65,536 keys would hold every image of a small
-CT pool several times over, so an image's own older keys would be its negatives.
+The queue is sized from the data when the caller knows the pool (see :meth:`MoCoV2.options_for_pool`):
+ImageNet's 65,536 keys would hold every image of a small CT pool several times over, so an image's
+own older keys would be its negatives; a queue of a single batch, on the other hand, gives too few
+negatives for the loss to leave chance.
 
-Batch-norm cheating is prevented with shuffle-BN (default under DDP) or SyncBN (``bn_mode="sync"``).
+Batch-norm cheating is prevented with shuffle-BN (the default) or SyncBN (``bn_mode="sync"``). The
+cheat: a query and its key computed with batch norm over the same group of samples share that
+group's statistics, and the network learns to spot the key of its own group among the queue's keys
+of older groups instead of learning features. Under DDP shuffle-BN permutes the key batch across
+ranks, so each rank's key BN sees another group than its queries. A single process has nothing to
+shuffle across, so it emulates that: the key batch is permuted and the key encoder runs over
+``shuffle_bn_groups`` sub-batches (default 4, 8 from a batch of 256), each with its own BN
+statistics, then the keys are put back in order. The query encoder keeps whole-batch statistics.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +43,7 @@ from ssl_core.distributed import (
 )
 from ssl_core.heads import MLPHead, mocov2_head_dims
 from ssl_core.losses import info_nce_queue_loss
-from ssl_core.memory_queue import MemoryQueue, suggest_queue_size
+from ssl_core.memory_queue import MemoryQueue
 from ssl_core.methods import register
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 from ssl_core.methods.common import prepare_input
@@ -44,6 +52,19 @@ from ssl_core.momentum import ema_update_, freeze
 log = logging.getLogger(__name__)
 
 BN_MODES = ("auto", "shuffle", "sync", "none")
+DEFAULT_QUEUE_SIZE = 65536  # the paper's, for ImageNet's 1.28 M images
+#: a queue shorter than this many batches gives too few negatives for a small batch (MoCo's point is
+#: that the queue, not the batch, supplies them)
+MIN_QUEUE_BATCHES = 4
+
+
+def auto_shuffle_bn_groups(batch: int) -> int:
+    """Sub-batches of a single process's emulated shuffle-BN: 4 (8 from a batch of 256, like the
+    paper's 8 GPUs x 32), and 1 (no split) below 8 samples, where groups of one or two would make the
+    key's BN statistics mostly noise."""
+    if batch < 8:
+        return 1
+    return min(8, max(4, batch // 32))
 
 
 @register("mocov2")
@@ -54,12 +75,13 @@ class MoCoV2(SSLMethod):
         in_chans: int = 1,
         img_size: int = 224,
         windows: Sequence[WindowSpec] | None = None,
-        queue_size: int = 65536,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
         temperature: float = 0.2,
         momentum: float = 0.999,
         hidden_dim: int | None = None,
         out_dim: int | None = None,
         bn_mode: str = "auto",
+        shuffle_bn_groups: int | None = None,
         symmetric: bool = False,
         views: MultiView | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -69,12 +91,16 @@ class MoCoV2(SSLMethod):
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if shuffle_bn_groups is not None and shuffle_bn_groups < 1:
+            raise ValueError(f"shuffle_bn_groups must be >= 1 (1 = no split), got {shuffle_bn_groups}")
         self.backbone = create_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
         d = feature_dim(self.backbone)
         h, o = mocov2_head_dims(d)
         h, o = hidden_dim or h, out_dim or o
         self.projector = MLPHead(d, h, o, batch_norm=False)  # MoCo v2: fc-ReLU-fc
-        self.bn_mode = ("shuffle" if is_distributed() else "none") if bn_mode == "auto" else bn_mode
+        self.bn_mode = "shuffle" if bn_mode == "auto" else bn_mode
+        self.shuffle_bn_groups = shuffle_bn_groups
+        self._logged_groups: int | None = None
         if self.bn_mode == "sync":
             self.backbone = convert_sync_batchnorm(self.backbone)
         self.key_backbone = freeze(copy.deepcopy(self.backbone))
@@ -85,20 +111,49 @@ class MoCoV2(SSLMethod):
         if len(self.views) != 2:
             raise ValueError(f"MoCo v2 needs exactly 2 views, the recipe makes {len(self.views)}")
         self._pending_keys: torch.Tensor | None = None
-        log.info("MoCo v2: backbone %s (width %d), head %d->%d->%d, queue %d keys, T=%.3g, m=%.4g, BN %s",
-                 backbone, d, d, h, o, queue_size, temperature, momentum, self.bn_mode)
+        log.info("MoCo v2: backbone %s (width %d), head %d->%d->%d, queue %d keys, T=%.3g, m=%.4g, BN %s%s",
+                 backbone, d, d, h, o, queue_size, temperature, momentum, self.bn_mode,
+                 "" if self.bn_mode != "shuffle" else " across ranks" if is_distributed() else
+                 f" emulated in {shuffle_bn_groups or 'auto'} sub-batches")
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.backbone(prepare_input(x))), dim=1)
+
+    def key_bn_groups(self, batch: int) -> int:
+        """Sub-batches the key encoder's batch norm is computed over for a local batch of ``batch``.
+
+        Under DDP the cross-rank shuffle already separates the groupings, so the default is 1 there;
+        an explicit ``shuffle_bn_groups`` applies in both cases. Never more groups than leave 2
+        samples in each.
+        """
+        if self.bn_mode != "shuffle":
+            return 1
+        g = self.shuffle_bn_groups
+        if g is None:
+            g = 1 if is_distributed() else auto_shuffle_bn_groups(batch)
+        return max(1, min(g, batch // 2))
+
+    def _key_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_projector(self.key_backbone(prepare_input(x)))
 
     @torch.no_grad()
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn_mode == "shuffle":
             xs, unshuffle = shuffle_batch(x)
-            k = self.key_projector(self.key_backbone(prepare_input(xs)))
+            groups = self.key_bn_groups(xs.shape[0])
+            if groups != self._logged_groups:
+                log.info("MoCo v2 key encoder: batch norm over %d sub-batch(es) of a shuffled batch of %d%s",
+                         groups, xs.shape[0], " per rank" if is_distributed() else "")
+                self._logged_groups = groups
+            if groups > 1:
+                # a forward per sub-batch: each gets its own BN statistics, a random grouping of samples
+                # unlike the query encoder's whole batch
+                k = torch.cat([self._key_encoder(c) for c in xs.chunk(groups)])
+            else:
+                k = self._key_encoder(xs)
             k = unshuffle_batch(k, unshuffle)
         else:
-            k = self.key_projector(self.key_backbone(prepare_input(x)))
+            k = self._key_encoder(x)
         return F.normalize(k.float(), dim=1)
 
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -130,13 +185,32 @@ class MoCoV2(SSLMethod):
         return OptimizerDefaults(name="sgd", base_lr=0.03, weight_decay=1e-4, base_batch_size=256,
                                  warmup_epochs=0.0, momentum=0.9)
 
-    @staticmethod
-    def suggest_from_dataset_size(n_images: int, batch_size: int = 256) -> dict[str, Any]:
-        """Queue length for a pool of ``n_images`` (global ``batch_size``); logged by the caller."""
-        size = suggest_queue_size(n_images, batch_size)
-        log.info("MoCo v2: %d images, batch %d -> queue of %d keys (paper default 65536)", n_images,
-                 batch_size, size)
-        return {"queue_size": size}
+    @classmethod
+    def options_for_pool(cls, rows: int, batch_size: int, total_steps: int | None,
+                         given: Collection[str] = ()) -> dict[str, Any]:
+        """The queue for a pool of ``rows`` slices and a global ``batch_size``.
+
+        A quarter of the pool (keys younger than a quarter epoch: an image's own previous key is
+        rarely among its negatives), but at least :data:`MIN_QUEUE_BATCHES` batches where the pool
+        holds more than that (one batch of negatives keeps the loss at chance), always fewer keys
+        than the pool has slices, whole batches, at most the paper's 65,536. Returned only when it
+        differs from the paper's default.
+        """
+        if "queue_size" in given:
+            return {}
+        size = moco_queue_size(rows, batch_size)
+        return {"queue_size": size} if size < DEFAULT_QUEUE_SIZE else {}
 
 
-__all__ = ["MoCoV2"]
+def moco_queue_size(rows: int, batch_size: int, default: int = DEFAULT_QUEUE_SIZE) -> int:
+    """See :meth:`MoCoV2.options_for_pool`."""
+    if rows < 2 or batch_size < 1:
+        raise ValueError(f"need at least 2 slices and a positive batch, got {rows}, {batch_size}")
+    below_pool = rows - 1
+    quarter = (rows // 4) // batch_size * batch_size
+    several = min(MIN_QUEUE_BATCHES * batch_size, below_pool // batch_size * batch_size)
+    size = min(max(quarter, several, batch_size), default, below_pool)
+    return int(size)
+
+
+__all__ = ["MoCoV2", "auto_shuffle_bn_groups", "moco_queue_size"]

@@ -67,6 +67,55 @@ def masked_patch_loss(target: torch.Tensor, recon: torch.Tensor, active: torch.T
     return per_patch.sum() / masked.sum().clamp(min=1.0)
 
 
+#: how far the mask ratio a patch grid realises may be from the requested one before a run is refused
+MASK_RATIO_TOLERANCE = 0.05
+
+
+def masked_patches(cells: int, mask_ratio: float) -> int:
+    """Patches :func:`ssl_core.sparse.random_mask` masks on a grid of ``cells``: it keeps
+    ``round(cells x (1 - ratio))`` visible, at least one and at most ``cells - 1``."""
+    keep = min(max(round(cells * (1.0 - mask_ratio)), 1), cells - 1)
+    return cells - keep
+
+
+def effective_mask_ratio(grid: int, mask_ratio: float) -> float:
+    """The share of a ``grid x grid`` patch grid that is masked at ``mask_ratio``: a small grid can only
+    mask whole patches (2x2 at 0.6 masks 2 of 4, i.e. 0.5)."""
+    cells = grid * grid
+    return masked_patches(cells, mask_ratio) / cells
+
+
+def mask_grid_problem(img_size: int, patch: int, mask_ratio: float, backbone: str = "the encoder",
+                      tolerance: float = MASK_RATIO_TOLERANCE) -> str | None:
+    """One line naming the realised mask ratio and image sizes that realise the requested one, or None
+    when the grid realises it within ``tolerance``.
+
+    A mask ratio that silently becomes another changes the pretext task (SparK's ablation: 0.6 is
+    the sweet spot); at 64 px a ResNet's 32-px patches make a 2x2 grid where 0.6 means 0.5.
+    """
+    grid = img_size // patch
+    eff = effective_mask_ratio(grid, mask_ratio)
+    if abs(eff - mask_ratio) <= tolerance:
+        return None
+    ok = [g for g in range(2, max(4 * grid, 16) + 1) if abs(effective_mask_ratio(g, mask_ratio) - mask_ratio) <= tolerance]
+    picks: list[int] = []
+    below = [g for g in ok if g < grid]
+    above = [g for g in ok if g > grid]
+    if below:
+        picks.append(below[-1])
+    if above:
+        picks.append(above[0])
+        exact = [g for g in above if abs(effective_mask_ratio(g, mask_ratio) - mask_ratio) < 0.005]
+        if exact and exact[0] not in picks:
+            picks.append(exact[0])
+    sizes = " or ".join(f"{g * patch} ({g}x{g}: {effective_mask_ratio(g, mask_ratio):.2f})" for g in picks)
+    cells = grid * grid
+    return (f"{backbone}'s {patch}-px patches make a {grid}x{grid} grid, so mask ratio {mask_ratio:g} would mask "
+            f"{masked_patches(cells, mask_ratio)} of {cells} patches ({eff:.2f}); use "
+            + (f"--img-size {sizes}, or " if sizes else "")
+            + f"--method-option mask_ratio={round(eff, 2):g}")
+
+
 def _contiguous(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous()
 
@@ -123,6 +172,9 @@ class SparK(SSLMethod):
             raise ValueError(f"SparK takes exactly 1 view, the recipe makes {len(self.views)}")
         self._uses_bn = is_bn
         self._freeze_unused_head(net)
+        problem = mask_grid_problem(img_size, self.patch, mask_ratio, self.backbone_name)
+        if problem:  # a library user may mean it; the pre-training driver refuses it (check_setup)
+            log.warning("SparK: %s", problem)
         log.info("SparK: backbone %s, patch %d px, mask ratio %.2f, densify norm %s, decoder width %d, "
                  "stage widths %s", self.backbone_name, self.patch, mask_ratio, densify_norm, decoder_width,
                  self.sparse_encoder.channels)
@@ -192,10 +244,11 @@ class SparK(SSLMethod):
             extra={"betas": (0.9, 0.95 if self._uses_bn else 0.999), "max_grad_norm": 5.0},
         )
 
-    @staticmethod
-    def suggest_from_dataset_size(n_images: int, batch_size: int = 256) -> dict[str, Any]:
-        """SparK has no queue or prototypes: nothing depends on the pool size."""
-        return {}
+    def check_setup(self) -> None:
+        """Refuse a mask ratio the patch grid cannot realise (see :func:`mask_grid_problem`)."""
+        problem = mask_grid_problem(self.img_size, self.patch, self.mask_ratio, self.backbone_name)
+        if problem:
+            raise ValueError(problem)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Mask tokens, norms and biases get no weight decay (the official recipe)."""
@@ -210,4 +263,5 @@ class SparK(SSLMethod):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-__all__ = ["SparK", "masked_patch_loss", "patchify", "unpatchify"]
+__all__ = ["SparK", "effective_mask_ratio", "mask_grid_problem", "masked_patch_loss", "masked_patches", "patchify",
+           "unpatchify"]

@@ -6,17 +6,18 @@
                                                                             # sums all-reduced over ranks
     loss = mean_i mean_{v != i} CE(q_i, softmax(scores_v / 0.1))
     prototypes get no gradient for the first ``freeze_prototypes_iters`` optimiser steps
+    (or the first ``freeze_prototypes_fraction`` of the run)
 
 The optional feature queue (per rank, as in the paper's code) holds projections of earlier global
 crops and joins the Sinkhorn problem from ``queue_start_epoch`` on, so small batches still get a
-well-spread equipartition. Prototype count, queue length and freeze length should follow the pool
-size (:meth:`SwAV.suggest_from_dataset_size`), not ImageNet's 3000 / 3840 / 313.
+well-spread equipartition. Prototype count and freeze length should follow the pool size and the run
+(:meth:`SwAV.options_for_pool`), not ImageNet's 3000 / 313.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +38,10 @@ from ssl_core.sinkhorn import sinkhorn_knopp
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PROTOTYPES = 3000  # the paper's, for ImageNet
+DEFAULT_FREEZE_ITERS = 313  # the paper's: one ImageNet epoch at batch 4096
+MAX_FREEZE_FRACTION = 0.1  # frozen prototypes for longer than a tenth of a short run only waste it
+
 
 @register("swav")
 class SwAV(SSLMethod):
@@ -48,11 +53,12 @@ class SwAV(SSLMethod):
         windows: Sequence[WindowSpec] | None = None,
         n_local: int = 6,
         local_size: int | None = None,
-        n_prototypes: int = 3000,
+        n_prototypes: int = DEFAULT_PROTOTYPES,
         temperature: float = 0.1,
         sinkhorn_iterations: int = 3,
         epsilon: float = 0.05,
-        freeze_prototypes_iters: int = 313,
+        freeze_prototypes_iters: int = DEFAULT_FREEZE_ITERS,
+        freeze_prototypes_fraction: float | None = None,
         queue_length: int = 0,
         queue_start_epoch: int = 15,
         hidden_dim: int | None = None,
@@ -63,6 +69,8 @@ class SwAV(SSLMethod):
         super().__init__()
         if n_prototypes < 2:
             raise ValueError(f"SwAV needs >= 2 prototypes, got {n_prototypes}")
+        if freeze_prototypes_fraction is not None and not 0.0 <= freeze_prototypes_fraction < 1.0:
+            raise ValueError(f"freeze_prototypes_fraction must be in [0, 1), got {freeze_prototypes_fraction}")
         self.backbone = create_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
         d = feature_dim(self.backbone)
         h, o = swav_head_dims(d)
@@ -71,6 +79,9 @@ class SwAV(SSLMethod):
         self.prototypes = Prototypes(o, n_prototypes)
         self.temperature, self.sinkhorn_iterations, self.epsilon = temperature, sinkhorn_iterations, epsilon
         self.freeze_prototypes_iters = int(freeze_prototypes_iters)
+        # a share of the run instead of a step count, for runs whose step count is unknown in advance
+        # (a time budget): it wins over freeze_prototypes_iters when given
+        self.freeze_prototypes_fraction = freeze_prototypes_fraction
         self.queue_start_epoch = int(queue_start_epoch)
         self.views = views or swav_views(img_size, windows, in_chans, n_local=n_local, local_size=local_size)
         self.n_global = self.views.counts[0]
@@ -80,11 +91,15 @@ class SwAV(SSLMethod):
         per_rank = queue_length // world_size() if queue_length > 0 else 0
         self.queues = nn.ModuleList([MemoryQueue(per_rank, o) for _ in range(self.n_global)] if per_rank else [])
         self._pending_z: list[torch.Tensor] | None = None
-        log.info("SwAV: backbone %s (width %d), head %d->%d->%d, %d prototypes frozen for %d iterations, "
+        frozen_for = (f"{100 * freeze_prototypes_fraction:g} % of the run" if freeze_prototypes_fraction is not None
+                      else f"{self.freeze_prototypes_iters} iterations")
+        log.info("SwAV: backbone %s (width %d), head %d->%d->%d, %d prototypes frozen for %s, "
                  "views %s, queue %d from epoch %d", backbone, d, d, h, o, n_prototypes,
-                 self.freeze_prototypes_iters, self.views.counts, queue_length, queue_start_epoch)
+                 frozen_for, self.views.counts, queue_length, queue_start_epoch)
 
-    def prototypes_frozen(self, step: int) -> bool:
+    def prototypes_frozen(self, step: int, total_steps: int | None = None) -> bool:
+        if self.freeze_prototypes_fraction is not None and total_steps:
+            return step < self.freeze_prototypes_fraction * total_steps
         return step < self.freeze_prototypes_iters
 
     def _queue_active(self, epoch: int) -> bool:
@@ -95,7 +110,7 @@ class SwAV(SSLMethod):
         views = self.views(images)
         z = [F.normalize(e, dim=1) for e in forward_views(lambda x: self.projector(self.backbone(x)), views)]
         w = self.prototypes.weight
-        frozen = self.prototypes_frozen(ctx.step)
+        frozen = self.prototypes_frozen(ctx.step, ctx.total_steps)
         if frozen:
             # no gradient at all (grad stays None, so no momentum / weight decay either); under DDP a
             # zero-valued dependency keeps the reducer's "every parameter gets a gradient" contract
@@ -132,22 +147,31 @@ class SwAV(SSLMethod):
         return OptimizerDefaults(name="lars", base_lr=0.6, weight_decay=1e-6, base_batch_size=256,
                                  warmup_epochs=0.0, momentum=0.9)
 
-    @staticmethod
-    def suggest_from_dataset_size(n_images: int, batch_size: int = 256) -> dict[str, Any]:
-        """Prototypes, queue and freeze length for a pool of ``n_images`` (global ``batch_size``).
+    #: a step count cannot be honoured by a time-budgeted run (use freeze_prototypes_fraction there)
+    step_count_options = ("freeze_prototypes_iters",)
 
-        ~1 prototype per 10 images (30..3000): ImageNet's 3000 prototypes for a 2,000-slice pool
-        would leave most prototypes without a sample. The queue holds at most 15 batches and a
-        quarter of the pool; prototypes stay frozen for one epoch of iterations.
+    @classmethod
+    def options_for_pool(cls, rows: int, batch_size: int, total_steps: int | None,
+                         given: Collection[str] = ()) -> dict[str, Any]:
+        """Prototypes and prototype freezing for a pool of ``rows`` slices and a run of ``total_steps``.
+
+        ~1 prototype per 10 slices (at least 10, at most the paper's 3,000): ImageNet's 3,000 for a
+        2,000-slice pool would leave most prototypes without a sample. Prototypes stay frozen for
+        the paper's 313 iterations but at most a tenth of the run; for a time-budgeted run
+        (``total_steps`` None) that is the first 10 % of the budget.
         """
-        if n_images <= 0 or batch_size <= 0:
-            raise ValueError(f"need positive n_images and batch_size, got {n_images}, {batch_size}")
-        k = int(min(3000, max(30, n_images // 10)))
-        queue = int(min(15 * batch_size, n_images // 4) // batch_size * batch_size)
-        freeze = int(max(1, min(313, n_images // batch_size)))
-        log.info("SwAV: %d images, batch %d -> %d prototypes, queue %d, prototypes frozen %d iterations "
-                 "(paper: 3000 / 3840 / 313)", n_images, batch_size, k, queue, freeze)
-        return {"n_prototypes": k, "queue_length": queue, "freeze_prototypes_iters": freeze}
+        out: dict[str, Any] = {}
+        if "n_prototypes" not in given:
+            k = max(10, rows // 10)
+            if k < DEFAULT_PROTOTYPES:
+                out["n_prototypes"] = k
+        if "freeze_prototypes_iters" in given or "freeze_prototypes_fraction" in given:
+            return out
+        if total_steps is None:
+            out["freeze_prototypes_fraction"] = MAX_FREEZE_FRACTION
+        elif total_steps // 10 < DEFAULT_FREEZE_ITERS:  # a tenth of the run, in whole steps
+            out["freeze_prototypes_iters"] = total_steps // 10
+        return out
 
 
 __all__ = ["SwAV"]

@@ -130,3 +130,40 @@ def test_settings_the_method_cannot_take_fail_before_ray(tmp_path, capsys, monke
     assert "--method spark with --backbone resnet18 at 32 px: img_size 32 gives a single 32-px patch" in err
     rc = main(_pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"), "--method-option", "bogus=1"))
     assert rc == 2 and "bogus" in capsys.readouterr().err
+
+
+def test_spark_at_a_size_whose_patch_grid_cannot_hold_its_mask_ratio_is_refused_before_ray(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """64 px with a ResNet's 32-px patches is a 2x2 grid: 0.6 would silently mask 2 of 4 (0.5)."""
+    from ray_jobs import ray_cluster
+
+    def stop(*_a, **_k):
+        raise _StopBeforeRay
+
+    monkeypatch.setattr(ray_cluster, "connect", stop)
+    write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=64)
+    rc = main(_pretrain(tmp_path, "--method", "spark", "--data", str(tmp_path / "data")))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert ("--method spark with --backbone resnet18 at 64 px: resnet18's 32-px patches make a 2x2 grid, so mask "
+            "ratio 0.6 would mask 2 of 4 patches (0.50); use --img-size 96 (3x3: 0.56) or 160 (5x5: 0.60), or "
+            "--method-option mask_ratio=0.5") in err
+    assert len(err.strip().splitlines()) == 1
+    # the ratio the grid realises, asked for explicitly, goes ahead (to Ray, stopped here)
+    with pytest.raises(_StopBeforeRay):
+        main(_pretrain(tmp_path, "--method", "spark", "--data", str(tmp_path / "data"),
+                       "--method-option", "mask_ratio=0.5"))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--time-budget", "12 minutes"], "--time-budget expects a duration like 90s, 12m, 1.5h or plain seconds"),
+    (["--time-budget", "0s"], "--time-budget must be > 0 seconds"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--shuffle-buffer", "-1"], "--shuffle-buffer must be >= 0"),
+])
+def test_numbers_a_worker_would_trip_over_are_refused_by_the_cli(tmp_path, capsys, extra, message):
+    rc = main(_pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "no-data-needed"), *extra))
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

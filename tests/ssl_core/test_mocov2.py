@@ -10,7 +10,7 @@ import torch
 from ssl_core.losses import info_nce_queue_loss
 from ssl_core.memory_queue import MemoryQueue, suggest_queue_size
 from ssl_core.methods import StepContext, create_method
-from ssl_core.methods.mocov2 import MoCoV2
+from ssl_core.methods.mocov2 import MIN_QUEUE_BATCHES, MoCoV2, moco_queue_size
 
 
 def _keys(start: int, n: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def test_info_nce_with_orthogonal_negatives_has_the_closed_form_value():
 def test_training_step_enqueues_the_keys_after_the_optimiser_step():
     torch.manual_seed(0)
     m = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=12)
-    assert m.bn_mode == "none"  # single process: nothing to shuffle across
+    assert m.bn_mode == "shuffle" and m.key_bn_groups(4) == 1  # 4 samples: too few to split
     before = m.queue.queue.clone()
     m.training_step(torch.randn(4, 1, 32, 32) * 300, StepContext(0, 2))["loss"].backward()
     assert torch.equal(m.queue.queue, before)  # not yet: the loss used the old queue
@@ -94,10 +94,11 @@ def test_key_encoder_follows_momentum_0999():
 def test_shuffle_bn_gives_each_sample_its_own_key_back():
     torch.manual_seed(0)
     plain = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=8, bn_mode="none")
-    shuffled = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=8, bn_mode="shuffle")
+    shuffled = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=8, bn_mode="shuffle",
+                             shuffle_bn_groups=1)
     shuffled.load_state_dict(plain.state_dict())
     x = torch.rand(6, 1, 32, 32)
-    # one process: BN statistics of a permuted batch are the same, so keys must match row by row
+    # one process, one group: BN statistics of a permuted batch are the same, so keys must match row by row
     torch.testing.assert_close(shuffled._key(x), plain._key(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="bn_mode"):
         create_method("mocov2", backbone="test_resnet", bn_mode="group")
@@ -105,6 +106,94 @@ def test_shuffle_bn_gives_each_sample_its_own_key_back():
 
 def test_queue_is_sized_from_the_pool_not_imagenet():
     assert suggest_queue_size(1_281_167, 256) == 65536  # ImageNet keeps the paper default
-    assert suggest_queue_size(1700, 64) == 384  # a quarter of a small pool, whole batches
-    assert suggest_queue_size(100, 64) == 64  # never less than one batch
-    assert MoCoV2.suggest_from_dataset_size(1700, 64) == {"queue_size": 384}
+    assert MoCoV2.options_for_pool(1_281_167, 256, None) == {}
+    assert moco_queue_size(1700, 64) == 384  # a quarter of a small pool, whole batches
+    # batch 256 on a 1,736-slice pool: a quarter is one batch, whose negatives keep the loss at chance;
+    # four batches fit below the pool
+    assert MoCoV2.options_for_pool(1736, 256, None) == {"queue_size": 1024}
+    assert moco_queue_size(100, 64) == 64  # below the pool, whole batches
+    assert moco_queue_size(64, 64) == 63  # never the whole pool: each image's own key would be a negative
+    assert MoCoV2.options_for_pool(1700, 64, None, given={"queue_size"}) == {}
+    for rows in (2, 17, 100, 536, 1736, 20_000):
+        for batch in (1, 8, 32, 256):
+            if batch <= rows:
+                q = moco_queue_size(rows, batch)
+                assert 1 <= q < rows
+                if MIN_QUEUE_BATCHES * batch < rows:
+                    assert q >= MIN_QUEUE_BATCHES * batch
+
+
+def _record_inputs(module: torch.nn.Module) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_one_process_key_encoder_normalises_random_sub_batches_and_returns_keys_in_order():
+    """Without DDP there is no other rank to shuffle across: the key encoder's batch norm runs over
+    random quarters of the batch while the query's runs over the whole of it, so a query and its key
+    never share BN statistics; each key still comes back in its sample's row."""
+    torch.manual_seed(0)
+    m = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=64)
+    assert m.key_bn_groups(32) == 4 and m.key_bn_groups(256) == 8 and m.key_bn_groups(6) == 1
+    x = torch.rand(32, 1, 32, 32)
+    queries, keys_in = _record_inputs(m.backbone), _record_inputs(m.key_backbone)
+    m._query(x)
+    k = m._key(x)
+    queries, keys_in = list(queries), list(keys_in)  # (the checks below run the encoders again)
+    assert [len(c) for c in queries] == [32]  # the query's BN: the whole batch
+    assert [len(c) for c in keys_in] == [8, 8, 8, 8]  # the key's BN: four sub-batches of 8
+    rows = [[int((x == s).flatten(1).all(1).nonzero()) for s in chunk] for chunk in keys_in]
+    assert sorted(r for chunk in rows for r in chunk) == list(range(32))  # every sample once
+    assert rows != [list(range(i, i + 8)) for i in range(0, 32, 8)]  # not the query's order cut in four
+    with torch.no_grad():
+        for chunk, idx in zip(keys_in, rows, strict=True):  # each key: its own sub-batch's statistics
+            expected = torch.nn.functional.normalize(m.key_projector(m.key_backbone(chunk)), dim=1)
+            torch.testing.assert_close(k[idx], expected, atol=1e-5, rtol=1e-4)
+        whole = torch.nn.functional.normalize(m.key_projector(m.key_backbone(x)), dim=1)
+    assert not torch.allclose(k, whole, atol=1e-3)  # the statistics differ from the whole batch's
+    seen = _record_inputs(m.key_backbone)
+    m._key(x)
+    again = [[int((x == s).flatten(1).all(1).nonzero()) for s in chunk] for chunk in seen]
+    assert again != rows  # a fresh grouping every step
+    with pytest.raises(ValueError, match="shuffle_bn_groups"):
+        create_method("mocov2", backbone="test_resnet", img_size=32, shuffle_bn_groups=0)
+
+
+def test_one_process_moco_with_pool_sized_queue_learns_to_find_its_keys():
+    """The default one-process setup (sub-batch key BN, a queue of several batches sized for the pool)
+    lowers the InfoNCE loss against *real* negatives (keys of other slices, not the random initial
+    queue) on a fixed batch within 40 steps."""
+    import numpy as np
+
+    from data_prep.phantom import render_slices
+
+    pool = torch.from_numpy(render_slices(160, size=32, seed=1).hu.astype(np.float32)).unsqueeze(1)
+    opts = MoCoV2.options_for_pool(len(pool), 32, None)
+    assert opts == {"queue_size": 128}  # four batches: a quarter of 160 slices would be one
+    torch.manual_seed(0)
+    m = create_method("mocov2", backbone="test_resnet", img_size=32, momentum=0.99, **opts)
+    batch, others = pool[:32], pool[32:]
+
+    def fixed_loss() -> float:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(1234)
+            v1, v2 = m.views(batch)
+            (negatives,) = m.views(others)[:1]
+            q, k, neg = m._query(v1), m._key(v2), m._key(negatives)
+            return info_nce_queue_loss(q, k, neg, m.temperature).item()
+
+    before = fixed_loss()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for step in range(40):
+        ctx = StepContext(step, 40)
+        loss = m.training_step(pool[torch.randint(0, len(pool), (32,), generator=g)], ctx)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        m.after_optimizer_step(ctx)
+    after = fixed_loss()
+    print(f"[moco one process] fixed-batch loss vs real negatives {before:.3f} -> {after:.3f} "
+          f"(chance {math.log(1 + len(others)):.3f})")
+    assert after < before - 0.1

@@ -90,10 +90,29 @@ def test_feature_queue_starts_at_its_epoch_and_joins_the_sinkhorn_problem():
     torch.testing.assert_close(m.queues[0].filled_entries().norm(dim=1), torch.ones(8))
 
 
-def test_suggestions_scale_prototypes_and_queue_with_the_pool_size():
+def test_prototypes_and_freezing_are_sized_from_the_pool_and_the_run():
     from ssl_core.methods.swav import SwAV
 
-    small = SwAV.suggest_from_dataset_size(2000, batch_size=64)
-    assert small == {"n_prototypes": 200, "queue_length": 448, "freeze_prototypes_iters": 31}
-    large = SwAV.suggest_from_dataset_size(1_281_167, batch_size=256)
-    assert large == {"n_prototypes": 3000, "queue_length": 3840, "freeze_prototypes_iters": 313}
+    # a 2,000-slice pool: 200 prototypes; frozen for a tenth of a 500-step run instead of 313 steps
+    assert SwAV.options_for_pool(2000, 64, total_steps=500) == {"n_prototypes": 200, "freeze_prototypes_iters": 50}
+    # ImageNet keeps the paper's 3,000 prototypes and 313 frozen iterations
+    assert SwAV.options_for_pool(1_281_167, 256, total_steps=500_000) == {}
+    # a time budget has no step count: the first tenth of the run, whatever its length
+    assert SwAV.options_for_pool(2000, 64, total_steps=None) == {"n_prototypes": 200,
+                                                                 "freeze_prototypes_fraction": 0.1}
+    # the user's own freezing is not contradicted
+    assert SwAV.options_for_pool(2000, 64, None, given={"freeze_prototypes_iters"}) == {"n_prototypes": 200}
+
+
+def test_prototypes_freeze_for_a_fraction_of_the_run_when_asked():
+    """A time-budgeted run sees schedule steps on a fixed scale; the fraction follows the scale."""
+    torch.manual_seed(0)
+    m = create_method("swav", backbone="test_resnet", img_size=32, n_local=2, n_prototypes=20,
+                      freeze_prototypes_fraction=0.25)
+    assert [m.prototypes_frozen(s, 100) for s in (0, 24, 25, 99)] == [True, True, False, False]
+    assert m.prototypes_frozen(24_999, 100_000) and not m.prototypes_frozen(25_000, 100_000)
+    images = torch.randn(4, 1, 32, 32) * 300 - 300
+    assert m.training_step(images, StepContext(step=10, total_steps=100))["prototypes_frozen"].item() == 1.0
+    assert m.training_step(images, StepContext(step=30, total_steps=100))["prototypes_frozen"].item() == 0.0
+    with pytest.raises(ValueError, match="freeze_prototypes_fraction"):
+        create_method("swav", backbone="test_resnet", img_size=32, freeze_prototypes_fraction=1.5)

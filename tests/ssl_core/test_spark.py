@@ -150,3 +150,29 @@ def test_input_size_must_be_a_multiple_of_the_patch_size():
         _spark("resnet18", 80)
     with pytest.raises(ValueError, match="single 32-px patch"):
         _spark("resnet18", 32)
+
+
+def test_the_effective_mask_ratio_is_what_random_mask_masks():
+    from ssl_core.methods.spark import effective_mask_ratio
+    from ssl_core.sparse import random_mask
+
+    for grid in range(2, 9):
+        for ratio in (0.25, 0.4, 0.5, 0.6, 0.75, 0.9):
+            active = random_mask(3, (grid, grid), ratio)
+            masked = (~active).flatten(1).float().mean(1)
+            assert torch.all(masked == effective_mask_ratio(grid, ratio)), (grid, ratio)
+
+
+def test_a_mask_ratio_the_patch_grid_cannot_hold_is_named_with_sizes_that_can():
+    from ssl_core.methods.spark import mask_grid_problem
+
+    problem = mask_grid_problem(64, 32, 0.6, "resnet18")
+    assert problem == ("resnet18's 32-px patches make a 2x2 grid, so mask ratio 0.6 would mask 2 of 4 patches "
+                       "(0.50); use --img-size 96 (3x3: 0.56) or 160 (5x5: 0.60), or --method-option mask_ratio=0.5")
+    assert mask_grid_problem(64, 32, 0.5) is None  # asked for what the grid gives: fine
+    assert all(mask_grid_problem(s, 32, 0.6) is None for s in (96, 128, 160, 192, 224))
+    assert "use --img-size 64 (2x2: 0.50) or 128 (4x4: 0.50)," in mask_grid_problem(96, 32, 0.5)  # one each side
+    m = create_method("spark", backbone="test_resnet", img_size=64, decoder_width=32)
+    with pytest.raises(ValueError, match="2x2 grid"):
+        m.check_setup()
+    create_method("spark", backbone="test_resnet", img_size=64, decoder_width=32, mask_ratio=0.5).check_setup()
