@@ -389,6 +389,7 @@ def _check_existing(dst: str, fingerprint: dict[str, Any]) -> None:
         return
     if m.get("kind") != "prep":
         raise UserError(f"{dst}: holds a {m.get('kind')} output, not a prep output; choose another destination")
+    shards.refuse_other_format(dst, m)  # one output, one shard format
     if m.get("config", {}).get("fingerprint") != _fp_digest(fingerprint):
         raise UserError(f"{dst}: already holds a prep output made with other settings (source, size, dataset, "
                         "labels or de-identification key differ); choose a new destination")
