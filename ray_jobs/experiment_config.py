@@ -28,11 +28,12 @@ METHODS = ("byol", "mocov2", "swav", "spark")
 MAX_NAME_LEN = 30
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _URL_RE = re.compile(r"^(s3://|file://|/)\S+$")
+_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 
 DEFAULTS: dict[str, Any] = {
     "name": "ctssl",
-    "image": {"repository": "ctssl", "tag": "0.1.0", "pullPolicy": "IfNotPresent"},
+    "image": {"repository": "ctssl", "tag": "0.1.0", "digest": "", "pullPolicy": "IfNotPresent"},
     "imagePullSecrets": [],
     "serviceAccountName": "ctssl",
     "securityContext": {"runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100},
@@ -44,7 +45,9 @@ DEFAULTS: dict[str, Any] = {
         "accessKeyIdKey": "AWS_ACCESS_KEY_ID",
         "secretAccessKeyKey": "AWS_SECRET_ACCESS_KEY",
     },
-    "mlflow": {"trackingUri": ""},
+    # credentialsSecret None: the chart's auth Secret "<name>-mlflow-auth" when the tracking URI is the
+    # chart's own server (derived below), else none; "" = the server needs no login
+    "mlflow": {"trackingUri": "", "credentialsSecret": None, "usernameKey": "username", "passwordKey": "password"},
     "waitFor": {"timeoutSeconds": 86400, "pollSeconds": 30},
     "prep": {
         "enabled": True,
@@ -211,8 +214,14 @@ def resolve(raw: dict[str, Any] | None) -> dict[str, Any]:
             node = node[part]
         _require(isinstance(node, str) and bool(_QUANTITY_RE.match(node)), key,
                  f"must be a Kubernetes quantity such as 2Gi, got {node!r}")
-    if not cfg["mlflow"]["trackingUri"]:
+    digest = cfg["image"]["digest"]
+    _require(digest == "" or (isinstance(digest, str) and bool(_DIGEST_RE.match(digest))), "image.digest",
+             f"must be empty or sha256:<64 lowercase hex digits>, got {digest!r}")
+    own_server = not cfg["mlflow"]["trackingUri"]
+    if own_server:
         cfg["mlflow"]["trackingUri"] = f"http://{name}-mlflow:5000"
+    if cfg["mlflow"]["credentialsSecret"] is None:
+        cfg["mlflow"]["credentialsSecret"] = f"{name}-mlflow-auth" if own_server else ""
     return cfg
 
 

@@ -41,13 +41,22 @@ def pod_security_context(cfg: dict[str, Any]) -> dict[str, Any]:
             "fsGroup": s["fsGroup"], "seccompProfile": {"type": "RuntimeDefault"}}
 
 
+#: the image user's cache folder: the image bakes numba's compiled kernels into it
+CACHE_DIR = "/home/ray/.cache"
+
+
 def container_security_context() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    """Pod Security "restricted", and a read-only root filesystem: only mounted volumes are writable."""
+    return {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def image(cfg: dict[str, Any]) -> str:
-    return f"{cfg['image']['repository']}:{cfg['image']['tag']}"
+    """``repository@digest`` when a digest is pinned (a moved tag cannot change what runs), else ``:tag``."""
+    img = cfg["image"]
+    if img.get("digest"):
+        return f"{img['repository']}@{img['digest']}"
+    return f"{img['repository']}:{img['tag']}"
 
 
 def storage_env(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,7 +75,15 @@ def storage_env(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         env += [{"name": "AWS_ENDPOINT_URL", "value": s["endpoint"]},
                 {"name": "CTSSL_S3_ENDPOINT_URL", "value": s["endpoint"]},
                 {"name": "MLFLOW_S3_ENDPOINT_URL", "value": s["endpoint"]}]
-    env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg["mlflow"]["trackingUri"]})
+    m = cfg["mlflow"]
+    env.append({"name": "MLFLOW_TRACKING_URI", "value": m["trackingUri"]})
+    if m["credentialsSecret"]:  # MLflow's basic-auth login of the jobs
+        env += [
+            {"name": "MLFLOW_TRACKING_USERNAME",
+             "valueFrom": {"secretKeyRef": {"name": m["credentialsSecret"], "key": m["usernameKey"]}}},
+            {"name": "MLFLOW_TRACKING_PASSWORD",
+             "valueFrom": {"secretKeyRef": {"name": m["credentialsSecret"], "key": m["passwordKey"]}}},
+        ]
     return env
 
 
@@ -81,27 +98,50 @@ def _pod_spec_common(cfg: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _container(cfg: dict[str, Any], name: str, resources: dict[str, Any]) -> dict[str, Any]:
+def _container(cfg: dict[str, Any], name: str, resources: dict[str, Any], *, cache: bool = False,
+               mounts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ctssl container. The root filesystem is read-only, so /tmp (Ray's /tmp/ray included) is an
+    emptyDir, and with ``cache`` so is ~/.cache (numba's kernels, seeded by :func:`_seed_cache`)."""
+    vm = [{"name": "tmp", "mountPath": "/tmp"}]
+    if cache:
+        vm.append({"name": "cache", "mountPath": CACHE_DIR})
+    vm += copy.deepcopy(mounts or [])
     return {"name": name, "image": image(cfg), "imagePullPolicy": cfg["image"]["pullPolicy"],
             "env": storage_env(cfg), "resources": copy.deepcopy(resources),
-            "securityContext": container_security_context()}
+            "securityContext": container_security_context(), "volumeMounts": vm}
+
+
+def _seed_cache(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Copies the image's ~/.cache into the writable "cache" emptyDir before the pod's other containers
+    start: numba only uses a cache folder it can write to, so the image's read-only copy of the
+    compiled kernels would make them fail to load; the copy keeps them (no compile per process)."""
+    c = _container(cfg, "seed-cache", cfg["ray"]["initResources"], mounts=[{"name": "cache", "mountPath": "/seed"}])
+    del c["env"]
+    c["command"] = ["sh", "-c", f"cp -a {CACHE_DIR}/. /seed/ 2>/dev/null || true"]
+    return c
+
+
+def _writable_volumes(cache: bool = False) -> list[dict[str, Any]]:
+    return [{"name": "tmp", "emptyDir": {}}] + ([{"name": "cache", "emptyDir": {}}] if cache else [])
 
 
 # ------------------------------------------------------------------------------------------ prep Job
 def prep_job(cfg: dict[str, Any]) -> dict[str, Any]:
     p = cfg["prep"]
-    container = _container(cfg, "prep", p["resources"])
+    key_mount = [{"name": "deid-key", "mountPath": sc.DEID_KEY_DIR, "readOnly": True}] if p["deidKeySecret"] else []
+    container = _container(cfg, "prep", p["resources"], cache=True, mounts=key_mount)
     container["command"] = sc.prep_argv(cfg)
     container["env"] = [{"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}] + container["env"]
     pod = _pod_spec_common(cfg)
     pod["restartPolicy"] = "Never"
     # the bucket may still be being created (bundled MinIO) or the upload still running
-    pod["initContainers"] = [_wait_container(cfg, "wait-for-source", sc.wait_argv([p["source"]], "file", cfg))]
+    pod["initContainers"] = [_seed_cache(cfg),
+                             _wait_container(cfg, "wait-for-source", sc.wait_argv([p["source"]], "file", cfg))]
     pod["containers"] = [container]
+    pod["volumes"] = _writable_volumes(cache=True)
     if p["deidKeySecret"]:
-        container["volumeMounts"] = [{"name": "deid-key", "mountPath": sc.DEID_KEY_DIR, "readOnly": True}]
-        pod["volumes"] = [{"name": "deid-key", "secret": {"secretName": p["deidKeySecret"], "defaultMode": 256}}]
+        pod["volumes"].append({"name": "deid-key", "secret": {"secretName": p["deidKeySecret"], "defaultMode": 256}})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -134,14 +174,13 @@ def ray_cluster_spec(cfg: dict[str, Any], component: str, method: str | None,
     GPU when ``ray.workers.gpus`` > 0. ``/dev/shm`` is a memory emptyDir: Ray's object store and
     PyTorch's DataLoader need far more than the container runtime's 64 MiB default."""
     head, workers = cfg["ray"]["head"], cfg["ray"]["workers"]
-    head_container = _container(cfg, "ray-head", head["resources"])
+    shm_mount = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    head_container = _container(cfg, "ray-head", head["resources"], cache=True, mounts=shm_mount)
     head_container["ports"] = copy.deepcopy(HEAD_PORTS)
-    head_container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     head_pod = _pod_spec_common(cfg)
-    if waits:
-        head_pod["initContainers"] = [_wait_container(cfg, n, a) for n, a in waits]
+    head_pod["initContainers"] = [_seed_cache(cfg)] + [_wait_container(cfg, n, a) for n, a in waits]
     head_pod["containers"] = [head_container]
-    head_pod["volumes"] = [_shm(head["shmSize"])]
+    head_pod["volumes"] = _writable_volumes(cache=True) + [_shm(head["shmSize"])]
     head_params = {"dashboard-host": "0.0.0.0"}
     if with_workers:
         head_params["num-cpus"] = str(head["numCpus"])
@@ -156,13 +195,13 @@ def ray_cluster_spec(cfg: dict[str, Any], component: str, method: str | None,
     }
     if not with_workers:
         return spec
-    worker_container = _container(cfg, "ray-worker", workers["resources"])
+    worker_container = _container(cfg, "ray-worker", workers["resources"], cache=True, mounts=shm_mount)
     if workers["gpus"] > 0:
         worker_container["resources"].setdefault("limits", {})["nvidia.com/gpu"] = workers["gpus"]
-    worker_container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     worker_pod = _pod_spec_common(cfg)
+    worker_pod["initContainers"] = [_seed_cache(cfg)]
     worker_pod["containers"] = [worker_container]
-    worker_pod["volumes"] = [_shm(workers["shmSize"])]
+    worker_pod["volumes"] = _writable_volumes(cache=True) + [_shm(workers["shmSize"])]
     if workers["nodeSelector"]:
         worker_pod["nodeSelector"] = copy.deepcopy(workers["nodeSelector"])
     if workers["tolerations"]:
@@ -190,6 +229,7 @@ def _submitter(cfg: dict[str, Any], component: str, method: str | None) -> dict[
     c = _container(cfg, "ray-job-submitter", cfg["ray"]["submitter"]["resources"])
     del c["env"]
     pod["containers"] = [c]
+    pod["volumes"] = _writable_volumes()
     return {"metadata": {"labels": {**labels(cfg, component, method), "ctssl.io/ray-node": "submitter"}},
             "spec": pod}
 

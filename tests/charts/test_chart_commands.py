@@ -109,7 +109,8 @@ def test_stages_chain_through_the_commit_markers_of_their_inputs(stem: str) -> N
     prep = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "study-prep")
     prep_argv = prep["spec"]["template"]["spec"]["containers"][0]["command"]
     shards = prep_argv[3]
-    assert prep["spec"]["template"]["spec"]["initContainers"][0]["command"][:3] == ["ctssl", "wait-for", prep_argv[2]]
+    prep_waits = {c["name"]: c["command"] for c in prep["spec"]["template"]["spec"]["initContainers"]}
+    assert prep_waits["wait-for-source"][:3] == ["ctssl", "wait-for", prep_argv[2]]
     selection = None
     if "study-reduce" in rayjobs:
         r = rayjobs["study-reduce"]

@@ -191,11 +191,13 @@ def test_variants_of_the_cpu_values_render_valid_objects(variant: str) -> None:
         assert ("Job", "study-prep") not in names
         rj = next(o for o in objs if o["metadata"]["name"] == "study-pretrain-byol")
         head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-        assert head["initContainers"][0]["command"][2] == "s3://other/shards"
+        waits = {c["name"]: c["command"] for c in head["initContainers"]}
+        assert waits["wait-for-data"][2] == "s3://other/shards"
     if variant == "report-only":
         ft = next(o for o in objs if o["metadata"]["name"] == "study-finetune")
         assert ft["spec"]["entrypoint"].startswith("ctssl report ")
-        assert "initContainers" not in ft["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        head = ft["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        assert [c["name"] for c in head["initContainers"]] == ["seed-cache"]  # nothing to wait for
     if variant == "no-finetune-no-report":
         assert ("RayJob", "study-finetune") not in names
     if variant == "no-methods":

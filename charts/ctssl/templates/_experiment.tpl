@@ -12,6 +12,7 @@ name: {{ include "ctssl.fullname" . | toJson }}
 image:
   repository: {{ $v.image.repository | toJson }}
   tag: {{ $v.image.tag | toString | toJson }}
+  digest: {{ $v.image.digest | default "" | toJson }}
   pullPolicy: {{ $v.image.pullPolicy | toJson }}
 imagePullSecrets: {{ $v.imagePullSecrets | toJson }}
 serviceAccountName: {{ include "ctssl.serviceAccountName" . | toJson }}
@@ -28,6 +29,9 @@ storage:
   secretAccessKeyKey: {{ $v.storage.secretAccessKeyKey | toJson }}
 mlflow:
   trackingUri: {{ include "ctssl.trackingUri" . | toJson }}
+  credentialsSecret: {{ include "ctssl.mlflowAuthSecret" . | toJson }}
+  usernameKey: {{ $v.mlflow.auth.usernameKey | toJson }}
+  passwordKey: {{ $v.mlflow.auth.passwordKey | toJson }}
 waitFor:
   timeoutSeconds: {{ $v.waitFor.timeoutSeconds | int }}
   pollSeconds: {{ $v.waitFor.pollSeconds | int }}

@@ -54,11 +54,61 @@ ctssl.io/method: {{ .method | quote }}
 {{- end -}}
 {{- end -}}
 
+{{/* The S3 keys every workload gets: with the bundled MinIO, a user limited to the bucket (never root). */}}
 {{- define "ctssl.s3Secret" -}}
 {{- if .Values.storage.existingSecret -}}
 {{- .Values.storage.existingSecret -}}
 {{- else if .Values.minio.enabled -}}
 {{- printf "%s-s3" (include "ctssl.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* MinIO's root login: only MinIO and its bucket Job read it. */}}
+{{- define "ctssl.minioRootSecret" -}}
+{{- .Values.minio.existingSecret | default (printf "%s-minio-root" (include "ctssl.fullname" .)) -}}
+{{- end -}}
+
+{{/* The MLflow login of the jobs (empty: the server needs none). */}}
+{{- define "ctssl.mlflowAuthSecret" -}}
+{{- $a := .Values.mlflow.auth -}}
+{{- if $a.enabled -}}
+{{- if $a.existingSecret -}}
+{{- $a.existingSecret -}}
+{{- else if .Values.mlflow.enabled -}}
+{{- printf "%s-mlflow-auth" (include "ctssl.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The namespace of the KubeRay operator, whose pods poll each Ray head's job API. */}}
+{{- define "ctssl.operatorNamespace" -}}
+{{- if .Values.networkPolicy.operator.namespace -}}
+{{- .Values.networkPolicy.operator.namespace -}}
+{{- else if (index .Values "kuberay-operator" "enabled") -}}
+{{- .Release.Namespace -}}
+{{- else -}}
+kuberay-system
+{{- end -}}
+{{- end -}}
+
+{{/*
+An image reference: "name:tag", or "name@sha256:..." when a digest is given (the tag is dropped, so
+the digest alone decides what runs). ctx = dict "image" "repo:tag" "digest" "sha256:..."
+*/}}
+{{- define "ctssl.imageRef" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" (regexReplaceAll ":[^/:@]+$" (toString .image) "") .digest -}}
+{{- else -}}
+{{- toString .image -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ctssl image of the experiment config: ctx = $cfg.image */}}
+{{- define "ctssl.image" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" .repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository (toString .tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -74,6 +124,25 @@ ctssl.io/method: {{ .method | quote }}
 {{- .Values.postgresql.existingSecret | default (printf "%s-postgresql" (include "ctssl.fullname" .)) -}}
 {{- end -}}
 
+{{/* The MLflow server's backend store URI (PostgreSQL), from Secrets only: ctx = $ */}}
+{{- define "ctssl.mlflowDatabaseEnv" -}}
+{{- if .Values.postgresql.enabled -}}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ctssl.postgresSecret" . | quote }}
+      key: {{ .Values.postgresql.passwordKey | quote }}
+- name: MLFLOW_BACKEND_STORE_URI
+  value: {{ printf "postgresql://%s:$(PGPASSWORD)@%s-postgresql:5432/%s" .Values.postgresql.username (include "ctssl.fullname" .) .Values.postgresql.database | quote }}
+{{- else -}}
+- name: MLFLOW_BACKEND_STORE_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.postgresql.external.existingSecret | quote }}
+      key: {{ .Values.postgresql.external.uriKey | quote }}
+{{- end -}}
+{{- end -}}
+
 {{/* Pod security context: ctx = the securityContext map (runAsUser, runAsGroup, fsGroup) */}}
 {{- define "ctssl.podSecurityContext" -}}
 runAsNonRoot: true
@@ -84,9 +153,11 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* Every container: nothing but its mounted volumes is writable (readOnlyRootFilesystem). */}}
 {{- define "ctssl.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 privileged: false
+readOnlyRootFilesystem: true
 runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
@@ -121,6 +192,18 @@ seccompProfile:
 {{- end }}
 - name: MLFLOW_TRACKING_URI
   value: {{ .mlflow.trackingUri | toJson }}
+{{- if .mlflow.credentialsSecret }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .mlflow.credentialsSecret | toJson }}
+      key: {{ .mlflow.usernameKey | toJson }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .mlflow.credentialsSecret | toJson }}
+      key: {{ .mlflow.passwordKey | toJson }}
+{{- end }}
 {{- end -}}
 
 {{/* serviceAccountName, token, securityContext, pull secrets: ctx = $cfg */}}
@@ -137,10 +220,15 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
-{{/* A ctssl container's image, env, resources, securityContext: ctx = dict "cfg" $cfg "name" "x" "resources" map */}}
+{{/*
+A ctssl container's image, env, resources, securityContext and writable mounts:
+ctx = dict "cfg" $cfg "name" "x" "resources" map ["noEnv" true] ["cache" true] ["mounts" (list ...)]
+The root filesystem is read-only: /tmp (Ray's /tmp/ray included) is an emptyDir, and with "cache"
+so is ~/.cache (numba's kernel cache, seeded from the image by ctssl.seedCache; see there).
+*/}}
 {{- define "ctssl.containerCommon" -}}
 name: {{ .name | toJson }}
-image: {{ printf "%s:%s" .cfg.image.repository (toString .cfg.image.tag) | toJson }}
+image: {{ include "ctssl.image" .cfg.image | toJson }}
 imagePullPolicy: {{ .cfg.image.pullPolicy | toJson }}
 {{- if not .noEnv }}
 env:
@@ -150,6 +238,40 @@ resources:
   {{- toYaml .resources | nindent 2 }}
 securityContext:
   {{- include "ctssl.containerSecurityContext" . | nindent 2 }}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+  {{- if .cache }}
+  - name: cache
+    mountPath: {{ include "ctssl.cacheDir" . }}
+  {{- end }}
+  {{- with .mounts }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* The image user's cache folder: the image bakes numba's compiled kernels into it. */}}
+{{- define "ctssl.cacheDir" -}}/home/ray/.cache{{- end -}}
+
+{{/*
+An init container copying the image's ~/.cache (numba's compiled kernels) into the writable "cache"
+emptyDir. numba only uses a cache folder it can write to, so the baked, read-only copy would make
+every kernel fail to load; the copy keeps the compiled code (no 10-15 s compile per process).
+ctx = $cfg
+*/}}
+{{- define "ctssl.seedCache" -}}
+{{- include "ctssl.containerCommon" (dict "cfg" . "name" "seed-cache" "resources" .ray.initResources "noEnv" true "mounts" (list (dict "name" "cache" "mountPath" "/seed"))) }}
+command: ["sh", "-c", {{ printf "cp -a %s/. /seed/ 2>/dev/null || true" (include "ctssl.cacheDir" .) | toJson }}]
+{{- end -}}
+
+{{/* The emptyDirs behind the writable mounts of ctssl.containerCommon: ctx = dict "cache" bool */}}
+{{- define "ctssl.writableVolumes" -}}
+- name: tmp
+  emptyDir: {}
+{{- if .cache }}
+- name: cache
+  emptyDir: {}
+{{- end }}
 {{- end -}}
 
 {{/* Quote an argv list into one shell line, only where needed (mirrors stage_commands.shell_join). */}}

@@ -36,6 +36,8 @@ spec:
       restartPolicy: Never
       containers:
         - {{- include "ctssl.containerCommon" (dict "cfg" $cfg "name" "ray-job-submitter" "resources" $cfg.ray.submitter.resources "noEnv" true) | nindent 10 }}
+      volumes:
+        {{- include "ctssl.writableVolumes" dict | nindent 8 }}
   rayClusterSpec:
     rayVersion: {{ $cfg.ray.version | toJson }}
     enableInTreeAutoscaling: false
@@ -52,15 +54,14 @@ spec:
             ctssl.io/ray-node: head
         spec:
           {{- include "ctssl.podSpecCommon" $cfg | nindent 10 }}
-          {{- if .waits }}
           initContainers:
+            - {{- include "ctssl.seedCache" $cfg | nindent 14 }}
             {{- range .waits }}
             - {{- include "ctssl.containerCommon" (dict "cfg" $cfg "name" .name "resources" $cfg.ray.initResources) | nindent 14 }}
               command: {{ toJson .argv }}
             {{- end }}
-          {{- end }}
           containers:
-            - {{- include "ctssl.containerCommon" (dict "cfg" $cfg "name" "ray-head" "resources" $cfg.ray.head.resources) | nindent 14 }}
+            - {{- include "ctssl.containerCommon" (dict "cfg" $cfg "name" "ray-head" "resources" $cfg.ray.head.resources "cache" true "mounts" (list (dict "name" "dshm" "mountPath" "/dev/shm"))) | nindent 14 }}
               ports:
                 - containerPort: 6379
                   name: gcs-server
@@ -68,10 +69,8 @@ spec:
                   name: dashboard
                 - containerPort: 10001
                   name: client
-              volumeMounts:
-                - name: dshm
-                  mountPath: /dev/shm
           volumes:
+            {{- include "ctssl.writableVolumes" (dict "cache" true) | nindent 12 }}
             - name: dshm
               emptyDir:
                 medium: Memory
@@ -105,12 +104,12 @@ spec:
             tolerations:
               {{- toYaml . | nindent 14 }}
             {{- end }}
+            initContainers:
+              - {{- include "ctssl.seedCache" $cfg | nindent 16 }}
             containers:
-              - {{- include "ctssl.containerCommon" (dict "cfg" $cfg "name" "ray-worker" "resources" $res) | nindent 16 }}
-                volumeMounts:
-                  - name: dshm
-                    mountPath: /dev/shm
+              - {{- include "ctssl.containerCommon" (dict "cfg" $cfg "name" "ray-worker" "resources" $res "cache" true "mounts" (list (dict "name" "dshm" "mountPath" "/dev/shm"))) | nindent 16 }}
             volumes:
+              {{- include "ctssl.writableVolumes" (dict "cache" true) | nindent 14 }}
               - name: dshm
                 emptyDir:
                   medium: Memory
