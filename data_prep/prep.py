@@ -300,7 +300,9 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     all_task_ids = {it["task_id"] for it in items}
 
     storage.check_writable(cfg.dst)
-    fingerprint = {**cfg.fingerprint_fields(), "key": pseudo.fingerprint(), "src": pseudo("task", os.path.abspath(cfg.src) if storage.is_local(cfg.src) else cfg.src)}
+    # the key enters only as a salted scrypt hash (salted by the source, which a resume must repeat)
+    key_check = pseudo.key_check(os.path.abspath(cfg.src) if storage.is_local(cfg.src) else cfg.src)
+    fingerprint = {**cfg.fingerprint_fields(), "key": key_check["hash"]}
     _check_existing(cfg.dst, fingerprint)
 
     fp = _fp_digest(fingerprint)
@@ -358,7 +360,7 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
             "ignored": ignored,
             "config": {**{k: v for k, v in asdict(cfg).items() if k in ("source", "size", "dataset", "rows_per_shard")},
                        "labels": bool(cfg.labels_csv), "fingerprint": _fp_digest(fingerprint),
-                       "deid_key_fingerprint": pseudo.fingerprint()},
+                       "deid_key_check": key_check},
         })
         summary.committed = True
     else:

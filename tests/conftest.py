@@ -19,7 +19,7 @@ TEST_DATA = REPO / "tests" / "data"  # vendored test data (see the README in eac
 REAL_CT = TEST_DATA / "real_ct" / "totalsegmentator_example_ct"
 REAL_CT_ORGANS_CSV = TEST_DATA / "real_ct" / "totalsegmentator_example_ct_slice_organs.csv"
 
-TEST_DEID_KEY = "ctssl-test-key-0123456789abcdef"
+TEST_DEID_KEY = "ctssl-test-key-0123456789abcdef-v2"  # passes data_prep.deid.key_weakness
 
 
 def free_port() -> int:
