@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from data_prep.ray_runtime import init_local
 from ray_jobs.errors import CLIError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ def resolve_address(address: str | None) -> str:
 def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
     """Attach to (or start) Ray at an explicit address; a no-op when this process is already connected.
 
+    Without an address, a private local Ray is started on 127.0.0.1 (dashboard included, on
+    127.0.0.1:8265), see :func:`data_prep.ray_runtime.init_local`.
+
     Being already connected is the in-process case (tests, ``ctssl demo``): the caller chose the
     cluster, so it is respected.
     """
@@ -51,7 +55,10 @@ def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
     addr = resolve_address(address)
     runtime_env: dict[str, Any] = {"env_vars": forwarded_env()}
     try:
-        ray.init(address=addr, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        if addr == "local":  # this machine's alone: 127.0.0.1 only, with a private token
+            init_local(runtime_env=runtime_env, log_to_driver=log_to_driver)
+        else:
+            ray.init(address=addr, runtime_env=runtime_env, log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CLIError(f"cannot connect to the Ray cluster at {addr!r}: {e}") from e
     log.info("connected to Ray at %s: %s", addr, _describe(ray.cluster_resources()))

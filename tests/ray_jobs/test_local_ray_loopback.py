@@ -1,0 +1,83 @@
+"""The private Ray that `ctssl` starts when no cluster is named listens on 127.0.0.1 only and needs a
+token no other process knows; the driver can still use it, and no token file is written to $HOME
+(a read-only root filesystem has no room for one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# Runs in a fresh interpreter: a Ray instance of the test process itself would turn connect() into a
+# no-op, and the listening sockets must be those of the instance this code starts.
+SCRIPT = r"""
+import json, os, sys
+import psutil, ray
+
+def listening():
+    me = psutil.Process()
+    out = set()
+    for p in [me] + me.children(recursive=True):
+        try:
+            out |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return sorted(out)
+
+report = {}
+if sys.argv[1] == "ray_cluster":
+    from ray_jobs import ray_cluster
+    ray_cluster.connect(None)
+else:
+    from data_prep.ray_runtime import ensure_ray
+    ensure_ray(None, num_cpus=1)
+ctx = ray.get_runtime_context()
+report["gcs"] = ctx.gcs_address
+report["node_ip"] = ray.util.get_node_ip_address()
+report["dashboard"] = ray.worker.get_dashboard_url() if hasattr(ray, "worker") else ""
+report["works"] = ray.get(ray.remote(lambda: 41 + 1).remote())
+report["listening"] = listening()
+report["auth_mode"] = os.environ.get("RAY_AUTH_MODE")
+report["token_len"] = len(os.environ.get("RAY_AUTH_TOKEN", ""))
+report["single_node_env_left"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+from ray._private import ray_constants
+report["cluster_flag_restored"] = ray_constants.ENABLE_RAY_CLUSTER
+ray.shutdown()
+print("REPORT " + json.dumps(report))
+"""
+
+
+def _start(which: str, home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "CTSSL_")) and k not in ("MLFLOW_TRACKING_URI",)}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, which], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")), None)
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[len("REPORT "):])
+
+
+def _check(report: dict, home: Path) -> None:
+    assert report["works"] == 42
+    assert report["gcs"].startswith("127.0.0.1:"), report
+    assert report["node_ip"] == "127.0.0.1"
+    assert report["listening"] and set(report["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, report
+    assert report["auth_mode"] == "token" and report["token_len"] == 64
+    # the single-node switch is undone once the instance runs (a later cluster connection needs it off)
+    assert report["single_node_env_left"] is None and report["cluster_flag_restored"] is True
+    assert not (home / ".ray" / "auth_token").exists()
+
+
+def test_ctssl_commands_start_ray_on_loopback_with_its_dashboard_there(tmp_path):
+    report = _start("ray_cluster", tmp_path)
+    _check(report, tmp_path)
+    assert report["dashboard"].startswith("127.0.0.1:")
+
+
+def test_prep_starts_ray_on_loopback(tmp_path):
+    _check(_start("prep", tmp_path), tmp_path)
