@@ -176,6 +176,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         return t
 
     elapsed = agreed_loop_time() if cfg.budgeted else 0.0
+    last_line = (0, t_run)  # (steps, time) at the last progress line
     stop = cfg.budgeted and budget.done(elapsed, progress.step)  # a finished budget: straight to the end
     while not stop and (epoch_limit is None or progress.epoch < epoch_limit):
         model.train()
@@ -219,7 +220,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 if progress.step % cfg.log_every == 0 or progress.step == total_steps or stop:
                     rate = steps_this_run / (now - t_run)
                     if cfg.budgeted:
-                        log.info("step %d epoch %d loss %.4f %.1f img/s %.2f steps/s; %s %.0f %% done (%.0f s of "
+                        # the rate since the last line: the first step's data-pipeline start-up would
+                        # otherwise make the rate (and a step budget's ETA) look far worse than it is
+                        rate = (steps_this_run - last_line[0]) / max(now - last_line[1], 1e-9)
+                        last_line = (steps_this_run, now)
+                        log.info("step %d epoch %d loss %.4f %.1f img/s %.2f steps/s; %s %.0f %% spent (%.0f s of "
                                  "training) ETA %.0fs", progress.step, progress.epoch, last.get("loss", float("nan")),
                                  per_bs * world / dt, rate, budget.describe(),
                                  100 * min(budget.fraction(elapsed, progress.step), 1.0), elapsed,

@@ -16,9 +16,11 @@ cheat: a query and its key computed with batch norm over the same group of sampl
 group's statistics, and the network learns to spot the key of its own group among the queue's keys
 of older groups instead of learning features. Under DDP shuffle-BN permutes the key batch across
 ranks, so each rank's key BN sees another group than its queries. A single process has nothing to
-shuffle across, so it emulates that: the key batch is permuted and the key encoder runs over
-``shuffle_bn_groups`` sub-batches (default 4, 8 from a batch of 256), each with its own BN
-statistics, then the keys are put back in order. The query encoder keeps whole-batch statistics.
+shuffle across, so it emulates that: the key batch is permuted and the key encoder's batch norm
+layers normalise ``shuffle_bn_groups`` sub-batches of it (default 4, 8 from a batch of 256), each
+with its own statistics, in one forward; then the keys are put back in order. The query encoder keeps
+whole-batch statistics. (The key encoder's running statistics are not updated while it does so; it
+only ever runs in training mode.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from torch import nn
 
 from ssl_core.augment import MultiView, mocov2_views
 from ssl_core.backbones import create_backbone, feature_dim
@@ -56,6 +60,74 @@ DEFAULT_QUEUE_SIZE = 65536  # the paper's, for ImageNet's 1.28 M images
 #: a queue shorter than this many batches gives too few negatives for a small batch (MoCo's point is
 #: that the queue, not the batch, supplies them)
 MIN_QUEUE_BATCHES = 4
+
+
+def sub_batch_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """Batch norm of ``x`` (N, C, H, W) with separate statistics for each of ``groups`` consecutive
+    sub-batches of N / groups samples, in one pass: what ``groups`` forwards of N / groups samples
+    each would compute, without running every convolution at a small batch (H200, resnet50 at 224 px,
+    batch 256 in bf16: the key forward takes 26 ms with whole-batch BN, 37 ms with 8 sub-batches this
+    way and 70-80 ms as 8 forwards of 32). Statistics in float32; the output keeps ``x``'s dtype and
+    memory format. Running statistics are not touched.
+    """
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        xr = x.permute(0, 2, 3, 1).reshape(groups, -1, c)  # a view: (G, N/G*H*W, C)
+        dims: tuple[int, ...] = (1,)
+        per_channel = (1, 1, c)
+    else:
+        xr = x.reshape(groups, n // groups, c, h * w)
+        dims, per_channel = (1, 3), (1, 1, c, 1)
+    var, mean = torch.var_mean(xr.float(), dim=dims, correction=0, keepdim=True)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float().view(per_channel)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float().view(per_channel)
+    y = torch.addcmul(shift.to(x.dtype), xr, scale.to(x.dtype))
+    if xr.dim() == 3:  # back from (G, N/G*H*W, C) to channels_last (N, C, H, W), no copy
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+    return y.view(n, c, h, w)
+
+
+class SubBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, while ``sub_batches > 1`` in training mode, normalises each of that many
+    consecutive sub-batches with its own statistics (:func:`sub_batch_norm`)."""
+
+    sub_batches: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sub_batches <= 1 or not self.training:
+            return super().forward(x)
+        return sub_batch_norm(x, self.sub_batches, self.weight, self.bias, self.eps)
+
+
+class SubBatchNormAct2d(BatchNormAct2d):
+    """timm's ``BatchNormAct2d`` (norm + activation in one module) with :class:`SubBatchNorm2d`'s rule."""
+
+    sub_batches: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sub_batches <= 1 or not self.training:
+            return super().forward(x)
+        return self.act(self.drop(sub_batch_norm(x, self.sub_batches, self.weight, self.bias, self.eps)))
+
+
+def enable_sub_batch_norm(module: nn.Module) -> list[nn.Module]:
+    """Swap the batch-norm layers of ``module`` for their sub-batch versions in place (parameters and
+    buffers stay, so the state_dict is unchanged); returns them. Other norm types are left alone."""
+    swapped = []
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SubBatchNorm2d
+        elif type(m) is BatchNormAct2d:
+            m.__class__ = SubBatchNormAct2d
+        elif not isinstance(m, SubBatchNorm2d | SubBatchNormAct2d):
+            continue
+        swapped.append(m)
+    return swapped
 
 
 def auto_shuffle_bn_groups(batch: int) -> int:
@@ -104,6 +176,8 @@ class MoCoV2(SSLMethod):
         if self.bn_mode == "sync":
             self.backbone = convert_sync_batchnorm(self.backbone)
         self.key_backbone = freeze(copy.deepcopy(self.backbone))
+        # the key encoder's BN layers can normalise sub-batches (one-process shuffle-BN, see _key)
+        self._key_bns = enable_sub_batch_norm(self.key_backbone) if self.bn_mode == "shuffle" else []
         self.key_projector = freeze(copy.deepcopy(self.projector))
         self.queue = MemoryQueue(queue_size, o)
         self.temperature, self.momentum, self.symmetric = temperature, momentum, symmetric
@@ -124,14 +198,17 @@ class MoCoV2(SSLMethod):
 
         Under DDP the cross-rank shuffle already separates the groupings, so the default is 1 there;
         an explicit ``shuffle_bn_groups`` applies in both cases. Never more groups than leave 2
-        samples in each.
+        samples in each, and a divisor of the batch (equal sub-batches).
         """
-        if self.bn_mode != "shuffle":
+        if self.bn_mode != "shuffle" or not self._key_bns:
             return 1
         g = self.shuffle_bn_groups
         if g is None:
             g = 1 if is_distributed() else auto_shuffle_bn_groups(batch)
-        return max(1, min(g, batch // 2))
+        g = max(1, min(g, batch // 2))
+        while batch % g:
+            g -= 1
+        return g
 
     def _key_encoder(self, x: torch.Tensor) -> torch.Tensor:
         return self.key_projector(self.key_backbone(prepare_input(x)))
@@ -145,12 +222,15 @@ class MoCoV2(SSLMethod):
                 log.info("MoCo v2 key encoder: batch norm over %d sub-batch(es) of a shuffled batch of %d%s",
                          groups, xs.shape[0], " per rank" if is_distributed() else "")
                 self._logged_groups = groups
-            if groups > 1:
-                # a forward per sub-batch: each gets its own BN statistics, a random grouping of samples
-                # unlike the query encoder's whole batch
-                k = torch.cat([self._key_encoder(c) for c in xs.chunk(groups)])
-            else:
+            # consecutive sub-batches of the shuffled batch: each gets its own BN statistics, a random
+            # grouping of samples unlike the query encoder's whole batch
+            for bn in self._key_bns:
+                bn.sub_batches = groups
+            try:
                 k = self._key_encoder(xs)
+            finally:
+                for bn in self._key_bns:
+                    bn.sub_batches = 1
             k = unshuffle_batch(k, unshuffle)
         else:
             k = self._key_encoder(x)
@@ -213,4 +293,5 @@ def moco_queue_size(rows: int, batch_size: int, default: int = DEFAULT_QUEUE_SIZ
     return int(size)
 
 
-__all__ = ["MoCoV2", "auto_shuffle_bn_groups", "moco_queue_size"]
+__all__ = ["MoCoV2", "SubBatchNorm2d", "SubBatchNormAct2d", "auto_shuffle_bn_groups", "enable_sub_batch_norm",
+           "moco_queue_size", "sub_batch_norm"]

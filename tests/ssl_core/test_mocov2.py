@@ -136,28 +136,48 @@ def test_one_process_key_encoder_normalises_random_sub_batches_and_returns_keys_
     torch.manual_seed(0)
     m = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=64)
     assert m.key_bn_groups(32) == 4 and m.key_bn_groups(256) == 8 and m.key_bn_groups(6) == 1
+    assert m.key_bn_groups(30) == 3  # equal sub-batches: a divisor of the batch
     x = torch.rand(32, 1, 32, 32)
     queries, keys_in = _record_inputs(m.backbone), _record_inputs(m.key_backbone)
     m._query(x)
     k = m._key(x)
     queries, keys_in = list(queries), list(keys_in)  # (the checks below run the encoders again)
-    assert [len(c) for c in queries] == [32]  # the query's BN: the whole batch
-    assert [len(c) for c in keys_in] == [8, 8, 8, 8]  # the key's BN: four sub-batches of 8
-    rows = [[int((x == s).flatten(1).all(1).nonzero()) for s in chunk] for chunk in keys_in]
-    assert sorted(r for chunk in rows for r in chunk) == list(range(32))  # every sample once
-    assert rows != [list(range(i, i + 8)) for i in range(0, 32, 8)]  # not the query's order cut in four
+    assert [len(c) for c in queries] == [32] and [len(c) for c in keys_in] == [32]  # one forward each
+    order = [int((x == s).flatten(1).all(1).nonzero()) for s in keys_in[0]]
+    assert sorted(order) != order and sorted(order) == list(range(32))  # the key batch is shuffled
     with torch.no_grad():
-        for chunk, idx in zip(keys_in, rows, strict=True):  # each key: its own sub-batch's statistics
-            expected = torch.nn.functional.normalize(m.key_projector(m.key_backbone(chunk)), dim=1)
-            torch.testing.assert_close(k[idx], expected, atol=1e-5, rtol=1e-4)
+        # each key as if its sub-batch of 8 (consecutive in the shuffled order) were a batch of its own
+        for i in range(0, 32, 8):
+            idx = order[i:i + 8]
+            alone = torch.nn.functional.normalize(m.key_projector(m.key_backbone(x[idx])), dim=1)
+            torch.testing.assert_close(k[idx], alone, atol=1e-5, rtol=1e-4)
         whole = torch.nn.functional.normalize(m.key_projector(m.key_backbone(x)), dim=1)
     assert not torch.allclose(k, whole, atol=1e-3)  # the statistics differ from the whole batch's
+    assert all(bn.sub_batches == 1 for bn in m._key_bns)  # only while the keys are computed
     seen = _record_inputs(m.key_backbone)
     m._key(x)
-    again = [[int((x == s).flatten(1).all(1).nonzero()) for s in chunk] for chunk in seen]
-    assert again != rows  # a fresh grouping every step
+    assert [int((x == s).flatten(1).all(1).nonzero()) for s in seen[0]] != order  # a fresh grouping
     with pytest.raises(ValueError, match="shuffle_bn_groups"):
         create_method("mocov2", backbone="test_resnet", img_size=32, shuffle_bn_groups=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sub_batch_norm_is_batch_norm_of_each_sub_batch(channels_last, dtype):
+    from ssl_core.methods.mocov2 import sub_batch_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(12, 5, 4, 3, generator=g) * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    y = sub_batch_norm(x, 3, weight, bias, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    expected = torch.cat([torch.nn.functional.batch_norm(c.float(), None, None, weight, bias, True, 0.0, 1e-5)
+                          for c in x.chunk(3)])
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.float(), expected, atol=tol, rtol=tol)
 
 
 def test_one_process_moco_with_pool_sized_queue_learns_to_find_its_keys():
