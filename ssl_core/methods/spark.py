@@ -172,12 +172,14 @@ class SparK(SSLMethod):
             raise ValueError(f"SparK takes exactly 1 view, the recipe makes {len(self.views)}")
         self._uses_bn = is_bn
         self._freeze_unused_head(net)
-        problem = mask_grid_problem(img_size, self.patch, mask_ratio, self.backbone_name)
-        if problem:  # a library user may mean it; the pre-training driver refuses it (check_setup)
-            log.warning("SparK: %s", problem)
-        log.info("SparK: backbone %s, patch %d px, mask ratio %.2f, densify norm %s, decoder width %d, "
-                 "stage widths %s", self.backbone_name, self.patch, mask_ratio, densify_norm, decoder_width,
-                 self.sparse_encoder.channels)
+        # the ratio the patch grid realises is stated here; the pre-training driver refuses a large
+        # difference (check_setup), a library user may mean it
+        grid = img_size // self.patch
+        realised = effective_mask_ratio(grid, mask_ratio)
+        log.info("SparK: backbone %s, patch %d px, mask ratio %.2f%s, densify norm %s, decoder width %d, "
+                 "stage widths %s", self.backbone_name, self.patch, mask_ratio,
+                 "" if abs(realised - mask_ratio) < 0.005 else f" ({realised:.2f} on the {grid}x{grid} patch grid)",
+                 densify_norm, decoder_width, self.sparse_encoder.channels)
 
     @staticmethod
     def _freeze_unused_head(net: nn.Module) -> None:
