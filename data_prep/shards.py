@@ -117,62 +117,67 @@ def _decode_planes_np(data: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
     return np.cumsum(d, axis=2, dtype=np.int16)
 
 
-def decode_values(data: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
+def decode_values(data: np.ndarray, n: int, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
     """(n, H, W) int16 from ``n`` concatenated image values of either format (flat uint8 ``data``).
 
     The format follows from the value length: ``2 H W`` bytes is format 1 (returned as a read-only
-    view of ``data``), ``1 + 2 H W`` bytes starting with the tag 2 is format 2.
+    view of ``data`` unless ``out`` is given), ``1 + 2 H W`` bytes starting with the tag 2 is format 2.
+    ``out``, when given, receives the slices and is returned.
     """
     if n == 0:
-        return np.zeros((0, h, w), np.int16)
+        return np.zeros((0, h, w), np.int16) if out is None else out
     size, rem = divmod(len(data), n)
     if rem == 0 and size == 2 * h * w:
-        return data.view("<i2").reshape(n, h, w)
+        view = data.view("<i2").reshape(n, h, w)
+        if out is None:
+            return view
+        out[...] = view
+        return out
     if rem == 0 and size == 1 + 2 * h * w:
         if not np.all(data[::size] == PLANES_TAG):
             raise UserError(f"decode_images: image values of {size} bytes without the format-2 tag byte "
                             "(not a ctssl shard, or damaged)")
         kernel = _codec_kernel("decode_planes")
         if kernel is None:
-            return _decode_planes_np(data, n, h, w)
-        out = np.empty((n, h, w), np.int16)
+            res = _decode_planes_np(data, n, h, w)
+            if out is None:
+                return res
+            out[...] = res
+            return out
+        out = np.empty((n, h, w), np.int16) if out is None else out
         kernel(data, size, n, h, w, out)
         return out
     raise UserError(f"decode_images: {len(data)} bytes for {n} slices of {h}x{w} fit neither format 1 "
                     f"({2 * h * w} bytes per slice) nor format 2 ({1 + 2 * h * w})")
 
 
-def _binary_values(images: Any) -> np.ndarray:
-    """All values of a binary column concatenated, as flat uint8, or None when their lengths differ.
+def _value_runs(images: Any) -> list[tuple[np.ndarray, int]]:
+    """The values of a binary column as runs of equal-length values lying back to back: (flat uint8,
+    number of values) each.
 
-    Arrow arrays are read in place (their values already lie back to back in one buffer); Python
-    sequences of ``bytes`` (Ray Data's numpy batches) are joined.
+    Arrow arrays are read in place: each chunk's values already lie back to back in one buffer. A
+    Python sequence of ``bytes`` (Ray Data's numpy batches) gives one run per value, so no copy is
+    made to join them.
     """
     if isinstance(images, pa.ChunkedArray):
-        chunks = [c for c in images.chunks if len(c)]
-        if len(chunks) == 1:
-            return _binary_values(chunks[0])
-        parts = [_binary_values(c) for c in chunks]
-        if any(p is None for p in parts) or len({len(p) // len(c) for p, c in zip(parts, chunks, strict=True)}) > 1:
-            return None
-        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return [r for c in images.chunks if len(c) for r in _value_runs(c)]
     if isinstance(images, pa.Array):
         n = len(images)
         if images.null_count or not (pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type)):
             raise UserError(f"decode_images: the image column must be non-null binary, not {images.type}")
         if n == 0:
-            return np.zeros(0, np.uint8)
+            return []
         bufs = images.buffers()
         otype = np.int64 if pa.types.is_large_binary(images.type) else np.int32
         offs = np.frombuffer(bufs[1], otype, count=n + 1, offset=images.offset * np.dtype(otype).itemsize)
         size = int(offs[1] - offs[0])
-        if int(offs[-1] - offs[0]) != n * size or np.any(np.diff(offs) != size):
-            return None
-        return np.frombuffer(bufs[2], np.uint8, count=n * size, offset=int(offs[0]))
-    vals = list(images)
-    if any(len(v) != len(vals[0]) for v in vals):
-        return None
-    return np.frombuffer(b"".join(vals), np.uint8)
+        if np.any(np.diff(offs) != size):
+            raise UserError(_MIXED)
+        return [(np.frombuffer(bufs[2], np.uint8, count=n * size, offset=int(offs[0])), n)]
+    return [(np.frombuffer(v, np.uint8), 1) for v in images]
+
+
+_MIXED = "decode_images: image values of different lengths in one batch (mixed formats?)"
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -468,10 +473,17 @@ def decode_images(batch: pa.Table | pa.RecordBatch | dict[str, Any]) -> np.ndarr
     h, w = int(hs[0]), int(ws[0])
     if not (np.all(hs == h) and np.all(ws == w)):
         raise UserError("decode_images: slices of different sizes in one batch")
-    data = _binary_values(imgs)
-    if data is None:
-        raise UserError("decode_images: image values of different lengths in one batch (mixed formats?)")
-    return decode_values(data, n, h, w)
+    runs = _value_runs(imgs)
+    if len({len(r) // c for r, c in runs}) > 1 or any(len(r) % c for r, c in runs):
+        raise UserError(_MIXED)
+    if len(runs) == 1:
+        return decode_values(runs[0][0], n, h, w)
+    out = np.empty((n, h, w), np.int16)
+    pos = 0
+    for r, c in runs:
+        decode_values(r, c, h, w, out[pos:pos + c])
+        pos += c
+    return out
 
 
 def iter_slices(url: str, batch_rows: int = 256, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -52,21 +52,27 @@ def encode_planes(images, tag, out):  # pragma: no cover - compiled; tested thro
 @numba.njit(cache=True, nogil=True)
 def decode_planes(data, stride, n, h, w, out):  # pragma: no cover - compiled; tested through data_prep.shards
     """Inverse of :func:`encode_planes`: ``data`` is uint8 holding ``n`` values of ``stride`` bytes
-    (``stride = 1 + 2 H W``; the tag byte is checked by the caller), ``out`` (n, H, W) int16."""
+    (``stride = 1 + 2 H W``; the tag byte is checked by the caller), ``out`` (n, H, W) int16.
+
+    The residuals of a row are unzigzagged in one vectorised loop; the running sum that follows is
+    one add per pixel in an int64 whose low 16 bits are the pixel (a store to int16 keeps exactly
+    those), so no masking sits on the loop-carried chain.
+    """
     hw = h * w
+    d = np.empty(w, np.int64)
     for s in range(n):
         start = s * stride + 1
-        first = np.int32(0)
+        first = np.int64(0)
         for i in range(h):
             lo = data[start + i * w:start + i * w + w]
             hi = data[start + hw + i * w:start + hw + i * w + w]
+            for j in range(w):
+                zz = np.int64(lo[j]) | (np.int64(hi[j]) << 8)
+                d[j] = (zz >> 1) ^ -(zz & 1)
             row = out[s, i]
-            zz = np.int32(lo[0]) | (np.int32(hi[0]) << 8)
-            first = first + ((zz >> 1) ^ -(zz & 1))
-            acc = ((first + 0x8000) & 0xFFFF) - 0x8000
-            first = acc
+            first += d[0]
+            acc = first
             row[0] = acc
             for j in range(1, w):
-                zz = np.int32(lo[j]) | (np.int32(hi[j]) << 8)
-                acc = ((acc + ((zz >> 1) ^ -(zz & 1)) + 0x8000) & 0xFFFF) - 0x8000
+                acc += d[j]
                 row[j] = acc
