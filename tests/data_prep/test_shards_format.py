@@ -117,6 +117,17 @@ def test_decode_images_refuses_mixed_formats_and_foreign_bytes_with_one_line():
         shards.decode_images({"image": [bytes(30)], "height": [4], "width": [4]})
 
 
+def test_a_stack_beyond_the_binary_offset_range_is_split_into_chunks(monkeypatch):
+    monkeypatch.setattr(shards, "_MAX_BINARY_BYTES", 3 * shards.value_size(8, 8))  # as if 2 GiB
+    images = np.arange(10 * 8 * 8, dtype=np.int16).reshape(10, 8, 8)
+    t = shards.table_from_arrays(images, **_cols(10))
+    assert t["image"].num_chunks == 4
+    w = shards.ShardWriter()
+    w.write(t)
+    back = pq.read_table(pa.BufferReader(w.to_bytes()))
+    assert np.array_equal(shards.decode_images(t), images) and np.array_equal(shards.decode_images(back), images)
+
+
 def test_a_shard_writer_refuses_rows_of_another_format():
     images = np.zeros((2, 4, 4), np.int16)
     w = shards.ShardWriter()
