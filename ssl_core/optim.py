@@ -64,6 +64,22 @@ def _lamb(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torc
 OPTIMIZERS: dict[str, Builder] = {"sgd": _sgd, "adamw": _adamw, "lars": _lars, "lamb": _lamb}
 
 
+#: optimisers whose per-layer trust ratio sets the step size relative to each layer's weights
+LAYERWISE = ("lars", "lamb")
+
+
+def lr_scaling_rule(defaults: OptimizerDefaults, batch_size: int) -> str:
+    """How the recipe's lr follows the batch: linear, except for LARS / LAMB below the recipe's batch,
+    which scale by the square root. Their per-layer trust ratio already normalises each step, so the
+    linear rule shrinks the step a second time: SparK's LAMB recipe (2e-4 at 256) would train at
+    2.5e-5 from a batch of 32, and its loss does not move in a short run. ``extra["lr_scaling"]``
+    overrides the rule."""
+    rule = defaults.extra.get("lr_scaling")
+    if rule:
+        return str(rule)
+    return "sqrt" if defaults.name.lower() in LAYERWISE and batch_size < defaults.base_batch_size else "linear"
+
+
 def create_optimizer(params: Iterable[dict[str, Any]] | Iterable[torch.nn.Parameter] | torch.nn.Module,
                      defaults: OptimizerDefaults, batch_size: int) -> torch.optim.Optimizer:
     """Optimiser named by ``defaults.name`` with lr = ``base_lr * batch_size / base_batch_size``.
@@ -83,9 +99,10 @@ def create_optimizer(params: Iterable[dict[str, Any]] | Iterable[torch.nn.Parame
         builder = OPTIMIZERS[defaults.name.lower()]
     except KeyError:
         raise ValueError(f"unknown optimiser {defaults.name!r}; known: {', '.join(OPTIMIZERS)}") from None
-    lr = scale_lr(defaults.base_lr, batch_size, defaults.base_batch_size)
-    log.info("optimizer %s: lr %.3g (base %.3g x batch %d / %d), weight decay %.3g", defaults.name, lr,
-             defaults.base_lr, batch_size, defaults.base_batch_size, defaults.weight_decay)
+    rule = lr_scaling_rule(defaults, batch_size)
+    lr = scale_lr(defaults.base_lr, batch_size, defaults.base_batch_size, rule)
+    log.info("optimizer %s: lr %.3g (base %.3g, batch %d / %d, %s scaling), weight decay %.3g", defaults.name, lr,
+             defaults.base_lr, batch_size, defaults.base_batch_size, rule, defaults.weight_decay)
     opt = builder(groups, lr, defaults)
     for g in opt.param_groups:
         g["peak_lr"] = lr

@@ -15,10 +15,15 @@ from dataclasses import dataclass
 import torch
 
 
-def scale_lr(base_lr: float, batch_size: int, base_batch_size: int = 256) -> float:
-    """Linear scaling rule (Goyal et al.): ``base_lr * batch / base_batch``; ``batch`` is global."""
+def scale_lr(base_lr: float, batch_size: int, base_batch_size: int = 256, rule: str = "linear") -> float:
+    """``base_lr`` for a global ``batch_size``: the linear rule (Goyal et al.) ``base_lr * batch /
+    base_batch``, or ``rule="sqrt"``: ``base_lr * sqrt(batch / base_batch)``."""
     if batch_size <= 0 or base_batch_size <= 0:
         raise ValueError(f"batch sizes must be positive, got {batch_size}, {base_batch_size}")
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size / base_batch_size)
+    if rule != "linear":
+        raise ValueError(f"unknown lr scaling rule {rule!r}; known: linear, sqrt")
     return base_lr * batch_size / base_batch_size
 
 

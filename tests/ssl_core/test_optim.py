@@ -17,9 +17,9 @@ from ssl_core.schedules import ParamScheduler, ScheduleConfig, cosine, scale_lr,
                                            ("adamw", torch.optim.AdamW)])
 def test_optimiser_is_chosen_by_name_with_lr_scaled_by_batch_size(name, cls):
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    opt = create_optimizer(model, OptimizerDefaults(name=name, base_lr=0.2, weight_decay=1e-4), batch_size=64)
+    opt = create_optimizer(model, OptimizerDefaults(name=name, base_lr=0.2, weight_decay=1e-4), batch_size=512)
     assert isinstance(opt, cls)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 64 / 256)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 512 / 256)  # linear at or above the recipe's batch
 
 
 def test_method_param_groups_exempt_norms_and_biases_from_weight_decay():
@@ -85,3 +85,21 @@ def test_cpu_runs_in_fp32_without_channels_last():
     assert channels_last(conv, "cpu").weight.is_contiguous()
     y = channels_last(x, "cuda")  # the conversion itself needs no GPU
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_layerwise_optimisers_scale_by_the_square_root_below_their_recipe_batch():
+    from ssl_core.methods.base import OptimizerDefaults
+    from ssl_core.optim import create_optimizer, lr_scaling_rule
+
+    params = [torch.nn.Parameter(torch.ones(4, 4))]
+    lamb = OptimizerDefaults("lamb", base_lr=2e-4, weight_decay=0.04)
+    assert lr_scaling_rule(lamb, 32) == "sqrt" and lr_scaling_rule(lamb, 512) == "linear"
+    assert create_optimizer(params, lamb, 32).param_groups[0]["lr"] == pytest.approx(2e-4 * (32 / 256) ** 0.5)
+    assert create_optimizer(params, lamb, 1024).param_groups[0]["lr"] == pytest.approx(8e-4)
+    sgd = OptimizerDefaults("sgd", base_lr=0.03, weight_decay=1e-4)
+    assert create_optimizer(params, sgd, 32).param_groups[0]["lr"] == pytest.approx(0.03 / 8)  # linear
+    fixed = OptimizerDefaults("lars", base_lr=0.2, weight_decay=1e-6, extra={"lr_scaling": "linear"})
+    assert create_optimizer(params, fixed, 64).param_groups[0]["lr"] == pytest.approx(0.05)
+    assert scale_lr(0.2, 64, 256, "sqrt") == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown lr scaling rule"):
+        scale_lr(0.2, 64, 256, "cubic")
