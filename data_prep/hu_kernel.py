@@ -17,12 +17,35 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
+def _halve_int(stored, intercept_i, lo, hi, out):  # pragma: no cover - compiled; tested via hu_resized
+    """The common case (512 -> 256, slope 1, integer intercept, no padding value) in integers only:
+    each output pixel sums its 2 x 2 block of clipped HU and rounds the quarter half to even, which
+    is what ``rint(sum / 4.0)`` gives, without a float division per pixel (2x faster)."""
+    oh, ow = out.shape
+    lo32, hi32, icpt = np.int32(lo), np.int32(hi), np.int32(intercept_i)
+    for i in range(oh):
+        r0 = stored[2 * i]
+        r1 = stored[2 * i + 1]
+        o = out[i]
+        for j in range(ow):
+            s = (min(max(np.int32(r0[2 * j]) + icpt, lo32), hi32) + min(max(np.int32(r0[2 * j + 1]) + icpt, lo32), hi32)
+                 + min(max(np.int32(r1[2 * j]) + icpt, lo32), hi32) + min(max(np.int32(r1[2 * j + 1]) + icpt, lo32), hi32))
+            q = s >> 2  # floor(s / 4)
+            rem = s & 3
+            q += np.int32(rem == 3) | (np.int32(rem == 2) & (q & 1))
+            o[j] = q
+
+
+@numba.njit(cache=True, nogil=True)
 def hu_box_downsample(stored, k, slope, intercept, int_path, intercept_i, pad, has_pad, lo, hi, out):  # pragma: no cover
     """``out[i, j] = rint(mean(hu[k*i:k*i+k, k*j:k*j+k]))`` with ``hu`` as in ``to_hu``.
 
     Row by row: the HU of one input row goes to a buffer in a branch-free loop (which LLVM
     vectorises), then is added into the output row's k-wide block sums.
     """
+    if k == 2 and int_path and not has_pad:
+        _halve_int(stored, intercept_i, lo, hi, out)
+        return
     oh, ow = out.shape
     w = stored.shape[1]
     kk = np.float64(k * k)

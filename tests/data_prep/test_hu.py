@@ -9,6 +9,7 @@ from data_prep.hu import HU_MAX, HU_MIN, _hu_kernel, hu_resized, resize_square, 
 
 CASES = [  # (dtype, shape, size, slope, intercept, padding)
     ("<i2", (512, 512), 256, 1.0, 0.0, None),
+    ("<i2", (512, 512), 256, 1.0, -1.0, None),             # integer 2x2 path: halves of either sign to even
     ("<u2", (512, 512), 256, 1.0, -1024.0, None),
     ("<u2", (512, 512), 128, 1.0, -1024.0, 0.0),           # 4x4 blocks, padding value = 0
     ("<i2", (512, 512), 256, 0.5, -1000.5, -2000.0),       # float path: float32 multiply-add, round
