@@ -48,8 +48,10 @@ class DemoConfig:
     finetune_recipes: str | None = None  # "lr:frozen,..."; None: ctssl finetune's default grid
     finetune_batch: int = 32
     max_concurrent: int = 2
-    # SparK's 768-wide decoder costs 2.5x a contrastive step at demo scale; 256 keeps its share fair
-    extra: dict[str, Any] = field(default_factory=lambda: {"spark_options": {"decoder_width": 256}})
+    # SparK's 768-wide decoder costs 2.5x a contrastive step at demo scale; 256 keeps its share fair.
+    # At 64 px a ResNet's 32-px patches make a 2x2 grid: a mask ratio of 0.5 is what it can realise.
+    extra: dict[str, Any] = field(default_factory=lambda: {"spark_options": {"decoder_width": 256,
+                                                                             "mask_ratio": 0.5}})
 
     def storage_url(self) -> str:
         return self.storage or str(Path(self.out).resolve() / "store")

@@ -97,8 +97,28 @@ def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None 
     opts = {**suggested, **user}
     params = inspect.signature(cls.__init__).parameters
     if info.intensity == "gray8" and "windows" not in opts and "windows" in params:
-        opts["windows"] = ["gray8"] * cfg.in_chans
+        from data_prep import intensity
+        from ssl_core.ct_window import dataset_windows
+
+        opts["windows"] = dataset_windows(info.intensity, intensity.dataset_stats(info.read_url), cfg.in_chans)
+        log.info("8-bit data: input windows %s (standardised by the pool's grey-value statistics)", opts["windows"])
     return opts
+
+
+def torch_threads(cfg: PretrainConfig) -> int:
+    """Threads each worker's PyTorch uses. Ray hands a worker OMP_NUM_THREADS = its CPUs, and the
+    capacity check keeps one CPU of the cluster free for Ray Data's readers, so on a 2-core machine a
+    1-CPU worker would train on one thread while the reader idles once the epoch is cached. On a
+    single-node CPU cluster (a laptop, the embedded Ray) each worker therefore takes the node's CPUs
+    divided among the workers; elsewhere (several nodes, GPUs) exactly its --cpus-per-worker."""
+    import ray
+
+    base = max(1, int(cfg.cpus_per_worker))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if cfg.use_gpu or len(nodes) != 1:
+        return base
+    cpus = int(float(nodes[0].get("Resources", {}).get("CPU", base)))
+    return max(base, cpus // cfg.workers)
 
 
 #: the auto batch aims at this many steps per epoch at least: a pool of a few thousand slices at the
@@ -220,7 +240,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     payload = {
         "config": cfg.to_dict(), "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_cluster.forwarded_env(),
-        "method_options": opts,
+        "method_options": opts, "torch_threads": torch_threads(cfg),
     }
     from ray_jobs.pretrain.loop import train_loop_per_worker
 

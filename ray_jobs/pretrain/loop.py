@@ -47,9 +47,13 @@ class StepModule(nn.Module):
                                                               total_epochs=total_epochs))
 
 
-def encoder_config(cfg: PretrainConfig, img_size: int, dataset: str, progress: ckpt_io.Progress) -> dict[str, Any]:
-    """What a user of the encoder needs besides the weights (``timm.create_model`` arguments)."""
+def encoder_config(cfg: PretrainConfig, img_size: int, dataset: str, progress: ckpt_io.Progress,
+                   windows: list | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """What a user of the encoder needs besides the weights (``timm.create_model`` arguments), and
+    the input windows it was trained with (fine-tuning reads the data the same way)."""
     return {
+        "windows": windows,
+        "batch_size": batch_size,
         "format": "timm-state-dict",
         "backbone": cfg.backbone,
         "in_chans": cfg.in_chans,
@@ -83,6 +87,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     apply_env(payload.get("env"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if payload.get("torch_threads"):
+        torch.set_num_threads(int(payload["torch_threads"]))
+    log.info("training on %d thread(s)", torch.get_num_threads())
     cfg = PretrainConfig.from_dict(payload["config"])
     img_size: int = payload["img_size"]
     steps_per_epoch: int = payload["steps_per_epoch"]
@@ -147,7 +154,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             ckpt_io.save(tmp, method=method, optimizer=optimizer, progress=progress)
             if final:
                 ckpt_io.save_encoder(tmp, export_encoder_state_dict(method.encoder()),
-                                     encoder_config(cfg, img_size, payload.get("dataset", ""), progress))
+                                     encoder_config(cfg, img_size, payload.get("dataset", ""), progress,
+                                                    payload.get("method_options", {}).get("windows"),
+                                                    per_bs * world))
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         log.info("checkpoint at step %d%s", progress.step, " (final)" if final else "")
 

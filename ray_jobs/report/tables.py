@@ -220,13 +220,15 @@ def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: st
         elif diff > 0:
             why = "the median paired difference is negative" if math.isfinite(med) and med < 0 else \
                 "no test supports it"
-            verb = f"is ahead of (not shown to beat; {why})"
+            verb = f"is ahead of `{baseline}` but not shown to beat it ({why})"
             ahead.append(enc)
         else:
-            verb = "does not beat"
+            verb = f"does not beat `{baseline}`"
+        if verb == "beats":
+            verb = f"beats `{baseline}`"
         caveat = " (under-trained cell: see below)" if (enc, smallest) in flagged or (baseline, smallest) in flagged \
             else ""
-        lines.append(f"- `{enc}` {verb} `{baseline}`: mean AUC {float(row['auc_mean']):.3f} "
+        lines.append(f"- `{enc}` {verb}: mean AUC {float(row['auc_mean']):.3f} "
                      f"({diff:+.3f}); {sig}{_bootstrap_clause(boot, enc, smallest, alpha)}{caveat}.")
     summary_line = (f"**{len(better)} of {len(at) - 1} pre-trained encoders beat `{baseline}` at {smallest}"
                     + (f" (supported by a test at {alpha}): {', '.join(better)}.**" if better else ".**"))

@@ -48,7 +48,7 @@ def test_verdict_says_beats_only_where_a_test_supports_it_and_names_the_p_value_
     assert "Smallest training-set size: **n5**" in five
     # 5 folds all +0.05: exact two-sided p = 0.0625, the floor for 5 pairs, which cannot reach 0.05:
     # a higher mean without a supporting test is not a win
-    assert "`byol` is ahead of (not shown to beat; no test supports it) `random`: mean AUC 0.670 (+0.050)" in five
+    assert "`byol` is ahead of `random` but not shown to beat it (no test supports it): mean AUC 0.670 (+0.050)" in five
     assert "smallest attainable p = 0.0625" in five
     assert "**0 of 1 pre-trained encoders beat `random` at n5.**" in five
     assert "Ahead in mean AUC without a test that supports it: byol" in five
@@ -79,7 +79,7 @@ def test_a_higher_mean_with_a_negative_median_difference_is_not_a_win():
     boot = pd.DataFrame([{"encoder": "swav", "size": "n5", "patients": 60, "diff": 0.04, "ci_low": 0.01,
                           "ci_high": 0.07, "p_value": 0.01}])
     v = smallest_size_verdict(summarise(t), wilcoxon_vs_baseline(t), "random", boot=boot)
-    assert "`swav` is ahead of (not shown to beat; the median paired difference is negative)" in v
+    assert "`swav` is ahead of `random` but not shown to beat it (the median paired difference is negative)" in v
     assert "**0 of 1" in v
 
 
