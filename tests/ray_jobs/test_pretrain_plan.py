@@ -43,6 +43,14 @@ def test_explicit_options_win_and_large_pools_keep_the_paper_defaults():
     assert "queue_size" not in method_options(_cfg("mocov2", batch_size=256), _info(1_000_000))
 
 
-def test_gray8_datasets_get_the_gray8_window():
-    assert method_options(_cfg("byol", in_chans=3), _info(500, "gray8"))["windows"] == ["gray8"] * 3
+def test_gray8_datasets_get_the_gray8_window_standardised_by_the_pools_statistics(monkeypatch):
+    from data_prep import intensity
+
+    seen = []
+    monkeypatch.setattr(intensity, "dataset_stats", lambda url: seen.append(url) or {"mean": 51.0, "std": 25.5})
+    info = _info(500, "gray8")
+    assert method_options(_cfg("byol", in_chans=3), info)["windows"] == ["gray8@0.2/0.1"] * 3
+    assert seen == [info.read_url]
+    monkeypatch.setattr(intensity, "dataset_stats", lambda url: None)  # no usable statistics: plain gray8
+    assert method_options(_cfg("byol"), info)["windows"] == ["gray8"]
     assert "windows" not in method_options(_cfg("byol"), _info(500, "hu"))
