@@ -52,7 +52,7 @@ LIGHTLY_METHODS = ("byol", "mocov2")
 
 
 def parse_budget(text: str) -> float:
-    from ray_jobs.pretrain.budget import parse_duration
+    from ray_jobs.pretrain.config import parse_duration
 
     return parse_duration(text)
 
@@ -104,8 +104,7 @@ def pretrain_ctssl(method: str, pool_url: str, out: Path, budget: str, backbone:
         return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "ray_jobs.cli", "pretrain", "--method", method, "--data", pool_url,
            "--storage", str(storage), "--experiment", f"bench-real-{method}", "--backbone", backbone,
-           "--time-budget", budget, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
-           "--cpus-per-worker", str(os.cpu_count() or 1)]
+           "--time-budget", budget, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"]
     log.info("pretrain: %s", " ".join(cmd))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -157,8 +156,9 @@ def pretrain_lightly(method: str, images: np.ndarray, out: Path, budget_s: float
             img = Image.fromarray(np.clip(images[i], 0, 255).astype(np.uint8)).convert("RGB")
             return transform(img)
 
-    loader = DataLoader(Pool(), batch_size=batch, shuffle=True, drop_last=True, num_workers=1,
-                        persistent_workers=True)
+    # augmentation in the training process: on 2 cores a loader process would compete with the
+    # training threads (the PIL transforms of a 64 px batch cost a few % of a step)
+    loader = DataLoader(Pool(), batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
     net = create_backbone(backbone, in_chans=3)
     d = feature_dim(net)
     if method == "byol":
