@@ -16,6 +16,7 @@ step) and feeds the schedules the budget's schedule step; without one it is the 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from typing import Any
@@ -87,8 +88,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     apply_env(payload.get("env"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if payload.get("torch_threads"):
-        torch.set_num_threads(int(payload["torch_threads"]))
+    threads = os.environ.get("CTSSL_TORCH_THREADS") or payload.get("torch_threads")  # env: an override
+    if threads:
+        torch.set_num_threads(int(threads))
     log.info("training on %d thread(s)", torch.get_num_threads())
     cfg = PretrainConfig.from_dict(payload["config"])
     img_size: int = payload["img_size"]

@@ -96,15 +96,19 @@ def split(prep_url: str, out: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- pre-training
-def pretrain_ctssl(method: str, pool_url: str, out: Path, budget: str, backbone: str) -> dict[str, Any]:
+def pretrain_ctssl(method: str, prep_url: str, pool_url: str, out: Path, budget: str,
+                   backbone: str) -> dict[str, Any]:
     """``ctssl pretrain`` as a user runs it; returns the encoder folder, steps and wall time."""
     storage = out / "runs"
     done = out / f"ctssl-{method}.json"
     if done.exists():
         return json.loads(done.read_text())
-    cmd = [sys.executable, "-m", "ray_jobs.cli", "pretrain", "--method", method, "--data", pool_url,
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "pretrain", "--method", method, "--data", prep_url,
+           "--selection", pool_url,
            "--storage", str(storage), "--experiment", f"bench-real-{method}", "--backbone", backbone,
            "--time-budget", budget, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"]
+    if method == "spark":  # a 64 px input is a 2x2 patch grid: 0.5 is the mask ratio it can realise
+        cmd += ["--method-option", "mask_ratio=0.5"]
     log.info("pretrain: %s", " ".join(cmd))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -351,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
              len(data["pool"]), len(data["val"]), len(data["cand"]), len(data["test"]), data["classes"])
     pre: dict[str, dict[str, Any]] = {}
     for m in [x for x in args.methods.split(",") if x]:
-        pre[f"ctssl-{m}"] = {"kind": "ctssl", **pretrain_ctssl(m, data["pool_url"], args.out, args.budget,
-                                                                 args.backbone)}
+        pre[f"ctssl-{m}"] = {"kind": "ctssl", **pretrain_ctssl(m, prep_url, data["pool_url"], args.out,
+                                                                 args.budget, args.backbone)}
     batch = next((v.get("batch") for v in pre.values() if v.get("batch")), 32)
     for m in [x for x in args.lightly.split(",") if x]:
         pre[f"lightly-{m}"] = {"kind": "lightly", **pretrain_lightly(
