@@ -270,7 +270,7 @@ def dhash64_hu(hu: np.ndarray, compiled: bool = True) -> np.ndarray:
 # The numpy path above is exact but makes ~10 passes over float64 copies of every pixel. The kernel
 # below fuses min-max scaling (a per-slice lookup table of the exact rounding), Pillow's horizontal
 # pass (int32 accumulators, as Pillow's C code), the vertical pass and the bit packing, touching each
-# pixel once, one slice per thread. It covers the common case (both axes shrink or change with the
+# pixel once, one slice after another. It covers the common case (both axes shrink or change with the
 # horizontal pass first, integer pixels); everything else takes the numpy path. Tests check that
 # both paths agree with imagehash.
 

@@ -18,11 +18,14 @@ def scale_lut(d):  # pragma: no cover - compiled; exact rounding, so no fast-mat
 
 
 # Reassociating the sums is exact: every product and partial sum is an integer below 2**53.
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+# One thread on purpose: prep runs one process per CPU, where a thread pool per process only
+# oversubscribes the cores; on a busy 2-core machine a parallel version made prep 1.5-2.5x slower
+# and erratic (its threads wait for each other), while one thread hashes a 256 px slice in ~0.09 ms.
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def kernel(img, scale, hx0, hlen, htaps, vy0, vlen, vtaps, first, last, out):  # pragma: no cover
     n, h, w = img.shape
     rows = last - first
-    for i in numba.prange(n):
+    for i in range(n):
         sl = img[i]
         lo = np.int64(0)
         d = np.int64(0)
