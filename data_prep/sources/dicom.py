@@ -6,7 +6,7 @@ input (a patient folder in LIDC-style trees; single-child chains are descended f
 that can name a patient - headers of any of its series, its folder name - is seen by the same worker,
 which can then redact reject paths even for files that do not parse. A worker reads each file once
 and groups files into series by SeriesInstanceUID. Anonymised data often has that UID emptied (see
-shared/data/real_ct), so the fallback is folder + geometry (orientation, pixel spacing).
+tests/data/real_ct), so the fallback is folder + geometry (orientation, pixel spacing).
 
 Slices are ordered by position along the slice normal (ImagePositionPatient . (row x col)),
 never by file name or InstanceNumber, which scanners and anonymisers reorder freely.

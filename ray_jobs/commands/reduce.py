@@ -61,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from data_prep.reduce import get_strategy, reduce_dataset
+    from ray_jobs.tracking import check_tracking_uri
 
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:  # before the reduction runs, not after it
+        check_tracking_uri(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI")
     cls = get_strategy(args.strategy)
     summary = reduce_dataset(args.src, args.dst, args.strategy, threshold=args.threshold,
                              target_fraction=args.target_fraction, options=cls.options_from_args(args),
                              tolerance=args.tolerance, progress=not args.no_progress)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         run_id = log_to_mlflow(uri, args.experiment, summary)
         print(f"MLflow run {run_id} in experiment {args.experiment}")

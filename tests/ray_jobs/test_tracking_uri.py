@@ -66,7 +66,7 @@ def _cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     return r, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "report"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "report", "reduce"])
 def test_every_command_refuses_a_file_store_in_one_line_before_ray_starts(tmp_path, command):
     data = str(tmp_path / "data")
     write_tiny_dataset(data, patients=4, slices=2, size=32)
@@ -78,6 +78,7 @@ def test_every_command_refuses_a_file_store_in_one_line_before_ray_starts(tmp_pa
         "finetune": ["finetune", "--data", data, "--folds", "2", "--epochs", "1", "--frozen-epochs", "0",
                      "--storage", str(tmp_path / "runs"), "--experiment", "s1", "--address", "local"],
         "report": ["report", "--experiment", "s1", "--out", str(tmp_path / "runs" / "report")],
+        "reduce": ["reduce", data, str(tmp_path / "runs" / "reduced"), "--strategy", "hash"],
     }[command]
     r, seconds = _cli(*args, "--tracking-uri", uri)
     assert r.returncode == 2
