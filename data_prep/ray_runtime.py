@@ -46,6 +46,10 @@ def init_local(**kwargs: Any) -> None:
         # Ray turns token mode on itself for a new local instance (and reloads its config for that);
         # it finds this token first and so writes no file
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray starts its workers at niceness 15 (so a busy node's own services stay responsive); on a
+    # laptop that makes training lose the CPU to any other program, and to nothing gain: the driver
+    # waits on the workers anyway. The instance ctssl starts for itself runs them at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     saved_env = os.environ.get(_SINGLE_NODE_ENV)
     saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     os.environ[_SINGLE_NODE_ENV] = "0"

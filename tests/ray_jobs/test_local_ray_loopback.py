@@ -40,6 +40,7 @@ report["gcs"] = ctx.gcs_address
 report["node_ip"] = ray.util.get_node_ip_address()
 report["dashboard"] = ray.worker.get_dashboard_url() if hasattr(ray, "worker") else ""
 report["works"] = ray.get(ray.remote(lambda: 41 + 1).remote())
+report["worker_nice"] = ray.get(ray.remote(lambda: os.nice(0)).remote())
 report["listening"] = listening()
 report["auth_mode"] = os.environ.get("RAY_AUTH_MODE")
 report["token_len"] = len(os.environ.get("RAY_AUTH_TOKEN", ""))
@@ -64,6 +65,7 @@ def _start(which: str, home: Path) -> dict:
 
 def _check(report: dict, home: Path) -> None:
     assert report["works"] == 42
+    assert report["worker_nice"] == os.nice(0)  # workers at this process's priority, not Ray's default 15
     assert report["gcs"].startswith("127.0.0.1:"), report
     assert report["node_ip"] == "127.0.0.1"
     assert report["listening"] and set(report["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, report
