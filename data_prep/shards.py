@@ -22,7 +22,7 @@ Image bytes (the ``image`` column, one value per slice of ``height x width`` int
   minus its left neighbour; the first column minus the pixel above; modulo 2**16), zigzag-mapped
   (``0, -1, 1, -2 ... -> 0, 1, 2, 3 ...``) and stored as two byte planes, all low bytes then all high
   bytes (``1 + 2 H W`` bytes). Neighbouring CT pixels differ by little, so the high plane is almost
-  all zeros and the low plane holds small numbers: zstd-3 stores a 256 px phantom in 0.65x and a
+  all zeros and the low plane holds small numbers: zstd-3 stores a 256 px phantom in 0.6x and a
   real CT series in 0.76x of format 1's bytes, and writes it faster (docs/benchmarks.md).
 
 The value's length (even: format 1, odd with tag 2: format 2) makes every value self-describing, so
