@@ -45,7 +45,9 @@ class DemoConfig:
     samples_per_class: str = "5,20,all"
     finetune_epochs: int = 8
     finetune_protocol: str = "tuned"  # each encoder's recipe chosen on validation (ctssl finetune's default)
-    finetune_recipes: str | None = None  # "lr:frozen,..."; None: ctssl finetune's default grid
+    # two recipes (the full grid of four doubles the demo's longest stage): lr 1e-3 with the backbone
+    # trained from the start or frozen for the first 2 epochs, each encoder picking on validation
+    finetune_recipes: str | None = "1e-3:0,1e-3:2"
     finetune_batch: int = 32
     max_concurrent: int = 2
     # SparK's 768-wide decoder costs 2.5x a contrastive step at demo scale; 256 keeps its share fair.

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tuned (default): each encoder's recipe chosen on validation; fixed: lr 1e-3, 2 epochs "
                         "frozen for every encoder")
     p.add_argument("--finetune-recipes", metavar="LR:FROZEN,...", default=d.finetune_recipes,
-                   help="the tuned grid (default: ctssl finetune's, lr 1e-3 / 1e-4 x 0 / epochs/7 frozen)")
+                   help="the tuned grid (default 1e-3:0,1e-3:2; ctssl finetune's own default has four recipes)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
