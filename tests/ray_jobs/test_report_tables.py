@@ -85,7 +85,7 @@ def test_a_higher_mean_with_a_negative_median_difference_is_not_a_win():
 
 def test_verdict_states_the_protocol_and_flags_under_trained_cells():
     t = _trials()
-    t["late_best"] = [1.0 if (e == "random" and s == "n5") else 0.0 for e, s in zip(t.encoder, t["size"])]
+    t["late_best"] = ((t.encoder == "random") & (t["size"] == "n5")).astype(float)
     t.loc[(t.encoder == "byol") & (t["size"] == "n5") & (t.fold < 2), "late_best"] = 1.0  # 2 of 5: not flagged
     late = undertrained_cells(t)
     assert list(zip(late.encoder, late["size"], late.n_late, strict=True)) == [("random", "n5", 5)]
