@@ -283,6 +283,7 @@ def finetune_one(name: str, spec: dict[str, Any], data: dict[str, Any], n: int, 
 # --------------------------------------------------------------------------- report
 def table(rows: list[dict[str, Any]], pre: dict[str, dict[str, Any]], sizes: list[int], seeds: list[int],
           budget: str) -> str:
+    rows = [r for r in rows if r["n"] in sizes and r["seed"] in seeds]  # earlier runs may hold other sizes
     by = {(r["encoder"], r["n"], r["seed"]): r["test_auc"] for r in rows}
     encoders = ["random"] + [e for e in pre]
     lines = [f"Pre-training budget {budget} per method; test AUC (mean over seeds {seeds}).", "",
