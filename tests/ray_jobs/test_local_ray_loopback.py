@@ -16,16 +16,59 @@ from tests.conftest import REPO
 # no-op, and the listening sockets must be those of the instance this code starts.
 SCRIPT = r"""
 import json, os, sys
-import psutil, ray
+import ray
+
+def _descendants(root):
+    # the process tree from /proc (psutil is not a dependency)
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += kids.get(pid, [])
+    return out
+
+def _hex_ip(h):
+    if len(h) == 8:
+        return ".".join(str(b) for b in bytes.fromhex(h)[::-1])
+    words = [bytes.fromhex(h[i:i + 8])[::-1].hex() for i in range(0, 32, 8)]
+    raw = bytes.fromhex("".join(words))
+    if raw[:12] == bytes(10) + b"\xff\xff":
+        return "::ffff:" + ".".join(str(b) for b in raw[12:])
+    import ipaddress
+    return str(ipaddress.IPv6Address(raw))
 
 def listening():
-    me = psutil.Process()
-    out = set()
-    for p in [me] + me.children(recursive=True):
+    inodes = set()
+    for pid in _descendants(os.getpid()):
         try:
-            out |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-        except psutil.Error:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
             pass
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+                out.add(_hex_ip(f[1].split(":")[0]))
     return sorted(out)
 
 report = {}
