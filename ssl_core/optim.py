@@ -29,8 +29,9 @@ Builder = Callable[[list[dict[str, Any]], float, OptimizerDefaults], torch.optim
 def fused_kwargs(groups: Iterable[dict[str, Any]] | Iterable[torch.nn.Parameter]) -> dict[str, bool]:
     """``{"fused": True}`` when every parameter is a float tensor on CPU or CUDA.
 
-    PyTorch's fused SGD/AdamW update all parameters in one kernel; on this 2-core CPU a resnet18 SGD
-    step takes 5.7 ms fused vs 12.6 ms with the per-tensor loop, ~3 % of a MoCo v2 training step.
+    PyTorch's fused SGD/AdamW update all parameters in one kernel instead of a Python loop over the
+    tensors; the loop's per-tensor overhead is a visible share of a small network's CPU step (figures
+    in docs/benchmarks.md, "Measurements behind choices in the code").
     """
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
@@ -53,8 +54,8 @@ def _lars(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torc
 
 
 def _lamb(groups: list[dict[str, Any]], lr: float, d: OptimizerDefaults) -> torch.optim.Optimizer:
-    # timm picks its per-tensor loop on CPU (as PyTorch does); the multi-tensor path is 15 % faster
-    # here (resnet50: 99 vs 117 ms per step) and is what CUDA uses anyway
+    # timm picks its per-tensor loop on CPU (as PyTorch does); the multi-tensor path is faster there
+    # too (docs/benchmarks.md) and is what CUDA uses anyway
     # (timm releases before the multi-tensor path have no ``foreach`` argument)
     extra = {"foreach": True} if "foreach" in inspect.signature(Lamb.__init__).parameters else {}
     return Lamb(groups, lr=lr, weight_decay=d.weight_decay, betas=tuple(d.extra.get("betas", (0.9, 0.95))),

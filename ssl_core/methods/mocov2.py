@@ -66,9 +66,9 @@ def sub_batch_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bi
                    eps: float) -> torch.Tensor:
     """Batch norm of ``x`` (N, C, H, W) with separate statistics for each of ``groups`` consecutive
     sub-batches of N / groups samples, in one pass: what ``groups`` forwards of N / groups samples
-    each would compute, without running every convolution at a small batch (H200, resnet50 at 224 px,
-    batch 256 in bf16: the key forward takes 26 ms with whole-batch BN, 37 ms with 8 sub-batches this
-    way and 70-80 ms as 8 forwards of 32). Statistics in float32; the output keeps ``x``'s dtype and
+    each would compute, without running every convolution at a small batch: separate forwards of the
+    sub-batches cost about twice this one-pass split on a GPU (docs/benchmarks.md). Statistics in
+    float32; the output keeps ``x``'s dtype and
     memory format. Running statistics are not touched.
     """
     n, c, h, w = x.shape

@@ -219,8 +219,8 @@ class SparK(SSLMethod):
         recon = self.reconstruct(x, active)
         if recon.requires_grad:
             # The loss patchifies with a permute, so the gradient reaching the decoder would arrive with
-            # permuted strides, and oneDNN's convolution backward on such a tensor is 3-4x slower (at
-            # 160 px the last decoder block's backward took 700 ms instead of 190 ms).
+            # permuted strides, and oneDNN's convolution backward on such a tensor is several times
+            # slower (figures in docs/benchmarks.md).
             recon.register_hook(_contiguous)
         loss = masked_patch_loss(x, recon, active, self.patch)
         return {"loss": loss, "recon": recon, "active": active}
