@@ -1,10 +1,10 @@
 """SparK training-step throughput against the official SparK code (keyu-tian/SparK ``pretrain/``),
 and the time of one fine-tuning epoch against a plain per-image PyTorch loop.
 
-The official code is read from the local git mirror made by the ``fetch`` tool (override with
-``CTSSL_SPARK_GIT_DIR``), exported with ``git archive`` into a temporary directory for the run and
-never copied into the project. Both implementations get the same timm backbone, batch size, input
-size, decoder width (768), mask ratio (0.6) and optimiser (LAMB, lr 2e-4 x batch / 256, clip 5),
+The official code is read from a clone of https://github.com/keyu-tian/SparK named by
+``CTSSL_SPARK_GIT_DIR`` (its ``.git`` folder, or a bare mirror), exported with ``git archive`` into a
+temporary directory for the run and never copied into the project. Both implementations get the
+same timm backbone, batch size, input size, decoder width (768), mask ratio (0.6) and optimiser (LAMB, lr 2e-4 x batch / 256, clip 5),
 3-channel input. ctssl's step *includes* its batched crop + flip + windowing of raw HU slices; the
 official step gets ready tensors (its augmentation runs in DataLoader workers), so the ratio is
 conservative. Both run in one subprocess (the official code patches timm's ResNet class) with their
@@ -32,10 +32,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-SPARK_GIT_DIR = Path(os.environ.get("CTSSL_SPARK_GIT_DIR", "/work/.mirror/keyu-tian+SparK/repo"))
+SPARK_GIT_DIR = Path(os.environ.get("CTSSL_SPARK_GIT_DIR", ROOT / ".spark-official.git"))
 STEPS = int(os.environ.get("CTSSL_BENCH_STEPS", "10"))
 
-# (backbone, input px, batch): the issue's two configurations, then sizes where masking matters
+# (backbone, input px, batch): the demo's and the papers' backbones at 64 px, then sizes where masking matters
 # (64 px is a 2x2 patch grid; 96 px 3x3; 160 px 5x5)
 #: large configurations take many minutes per step on a loaded 2-core machine; the suite-wide
 #: 900 s test timeout is for CI tests, not for benchmarks
@@ -47,7 +47,8 @@ CONFIGS = [("resnet18", 64, 32), ("resnet50", 64, 16), ("resnet18", 96, 32), ("r
 @pytest.fixture(scope="module")
 def official_pretrain_dir():
     if not (SPARK_GIT_DIR / "HEAD").exists():
-        pytest.skip(f"official SparK mirror not found at {SPARK_GIT_DIR} (fetch github:keyu-tian/SparK)")
+        pytest.skip(f"no clone of the official SparK at {SPARK_GIT_DIR}: git clone --bare "
+                    "https://github.com/keyu-tian/SparK and set CTSSL_SPARK_GIT_DIR to it")
     with tempfile.TemporaryDirectory(prefix="spark_official_") as tmp:
         archive = Path(tmp) / "pretrain.tar"
         subprocess.run(["git", f"--git-dir={SPARK_GIT_DIR}", "archive", "-o", str(archive), "HEAD", "pretrain"],
