@@ -1,9 +1,10 @@
-"""``ctssl k8s``: run and follow a study on Kubernetes without Helm.
+"""``ctssl k8s``: follow the studies the Helm chart runs on Kubernetes.
 
-``submit`` creates the prep Job and RayJobs of an experiment config (the same objects the chart
-renders, from :mod:`ray_jobs.k8s.objects`); ``status`` prints the release's table; ``logs`` and
-``cancel`` act on one stage. Configuration: the in-cluster service account inside a pod, else the
-kubeconfig (``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config``).
+The chart (``charts/ctssl``) is the one definition of every Kubernetes object: a study is its values'
+``study:`` block, run as one KubeRay RayJob. ``values`` turns a study file into that block; ``status``
+prints a release's studies with their current stage; ``logs`` shows a study's driver log; ``cancel``
+deletes a study's RayJob (and so its Ray cluster). Configuration: the in-cluster service account
+inside a pod, else the kubeconfig (``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config``).
 """
 
 from __future__ import annotations
@@ -14,20 +15,16 @@ from typing import Any
 
 import yaml
 
-from ray_jobs import experiment_config
 from ray_jobs.errors import CLIError
 
 NAME = "k8s"
-HELP = "submit / follow / cancel a study on Kubernetes (KubeRay RayJobs, no Helm needed)"
+HELP = "run and follow a study on Kubernetes (the Helm chart's RayJob: values / status / logs / cancel)"
 DESCRIPTION = """\
-  ctssl k8s submit -f experiment.yaml -n ml          create the prep Job and RayJobs
-  ctssl k8s submit -f experiment.yaml --dry-run      print them as YAML instead
+  ctssl k8s values -f study.yaml > study-values.yaml    the study as the chart's `study:` values
+  helm install study charts/ctssl -n ml -f platform.yaml -f study-values.yaml
   ctssl k8s status --release study -n ml --mlflow-url http://localhost:5000
-  ctssl k8s logs study-pretrain-byol -n ml --follow
-  ctssl k8s cancel study-pretrain-swav -n ml         (or --release study for every stage)
-
-The experiment config is the document the chart stores in the <release>-experiment ConfigMap:
-  kubectl get cm study-experiment -o jsonpath='{.data.experiment\\.yaml}' > experiment.yaml
+  ctssl k8s logs study-phantom -n ml --follow           the study driver's log
+  ctssl k8s cancel study-phantom -n ml                  (or --release study for every study)
 """
 
 
@@ -39,25 +36,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
-    s = sub.add_parser("submit", help="create the prep Job and RayJobs of an experiment config")
-    s.add_argument("-f", "--config", required=True, metavar="FILE", help="experiment config (YAML)")
-    s.add_argument("--name", help="override the config's name: object names and run / MLflow experiment names "
-                   "(the storage URLs stay as the config says)")
-    s.add_argument("--dry-run", action="store_true", help="print the objects as YAML; contact no cluster")
-    _common(s)
-    st = sub.add_parser("status", help="table of a release's prep Job and RayJobs")
-    st.add_argument("--release", required=True, metavar="NAME", help="release / experiment name")
+    v = sub.add_parser("values", help="print a study file as the Helm chart's `study:` values (checked first)")
+    v.add_argument("-f", "--file", required=True, help="the study file (YAML)")
+    st = sub.add_parser("status", help="table of a release's studies: RayJob state and current stage")
+    st.add_argument("--release", required=True, metavar="NAME", help="Helm release name")
     st.add_argument("--mlflow-url", metavar="URL",
                     help="MLflow UI base URL for run links, e.g. http://localhost:5000 after a port-forward")
     _common(st)
-    lg = sub.add_parser("logs", help="logs of a RayJob (its driver) or of the prep Job")
-    lg.add_argument("name", help="RayJob or Job name, e.g. study-pretrain-byol")
+    lg = sub.add_parser("logs", help="a study's driver log (KubeRay's submitter pod tails it)")
+    lg.add_argument("name", help="the study's RayJob, e.g. study-phantom")
     lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines per container")
-    lg.add_argument("-f", "--follow", action="store_true", help="stream the main container's log")
+    lg.add_argument("-f", "--follow", action="store_true", help="stream the log")
     _common(lg)
-    c = sub.add_parser("cancel", help="delete RayJobs / Jobs (KubeRay stops the Ray job and its cluster)")
-    c.add_argument("names", nargs="*", help="RayJob or Job names")
-    c.add_argument("--release", metavar="NAME", help="every stage object of this release")
+    c = sub.add_parser("cancel", help="delete study RayJobs (KubeRay stops the Ray job and deletes its cluster)")
+    c.add_argument("names", nargs="*", help="RayJob names")
+    c.add_argument("--release", metavar="NAME", help="every study RayJob of this release")
     _common(c)
 
 
@@ -67,65 +60,61 @@ def _connect(args: argparse.Namespace):
     return KubeAPI.connect(args.kubeconfig, args.context, args.namespace)
 
 
-# ------------------------------------------------------------------------------------------- submit
-def _service_account(cfg: dict[str, Any]) -> dict[str, Any]:
-    from ray_jobs.k8s.objects import labels
+# ------------------------------------------------------------------------------------------- values
+def values(args: argparse.Namespace) -> int:
+    """The study document (as written, not with its defaults) under `study:`: values.schema.json checks
+    it again at install, and the chart fills in storage, MLflow and the work folder where it is silent."""
+    from ray_jobs.study import spec
 
-    return {"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": cfg["serviceAccountName"], "labels": labels(cfg, "identity")},
-            "automountServiceAccountToken": False}
-
-
-def submit(args: argparse.Namespace) -> int:
-    from ray_jobs.k8s.api import SERVICE_ACCOUNT, KubeAPIError
-    from ray_jobs.k8s.objects import build_objects
-
-    raw = experiment_config.load(args.config)
-    if args.name:
-        raw["name"] = args.name
-        raw = experiment_config.resolve(raw)
-    objs = build_objects(raw)
-    if args.dry_run:
-        print(yaml.safe_dump_all(objs, sort_keys=False), end="")
-        return 0
-    api = _connect(args)
-    try:
-        api.get(SERVICE_ACCOUNT, raw["serviceAccountName"])
-    except KubeAPIError as e:
-        if e.status != 404:
-            raise
-        api.create(_service_account(raw))
-        print(f"created ServiceAccount {api.namespace}/{raw['serviceAccountName']}")
-    created: list[str] = []
-    for obj in objs:
-        try:
-            api.create(obj)
-        except KubeAPIError as e:
-            done = f" (already created: {', '.join(created)})" if created else ""
-            raise KubeAPIError(f"{e}{done}", e.status) from e
-        created.append(f"{obj['kind']} {obj['metadata']['name']}")
-        print(f"created {obj['kind']} {api.namespace}/{obj['metadata']['name']}")
-    print(f"follow it: ctssl k8s status --release {raw['name']} -n {api.namespace}")
+    study = spec.load(args.file)
+    print(f"# from {args.file} (ctssl k8s values)")
+    print(yaml.safe_dump({"study": study.raw}, sort_keys=False), end="")
     return 0
 
 
 # ------------------------------------------------------------------------------------------- status
+def _submitter_pods(api, name: str) -> list[dict[str, Any]]:
+    """KubeRay's submitter Job is named after the RayJob; its pod tails the driver's log. Newest last."""
+    from ray_jobs.k8s.api import POD
+
+    pods = api.list(POD, f"batch.kubernetes.io/job-name={name}")
+    return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+
+
+def _stage_reader(api) -> Any:
+    from ray_jobs.k8s.api import KubeAPIError
+    from ray_jobs.k8s.status import current_stage
+
+    def stage_of(rayjob: dict[str, Any]) -> str:
+        try:
+            pods = _submitter_pods(api, rayjob["metadata"]["name"])
+            if not pods:
+                return "-"
+            pod = pods[-1]
+            return current_stage(api.pod_log(pod["metadata"]["name"], pod["spec"]["containers"][0]["name"], 400))
+        except KubeAPIError:
+            return "-"  # no log yet (pod starting) or no permission to read logs
+
+    return stage_of
+
+
 def status(args: argparse.Namespace) -> int:
-    from ray_jobs.k8s.api import JOB, RAYJOB
+    from ray_jobs.k8s.api import RAYJOB
     from ray_jobs.k8s.mlflow_links import MLflowLinks
-    from ray_jobs.k8s.objects import INSTANCE_LABEL
-    from ray_jobs.k8s.status import render_table, rows
+    from ray_jobs.k8s.status import INSTANCE_LABEL, STUDY_LABEL, render_table, report_location, rows
 
     api = _connect(args)
     selector = f"{INSTANCE_LABEL}={args.release}"
-    jobs = [j for j in api.list(JOB, selector)
-            if (j["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "prep"]
-    rayjobs = api.list(RAYJOB, selector)
-    if not jobs and not rayjobs:
-        raise CLIError(f"no prep Job or RayJobs of release {args.release!r} in namespace {api.namespace} "
-                       f"(label {selector}); check -n / --release")
+    rayjobs = [r for r in api.list(RAYJOB, selector) if STUDY_LABEL in (r["metadata"].get("labels") or {})]
+    if not rayjobs:
+        raise CLIError(f"no study RayJob of release {args.release!r} in namespace {api.namespace} "
+                       f"(label {selector}); check -n / --release, or the release has no `study:` values")
     links = MLflowLinks(args.mlflow_url).link if args.mlflow_url else None
-    print(render_table(rows(jobs, rayjobs, links)))
+    print(render_table(rows(rayjobs, _stage_reader(api), links)))
+    for r in sorted(rayjobs, key=lambda o: o["metadata"]["name"]):
+        where = report_location(r)
+        if where:
+            print(f"\nreport of {r['metadata']['name']} (when it finishes): {where}")
     if not args.mlflow_url:
         print(f"\nrun links: kubectl -n {api.namespace} port-forward svc/{args.release}-mlflow 5000:5000, "
               "then add --mlflow-url http://localhost:5000")
@@ -134,31 +123,24 @@ def status(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- logs
 def _pods_of(api, name: str) -> tuple[str, list[dict[str, Any]]]:
-    """(what, pods) whose logs tell the story of object ``name``: the RayJob's submitter (it tails the
-    driver), else its head (init containers show the wait for input); or the Job's pods."""
-    from ray_jobs.k8s.api import JOB, POD, RAYJOB, KubeAPIError
+    """(what, pods) whose logs tell the study's story: KubeRay's submitter (it tails the driver), else
+    the Ray head while the cluster starts."""
+    from ray_jobs.k8s.api import POD, RAYJOB, KubeAPIError
 
     try:
         rj = api.get(RAYJOB, name)
     except KubeAPIError as e:
-        if e.status != 404:
-            raise
-        rj = None
-    if rj is not None:
-        pods = api.list(POD, f"batch.kubernetes.io/job-name={name}")
-        if pods:
-            return "submitter", pods
-        cluster = (rj.get("status") or {}).get("rayClusterName")
-        if cluster:
-            return "head", api.list(POD, f"ray.io/cluster={cluster},ray.io/node-type=head")
-        return "none", []
-    try:
-        api.get(JOB, name)
-    except KubeAPIError as e:
         if e.status == 404:
-            raise CLIError(f"no RayJob or Job named {name!r} in namespace {api.namespace}") from e
+            raise CLIError(f"no RayJob named {name!r} in namespace {api.namespace}; "
+                           f"`ctssl k8s status --release <release>` lists the studies") from e
         raise
-    return "job", api.list(POD, f"batch.kubernetes.io/job-name={name}")
+    pods = _submitter_pods(api, name)
+    if pods:
+        return "submitter", pods
+    cluster = (rj.get("status") or {}).get("rayClusterName")
+    if cluster:
+        return "head", api.list(POD, f"ray.io/cluster={cluster},ray.io/node-type=head")
+    return "none", []
 
 
 def logs(args: argparse.Namespace) -> int:
@@ -188,41 +170,35 @@ def logs(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- cancel
 def cancel(args: argparse.Namespace) -> int:
-    from ray_jobs.k8s.api import JOB, RAYJOB, KubeAPIError
-    from ray_jobs.k8s.objects import INSTANCE_LABEL
+    from ray_jobs.k8s.api import RAYJOB, KubeAPIError
+    from ray_jobs.k8s.status import INSTANCE_LABEL, STUDY_LABEL
 
     if not args.names and not args.release:
-        raise CLIError("name the RayJobs / Jobs to cancel, or pass --release NAME for all of a release")
+        raise CLIError("name the study RayJobs to cancel, or pass --release NAME for every study of a release")
     api = _connect(args)
-    targets: list[tuple[Any, str]] = []
+    targets: list[str] = []
     if args.release:
         sel = f"{INSTANCE_LABEL}={args.release}"
-        targets += [(RAYJOB, o["metadata"]["name"]) for o in api.list(RAYJOB, sel)]
-        targets += [(JOB, o["metadata"]["name"]) for o in api.list(JOB, sel)
-                    if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "prep"]
+        targets += [o["metadata"]["name"] for o in api.list(RAYJOB, sel)
+                    if STUDY_LABEL in (o["metadata"].get("labels") or {})]
         if not targets:
-            raise CLIError(f"release {args.release!r} has no RayJobs or prep Job in namespace {api.namespace}")
+            raise CLIError(f"release {args.release!r} has no study RayJob in namespace {api.namespace}")
     for name in args.names:
         try:
             api.get(RAYJOB, name)
-            targets.append((RAYJOB, name))
         except KubeAPIError as e:
-            if e.status != 404:
-                raise
-            try:
-                api.get(JOB, name)
-            except KubeAPIError as e2:
-                if e2.status == 404:
-                    raise CLIError(f"no RayJob or Job named {name!r} in namespace {api.namespace}") from e2
-                raise
-            targets.append((JOB, name))
-    for kind, name in targets:
-        api.delete(kind, name)
-        print(f"deleted {kind.kind} {api.namespace}/{name}")
+            if e.status == 404:
+                raise CLIError(f"no RayJob named {name!r} in namespace {api.namespace}") from e
+            raise
+        targets.append(name)
+    for name in targets:
+        api.delete(RAYJOB, name)
+        print(f"deleted RayJob {api.namespace}/{name} (its Ray cluster goes with it; finished stages stay "
+              "in storage, so reinstalling the study resumes it)")
     return 0
 
 
-ACTIONS = {"submit": submit, "status": status, "logs": logs, "cancel": cancel}
+ACTIONS = {"values": values, "status": status, "logs": logs, "cancel": cancel}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,2 +1,2 @@
-"""Kubernetes side of ctssl: the objects a study needs (shared contract with the Helm chart) and
-the ``ctssl k8s`` client (submit / status / logs / cancel)."""
+"""Kubernetes side of ctssl: the ``ctssl k8s`` client that follows the study RayJobs the Helm chart
+creates (status / logs / cancel). The chart is the only definition of the objects."""

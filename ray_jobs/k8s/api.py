@@ -39,17 +39,12 @@ class Kind:
 
 
 RAYJOB = Kind("RayJob", "rayjobs", "ray.io", "v1")
-JOB = Kind("Job", "jobs", "batch", "v1")
 POD = Kind("Pod", "pods", "", "v1")
-SERVICE_ACCOUNT = Kind("ServiceAccount", "serviceaccounts", "", "v1")
-KINDS = {k.kind: k for k in (RAYJOB, JOB, POD, SERVICE_ACCOUNT)}
 
 _HINTS = {
     401: "the credentials in the kubeconfig were rejected (expired token or certificate?)",
     403: "your user or service account lacks RBAC permission for this; ask a cluster admin for a Role "
          "granting it; the chart's <release>-viewer Role covers status and logs",
-    409: "it already exists; remove it with `ctssl k8s cancel {name} -n {namespace}` or change `name` "
-         "in the experiment config",
     422: "the API server rejected the object's fields",
 }
 
@@ -84,7 +79,7 @@ def describe_error(verb: str, kind: Kind, namespace: str, name: str | None, stat
     if message:
         head += f": {message}"
     if status == 404:
-        if verb == "create" or name is None:
+        if name is None:
             hint = (f"the API has no {kind.plural}.{kind.group or 'core'}/{kind.version} in namespace {namespace}"
                     + ("; is the KubeRay operator (its CRDs) installed? check `kubectl get crd rayjobs.ray.io`"
                        if kind is RAYJOB else "; does the namespace exist?"))
@@ -96,7 +91,7 @@ def describe_error(verb: str, kind: Kind, namespace: str, name: str | None, stat
 
 
 class KubeAPI:
-    """GET/POST/DELETE of dict objects through the official client's transport."""
+    """GET/DELETE of dict objects through the official client's transport."""
 
     def __init__(self, api_client: Any, namespace: str) -> None:
         self.api = api_client
@@ -160,11 +155,6 @@ class KubeAPI:
         return json.loads(data_bytes) if data_bytes else {}
 
     # -- verbs ------------------------------------------------------------------------------------
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        kind = KINDS[obj["kind"]]
-        return self._call("POST", kind.collection(self.namespace), "create", kind, obj["metadata"]["name"],
-                          body=obj)
-
     def get(self, kind: Kind, name: str) -> dict[str, Any]:
         return self._call("GET", kind.item(self.namespace, name), "get", kind, name)
 

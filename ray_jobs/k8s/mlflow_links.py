@@ -1,7 +1,8 @@
-"""Links from a RayJob to its MLflow run, through the tracking server's REST API.
+"""Links from a study's RayJob to its MLflow experiment, through the tracking server's REST API.
 
-Each pre-training RayJob logs to the MLflow experiment named in its ``ctssl.io/mlflow-experiment``
-annotation; the link is to that experiment's latest run (or the experiment while no run exists).
+A study is one MLflow experiment (its ``metadata.name``, in the RayJob's ``ctssl.io/mlflow-experiment``
+annotation) holding every pre-training run, the fine-tuning study's runs and the report; the link
+is to that experiment's page, where the UI compares them.
 Plain urllib keeps `ctssl k8s status` light: no mlflow import for a table. A server that requires a
 login (the chart's MLflow runs the basic-auth app) gets the one MLflow's own client would send:
 ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
@@ -45,8 +46,6 @@ class MLflowLinks:
             q = urllib.parse.urlencode({"experiment_name": experiment})
             exp = self._request(f"/api/2.0/mlflow/experiments/get-by-name?{q}")["experiment"]
             eid = exp["experiment_id"]
-            runs = self._request("/api/2.0/mlflow/runs/search", {
-                "experiment_ids": [eid], "max_results": 1, "order_by": ["attributes.start_time DESC"]})
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return f"(no MLflow experiment {experiment} yet)"
@@ -55,7 +54,4 @@ class MLflowLinks:
             return f"(MLflow HTTP {e.code})"
         except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError) as e:
             return f"(MLflow unreachable at {self.base}: {getattr(e, 'reason', e)})"
-        found = runs.get("runs") or []
-        if not found:
-            return f"{self.base}/#/experiments/{eid}"
-        return f"{self.base}/#/experiments/{eid}/runs/{found[0]['info']['run_id']}"
+        return f"{self.base}/#/experiments/{eid}"

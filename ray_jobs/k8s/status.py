@@ -1,32 +1,39 @@
-"""The status table of a release: its prep Job and RayJobs, one row each, in stage order.
+"""The status table of a release: one row per study RayJob (the chart makes one per study).
 
 A RayJob has two status fields: ``jobStatus`` (the Ray job: PENDING/RUNNING/SUCCEEDED/FAILED/STOPPED)
 and ``jobDeploymentStatus`` (KubeRay's lifecycle of cluster + submission). The note column says in
-words what each lifecycle state means for the user, so the table answers "what is it doing now?".
+words what each lifecycle state means for the user, and the stage column shows the study's stage
+from the driver's log (``[3/9] pretrain-byol: ...``), so the table answers "what is it doing now?".
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
-from ray_jobs.k8s.objects import COMPONENT_LABEL, METHOD_LABEL, MLFLOW_EXPERIMENT_ANNOTATION
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+STUDY_LABEL = "ctssl.io/study"
+MLFLOW_EXPERIMENT_ANNOTATION = "ctssl.io/mlflow-experiment"
+STORAGE_ANNOTATION = "ctssl.io/storage"
 
 # KubeRay v1.7 JobDeploymentStatus values -> what they mean for the study ("" is the operator's "New").
 DEPLOYMENT_NOTES: dict[str, str] = {
     "": "new: the KubeRay operator has not picked it up yet",
-    "Initializing": "starting its Ray cluster (the head first waits for the stage's input)",
+    "Initializing": "starting its Ray cluster (the head pod; worker pods come when a stage asks for them)",
     "Waiting": "waiting for a job submission to the cluster",
     "Running": "running on its Ray cluster",
     "Complete": "finished; the cluster is removed after ttlSecondsAfterFinished",
     "Failed": "failed",
     "ValidationFailed": "rejected by the operator: the spec is invalid",
     "Suspending": "suspending: its cluster is being deleted",
-    "Suspended": "suspended; set spec.suspend=false to resume",
-    "Retrying": "an attempt failed; retrying on a fresh cluster",
+    "Suspended": "suspended (e.g. queued by Kueue); set spec.suspend=false to resume",
+    "Retrying": "the driver failed; retrying on a fresh cluster, resuming from the stage markers",
 }
-STAGE_ORDER = {"prep": 0, "reduce": 1, "pretrain": 2, "finetune": 3}
-HEADERS = ("STAGE", "KIND", "NAME", "JOB STATUS", "DEPLOYMENT", "NOTE", "MLFLOW")
+HEADERS = ("STUDY", "RAYJOB", "JOB STATUS", "DEPLOYMENT", "STAGE", "NOTE", "MLFLOW")
+#: the runner's header of a stage: "[3/9] pretrain-byol: pre-training byol on ... (not run yet)"
+STAGE_LINE = re.compile(r"^\[(\d+)/(\d+)\] ([\w-]+): (.*)$", re.M)
 
 
 def deployment_label(status: dict[str, Any]) -> str:
@@ -46,44 +53,34 @@ def rayjob_note(obj: dict[str, Any]) -> str:
     return note
 
 
-def job_row_status(obj: dict[str, Any]) -> tuple[str, str, str]:
-    """(job status, progress, note) of a batch Job (the Indexed prep Job)."""
-    spec, status = obj.get("spec") or {}, obj.get("status") or {}
-    conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    done, failed, active = status.get("succeeded", 0), status.get("failed", 0), status.get("active", 0)
-    total = spec.get("completions", 1)
-    progress = f"{done}/{total} indexes done"
-    if "Complete" in conds:
-        return "SUCCEEDED", progress, "all shards written, manifest committed"
-    failed_indexes = f"; failed indexes {status['failedIndexes']}" if status.get("failedIndexes") else ""
-    if "Failed" in conds:
-        c = conds["Failed"]
-        return "FAILED", progress, f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") + failed_indexes
-    if active:
-        return "RUNNING", progress, f"{active} pod(s) running, {failed} failed attempt(s){failed_indexes}"
-    return "PENDING", progress, "waiting for pods to start (or for the source to be uploaded)"
+def current_stage(log: str) -> str:
+    """"3/9 pretrain-byol (done|reused)" from the driver's log: the last stage header it printed."""
+    found = list(STAGE_LINE.finditer(log))
+    if not found:
+        return "-"
+    i, n, name, rest = found[-1].groups()
+    state = "reused" if "reusing the finished stage" in rest else ("done" if " done in " in f" {rest}" else "running")
+    return f"{i}/{n} {name} ({state})"
 
 
-def rows(jobs: list[dict[str, Any]], rayjobs: list[dict[str, Any]],
+def rows(rayjobs: list[dict[str, Any]], stage_of: Callable[[dict[str, Any]], str] | None = None,
          mlflow_link: Callable[[str], str] | None = None) -> list[tuple[str, ...]]:
-    out: list[tuple[int, tuple[str, ...]]] = []
-    for j in jobs:
-        stage = (j["metadata"].get("labels") or {}).get(COMPONENT_LABEL, "prep")
-        js, progress, note = job_row_status(j)
-        out.append((STAGE_ORDER.get(stage, 9), (stage, "Job", j["metadata"]["name"], js, progress, note, "-")))
-    for r in rayjobs:
+    out = []
+    for r in sorted(rayjobs, key=lambda o: o["metadata"]["name"]):
         meta = r["metadata"]
-        lab = meta.get("labels") or {}
-        stage = lab.get(COMPONENT_LABEL, "?")
-        if lab.get(METHOD_LABEL):
-            stage = f"{stage}/{lab[METHOD_LABEL]}"
         status = r.get("status") or {}
+        study = (meta.get("labels") or {}).get(STUDY_LABEL, "?")
         experiment = (meta.get("annotations") or {}).get(MLFLOW_EXPERIMENT_ANNOTATION, "")
         link = (mlflow_link(experiment) if mlflow_link else f"experiment {experiment}") if experiment else "-"
-        out.append((STAGE_ORDER.get(lab.get(COMPONENT_LABEL, ""), 9),
-                    (stage, "RayJob", meta["name"], status.get("jobStatus") or "-", deployment_label(status),
-                     rayjob_note(r), link)))
-    return [row for _, row in sorted(out, key=lambda t: (t[0], t[1][2]))]
+        out.append((study, meta["name"], status.get("jobStatus") or "-", deployment_label(status),
+                    stage_of(r) if stage_of else "-", rayjob_note(r), link))
+    return out
+
+
+def report_location(rayjob: dict[str, Any]) -> str | None:
+    """Where the study's report lands (``<storage>/report/report.html``), from the RayJob's annotation."""
+    storage = (rayjob["metadata"].get("annotations") or {}).get(STORAGE_ANNOTATION)
+    return f"{storage.rstrip('/')}/report/report.html" if storage else None
 
 
 def render_table(table: list[tuple[str, ...]]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,44 @@ def validation_errors(obj: dict[str, Any]) -> list[str]:
     return []
 
 
-def experiment_from_render(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-experiment"))
-    return yaml.safe_load(cm["data"]["experiment.yaml"])
+def study_objects(objs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the RayJob, the study document of its spec ConfigMap) of a render with one study."""
+    [rj] = [o for o in objs if o["kind"] == "RayJob"]
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{rj['metadata']['name']}-spec")
+    return rj, yaml.safe_load(cm["data"]["study.yaml"])
+
+
+# ------------------------------------------------------------------- the study schema in values.schema.json
+STUDY_SCHEMA = REPO / "ray_jobs" / "study" / "study.schema.json"
+VALUES_SCHEMA = CHART / "values.schema.json"
+#: what the chart fills in for a study that leaves it out, so the values' study need not say it
+CHART_FILLS = ("storage",)
+
+
+def values_study_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(values.schema.json's `study` property, its `$defs`) made from ray_jobs/study/study.schema.json: the
+    same schema, except that the block may be null (no study) and spec.storage may be left to the chart.
+    Its `$defs` move to the root of values.schema.json, where the study schema's `#/$defs/...` point."""
+    study = json.loads(STUDY_SCHEMA.read_text())
+    defs = study.pop("$defs")
+    for key in ("$schema", "$id"):
+        study.pop(key)
+    study["type"] = ["object", "null"]
+    spec = study["properties"]["spec"]
+    spec["required"] = [k for k in spec["required"] if k not in CHART_FILLS]
+    study["description"] = ("The study (ctssl/v1 Study, docs/study-spec.md); null: no study. " + study["description"])
+    return study, defs
+
+
+def sync_values_schema() -> bool:
+    """Write the study schema into values.schema.json; True when it changed."""
+    values = json.loads(VALUES_SCHEMA.read_text())
+    study, defs = values_study_schema()
+    changed = values["properties"].get("study") != study or values.get("$defs") != defs
+    values["properties"]["study"] = study
+    values["$defs"] = defs
+    VALUES_SCHEMA.write_text(json.dumps(values, indent=2) + "\n")
+    return changed
 
 
 @functools.cache
@@ -135,3 +171,7 @@ def pod_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return list(pod.get("initContainers") or []) + list(pod.get("containers") or [])
+
+
+if __name__ == "__main__":  # python -m tests.charts.chart_support: copy the study schema into the chart
+    print("values.schema.json " + ("updated" if sync_values_schema() else "already up to date"))

@@ -35,7 +35,7 @@ def test_versions_agree_between_pyproject_chart_and_image_tag() -> None:
     assert values["ray"]["version"] == "2.60.0"
 
 
-def test_kind_script_is_valid_bash_and_installs_the_cpu_values_with_kuberay_1_7() -> None:
+def test_kind_script_installs_the_operator_and_a_phantom_study_then_waits_for_the_report() -> None:
     script = INFRA / "kind-up.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
@@ -43,5 +43,12 @@ def test_kind_script_is_valid_bash_and_installs_the_cpu_values_with_kuberay_1_7(
     assert "KUBERAY_VERSION=${KUBERAY_VERSION:-1.7.0}" in text
     assert 'kind load docker-image "$IMAGE_REPO:$IMAGE_TAG"' in text
     assert "--config \"$ROOT/infra/kind-config.yaml\"" in text
+    assert 'helm upgrade --install "$RELEASE" "$ROOT/charts/ctssl"' in text  # from the clone, no chart repo
+    assert "{.status.jobDeploymentStatus}" in text and "Complete)" in text  # waits for the study
+    assert "report.html" in text and 'port-forward svc/$RELEASE-mlflow 5000:5000' in text
+    # the study it installs generates its pool and labelled set inside the cluster: nothing to upload
+    study = yaml.safe_load((CHART / "ci" / "cpu-small-values.yaml").read_text())["study"]
+    assert {src["type"] for src in study["spec"]["data"].values()} == {"phantom"}
+    assert "upload" not in text.lower()
     kind = yaml.safe_load((INFRA / "kind-config.yaml").read_text())
     assert kind["kind"] == "Cluster" and [n["role"] for n in kind["nodes"]].count("worker") >= 1

@@ -1,5 +1,6 @@
 """Policy on what the chart renders: Pod Security "restricted" settings, resources on every container,
-no secret values outside Secrets, /dev/shm on Ray pods, and GPUs only where a GPU group asks for them."""
+no secret values outside Secrets, /dev/shm on Ray pods, and GPUs only where a GPU group asks for them
+(the autoscaler sidecar, which KubeRay builds from autoscalerOptions, included)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def test_every_pod_and_container_runs_restricted(stem: str) -> None:
             assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, (where, c["name"])
         for v in pod.get("volumes") or []:
             assert "hostPath" not in v, (where, v)
+    for rj in (o for o in render_ci(stem) if o["kind"] == "RayJob"):
+        sc = rj["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
 @pytest.mark.parametrize("stem", IDS)
@@ -42,6 +47,9 @@ def test_every_container_requests_and_limits_cpu_and_memory(stem: str) -> None:
                 res = c["resources"]
                 for part in ("requests", "limits"):
                     assert {"cpu", "memory"} <= set(res.get(part, {})), (where, c["name"], part)
+        if o["kind"] == "RayJob":
+            res = o["spec"]["rayClusterSpec"]["autoscalerOptions"]["resources"]
+            assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"])
 
 
 @pytest.mark.parametrize("stem", IDS)
@@ -94,16 +102,21 @@ def test_every_ray_pod_mounts_a_memory_backed_dev_shm(stem: str) -> None:
 
 def test_gpu_limits_only_on_the_gpu_worker_group() -> None:
     gpu_values = yaml.safe_load((CHART / "ci" / "gpu-multinode-values.yaml").read_text())
-    for rj in (o for o in render_ci("gpu-multinode-values") if o["kind"] == "RayJob"):
-        for where, pod in pod_specs(rj):
-            for c in containers(pod):
-                gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
-                if where.endswith("/gpu-workers") and c in pod["containers"]:
-                    assert gpus == gpu_values["ray"]["workers"]["gpus"] == 2, where
-                else:
-                    assert gpus is None and "nvidia.com/gpu" not in c["resources"].get("requests", {}), where
-        if rj["metadata"]["name"] != "study-reduce":
-            assert [g["groupName"] for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == ["gpu-workers"]
+    [rj] = [o for o in render_ci("gpu-multinode-values") if o["kind"] == "RayJob"]
+    for where, pod in pod_specs(rj):
+        for c in containers(pod):
+            gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
+            if where.endswith("/gpu-workers") and c in pod["containers"]:
+                assert gpus == gpu_values["ray"]["gpuWorkers"]["gpus"] == 2, where
+            else:
+                assert gpus is None and "nvidia.com/gpu" not in c["resources"].get("requests", {}), where
+    groups = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert sorted(groups) == ["cpu-workers", "gpu-workers"]
+    gpu = groups["gpu-workers"]["template"]["spec"]
+    assert gpu["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu" and gpu["priorityClassName"] == "ml-batch"
+    assert "nodeAffinity" in gpu["affinity"]
+    assert "nodeSelector" not in groups["cpu-workers"]["template"]["spec"]
 
 
 def test_cpu_only_values_render_no_gpu_anywhere() -> None:
@@ -147,6 +160,7 @@ def test_network_policies_select_every_pod_of_the_release(stem: str) -> None:
             templates = [o["spec"]["template"]]
         elif o["kind"] == "RayJob":
             rc = o["spec"]["rayClusterSpec"]
-            templates = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc.get("workerGroupSpecs", [])]
+            templates = [rc["headGroupSpec"]["template"], o["spec"]["submitterPodTemplate"]]
+            templates += [g["template"] for g in rc.get("workerGroupSpecs", [])]
         for t in templates:
             assert selected(t["metadata"]["labels"]), (o["kind"], o["metadata"]["name"])

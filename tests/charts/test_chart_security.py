@@ -1,7 +1,8 @@
 """Security properties of what the chart renders, for the default values and every ci values file.
 
 - the Ray job API (port 8265, which runs any command it is sent) is reachable only from the release's
-  own pods and the KubeRay operator's pods;
+  own pods and the KubeRay operator's pods, and the Ray cluster requires a token;
+- no container but the Ray autoscaler gets a Kubernetes API token;
 - every container runs with a read-only root filesystem, and every path it writes is a mounted volume;
 - images can be pinned by digest;
 - MLflow runs its basic-auth app and the jobs log in with the admin login from a Secret;
@@ -18,14 +19,11 @@ from typing import Any
 
 import pytest
 
-from ray_jobs.k8s.objects import build_objects
 from tests.charts.chart_support import (
     CHART,
     CI_VALUES,
-    NAMESPACE,
     ci_values,
     containers,
-    experiment_from_render,
     pod_specs,
     render,
     render_ci,
@@ -33,9 +31,11 @@ from tests.charts.chart_support import (
     validation_errors,
 )
 
-#: the least a values file must say (the schema requires a bucket, a prep source and labelled data)
-DEFAULT_VALUES: dict[str, Any] = {"storage": {"bucket": "ctssl"}, "prep": {"source": "s3://raw/ct"},
-                                  "finetune": {"data": "s3://ctssl/labelled"}}
+#: the least a values file must say for a study (the schema requires a bucket; a study its data)
+DEFAULT_VALUES: dict[str, Any] = {"storage": {"bucket": "ctssl"}, "study": {
+    "apiVersion": "ctssl/v1", "kind": "Study", "metadata": {"name": "brain"},
+    "spec": {"data": {"pretrain": {"type": "dicom", "path": "s3://raw/ct"},
+                      "labelled": {"type": "shards", "path": "s3://ctssl/labelled"}}}}}
 CASES = ["defaults", "defaults-with-minio"] + [p.stem for p in CI_VALUES]
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 OTHER_DIGEST = "sha256:" + "fedcba9876543210" * 4
@@ -63,10 +63,10 @@ def _secret_ref(env: dict[str, Any]) -> tuple[str, str]:
 
 
 def _workload_containers(objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """Containers of the study's stages (prep Job, RayJobs), which run the ctssl commands."""
+    """Containers of the study's RayJob (head, workers, submitter), which run the ctssl code."""
     out = []
     for o in objs:
-        if o["kind"] == "RayJob" or (o["kind"] == "Job" and o["metadata"]["name"].endswith("-prep")):
+        if o["kind"] == "RayJob":
             for where, pod in pod_specs(o):
                 out += [(f"{where}/{c['name']}", c) for c in containers(pod)]
     return out
@@ -99,10 +99,7 @@ def test_ray_job_api_is_reachable_only_from_the_release_and_the_operator(case: s
                                                                      "app.kubernetes.io/instance": "study"}}}]}]
 
 
-def test_operator_namespace_follows_the_bundled_operator_or_the_value() -> None:
-    bundled = render_objects({**DEFAULT_VALUES, "kuberay-operator": {"enabled": True}})
-    assert _ray_dashboard_peers(bundled)[0]["namespaceSelector"] == {
-        "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+def test_operator_namespace_and_more_dashboard_peers_come_from_values() -> None:
     named = render_objects({**DEFAULT_VALUES, "networkPolicy": {
         "operator": {"namespace": "ray-ops", "podLabels": {"app": "ray-operator"}},
         "dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}})
@@ -114,6 +111,31 @@ def test_operator_namespace_follows_the_bundled_operator_or_the_value() -> None:
     assert [e for o in named for e in validation_errors(o)] == []
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_the_ray_cluster_requires_a_token_and_only_the_autoscaler_gets_an_api_token(case: str) -> None:
+    """Ray's job API runs whatever it is sent: KubeRay's token mode guards it beyond the NetworkPolicy.
+    No pod mounts a service account token; the head pod projects one into the autoscaler sidecar alone
+    (KubeRay binds the service account to a Role for the cluster's pods)."""
+    objs = _objects(case)
+    for o in objs:
+        for where, pod in pod_specs(o):
+            assert pod.get("automountServiceAccountToken") is False, where
+            for c in containers(pod):
+                for m in c.get("volumeMounts") or []:
+                    assert not m["mountPath"].startswith("/var/run/secrets/kubernetes.io"), (where, c["name"])
+    rj = next(o for o in objs if o["kind"] == "RayJob")
+    rc = rj["spec"]["rayClusterSpec"]
+    assert rc["authOptions"] == {"mode": "token"}
+    mounts = {m["mountPath"]: m for m in rc["autoscalerOptions"]["volumeMounts"]}
+    api = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
+    assert api["readOnly"] is True
+    head = rc["headGroupSpec"]["template"]["spec"]
+    vol = next(v for v in head["volumes"] if v["name"] == api["name"])
+    sources = vol["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token"
+    assert {"ca.crt", "namespace"} <= {i["path"] for s in sources[1:] for i in next(iter(s.values()))["items"]}
+
+
 # ------------------------------------------------------------------------------ read-only root FS
 #: what each container writes (besides nothing else: its root filesystem is read-only)
 RAY_HOME_CACHE = "/home/ray/.cache"  # numba's compiled kernels
@@ -121,7 +143,6 @@ WRITES: dict[str, list[str]] = {
     "ray-head": ["/tmp", "/tmp/ray", "/dev/shm", RAY_HOME_CACHE],
     "ray-worker": ["/tmp", "/tmp/ray", "/dev/shm", RAY_HOME_CACHE],
     "ray-job-submitter": ["/tmp"],
-    "prep": ["/tmp", RAY_HOME_CACHE],
     "seed-cache": ["/seed"],
     "mlflow": ["/tmp"],
     "auth-config": ["/etc/mlflow-auth"],
@@ -129,7 +150,6 @@ WRITES: dict[str, list[str]] = {
     "minio": ["/tmp", "/data"],
     "mc": ["/tmp"],
 }
-WAIT_WRITES = ["/tmp"]  # the `ctssl wait-for` init containers
 
 
 def _covering_mount(container: dict[str, Any], path: str) -> dict[str, Any] | None:
@@ -153,7 +173,7 @@ def test_every_container_has_a_read_only_root_and_mounts_what_it_writes(case: st
             for c in containers(pod):
                 name = c["name"]
                 assert c["securityContext"]["readOnlyRootFilesystem"] is True, (where, name)
-                writes = WAIT_WRITES if name.startswith("wait-for") else WRITES[name]
+                writes = WRITES[name]
                 env = _env(c)
                 writes = writes + [env[k]["value"] for k in ("PGDATA", "MC_CONFIG_DIR") if k in env]
                 for path in writes:
@@ -163,13 +183,18 @@ def test_every_container_has_a_read_only_root_and_mounts_what_it_writes(case: st
                     vol = volumes.get(m["name"])
                     assert (vol is not None and "emptyDir" in vol) or m["name"] in claims, (where, name, path)
                 seen.add(name)
-    expected = {"ray-head", "ray-worker", "ray-job-submitter", "prep", "seed-cache", "mlflow", "auth-config"}
+    expected = {"ray-head", "ray-worker", "ray-job-submitter", "seed-cache", "mlflow", "auth-config"}
     values = _values(case)
     if values.get("postgresql", {}).get("enabled", True):
         expected.add("postgresql")
     if values.get("minio", {}).get("enabled", False):
         expected |= {"minio", "mc"}
     assert expected <= seen
+    # the autoscaler sidecar (KubeRay builds it from autoscalerOptions, with /tmp/ray added)
+    for o in (o for o in objs if o["kind"] == "RayJob"):
+        auto = o["spec"]["rayClusterSpec"]["autoscalerOptions"]
+        assert auto["securityContext"]["readOnlyRootFilesystem"] is True
+        assert _covering_mount(auto, "/tmp")["name"] == "tmp"
 
 
 def test_pods_that_run_ctssl_code_seed_the_compiled_kernel_cache_first() -> None:
@@ -179,7 +204,7 @@ def test_pods_that_run_ctssl_code_seed_the_compiled_kernel_cache_first() -> None
     assert re.search(rf"NUMBA_CACHE_DIR={re.escape(RAY_HOME_CACHE)}/numba\b", dockerfile)
     for o in render_ci("gpu-multinode-values"):
         for where, pod in pod_specs(o):
-            if where.endswith("/submitter") or o["kind"] not in ("RayJob", "Job"):
+            if where.endswith("/submitter") or o["kind"] != "RayJob":
                 continue
             seed = pod["initContainers"][0]
             assert seed["name"] == "seed-cache", where
@@ -201,12 +226,6 @@ def test_images_are_pinned_by_digest_when_one_is_given() -> None:
     assert images.pop("postgresql") == f"postgres@{OTHER_DIGEST}"
     assert set(images.values()) == {f"registry.example.com:5000/ml/ctssl@{DIGEST}"}
     assert [e for o in objs for e in validation_errors(o)] == []
-    # `ctssl k8s submit` pins the same digest from the experiment config
-    cfg = experiment_from_render(objs)
-    assert cfg["image"]["digest"] == DIGEST
-    built = {o["metadata"]["name"]: o["spec"] for o in build_objects(cfg)}
-    assert built == {o["metadata"]["name"]: o["spec"] for o in objs
-                     if o["kind"] == "RayJob" or o["metadata"]["name"] == "study-prep"}
 
 
 def test_images_run_by_tag_without_a_digest() -> None:
@@ -355,7 +374,7 @@ def test_workloads_get_a_bucket_scoped_minio_user_never_the_root_login() -> None
     assert _secret_ref(root_env["MINIO_ROOT_PASSWORD"])[0] == "study-minio-root"
     jobs = _workload_containers(objs)
     keyed = [(w, c) for w, c in jobs if "AWS_ACCESS_KEY_ID" in _env(c)]
-    assert len(keyed) >= 5
+    assert {w.rsplit("/", 1)[-1] for w, _ in keyed} == {"ray-head", "ray-worker"}
     for where, c in keyed:
         assert _secret_ref(_env(c)["AWS_ACCESS_KEY_ID"]) == ("study-s3", "AWS_ACCESS_KEY_ID"), where
         assert _secret_ref(_env(c)["AWS_SECRET_ACCESS_KEY"]) == ("study-s3", "AWS_SECRET_ACCESS_KEY"), where
@@ -381,24 +400,3 @@ def test_workloads_get_a_bucket_scoped_minio_user_never_the_root_login() -> None
                  'mc admin user add local "$USER_ACCESS_KEY" "$USER_SECRET_KEY"',
                  'mc admin policy attach local "$POLICY" --user "$USER_ACCESS_KEY"'):
         assert step in script
-
-
-def test_experiment_config_checks_the_digest_and_defaults_the_mlflow_login() -> None:
-    """`ctssl k8s submit` configs: a malformed digest is named; a config for the chart's own MLflow
-    server logs in with the chart's auth Secret, one for another server with none unless it names one."""
-    from ray_jobs import experiment_config
-    from ray_jobs.errors import CLIError
-
-    base = {"storage": {"root": "s3://bkt/run1"}, "prep": {"source": "s3://raw/ct"},
-            "finetune": {"data": "s3://bkt/labelled"}}
-    with pytest.raises(CLIError, match="image.digest: must be empty or sha256:<64 lowercase hex digits>"):
-        experiment_config.resolve({**base, "image": {"digest": "sha256:abc"}})
-    own = experiment_config.resolve({**base, "name": "brain"})
-    assert own["mlflow"]["credentialsSecret"] == "brain-mlflow-auth"
-    other = experiment_config.resolve({**base, "mlflow": {"trackingUri": "https://mlflow.example.com"}})
-    assert other["mlflow"]["credentialsSecret"] == ""
-    named = experiment_config.resolve({**base, "image": {"digest": DIGEST},
-                                       "mlflow": {"trackingUri": "https://m.example.com", "credentialsSecret": "x"}})
-    assert named["mlflow"]["credentialsSecret"] == "x"
-    assert {c["image"] for o in build_objects(named) for _, p in pod_specs(o) for c in containers(p)} == {
-        f"ctssl@{DIGEST}"}

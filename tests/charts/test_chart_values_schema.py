@@ -37,18 +37,18 @@ def test_the_ci_values_pass_the_schema() -> None:
 
 
 @pytest.mark.parametrize(("path", "value", "expected"), [
-    ("pretrain.methods", ["byol", "simclr"], "at '/pretrain/methods/1': value must be one of 'byol', 'mocov2', 'swav', 'spark'"),
-    ("ray.workers.replicas", -1, "at '/ray/workers/replicas': minimum: got -1, want 1"),
-    ("prep.parallelism", -2, "at '/prep/parallelism': minimum: got -2, want 1"),
-    ("prep.numShards", 0, "at '/prep/numShards': minimum: got 0, want 1"),
-    ("ray.workers.gpus", -1, "at '/ray/workers/gpus': minimum: got -1, want 0"),
+    ("ray.gpuWorkers.maxReplicas", -1, "at '/ray/gpuWorkers/maxReplicas': minimum: got -1, want 0"),
+    ("ray.gpuWorkers.gpus", 0, "at '/ray/gpuWorkers/gpus': minimum: got 0, want 1"),
+    ("ray.cpuWorkers.replicas", 2, "at '/ray/cpuWorkers': additional properties 'replicas' not allowed"),
+    ("ray.autoscaler.upscalingMode", "Fast", "at '/ray/autoscaler/upscalingMode'"),
+    ("ray.authMode", "none", "at '/ray/authMode'"),
+    ("rayJob.queueName", "Team A", "at '/rayJob/queueName'"),
+    ("rayJob.backoffLimit", -1, "at '/rayJob/backoffLimit': minimum: got -1, want 0"),
     ("storage.bucket", "", "at '/storage/bucket': minLength: got 0, want 3"),
     ("storage.bucket", "My_Bucket", "at '/storage/bucket': 'My_Bucket' does not match pattern"),
-    ("pretrain.batchsize", 64, "at '/pretrain': additional properties 'batchsize' not allowed"),
-    ("ray.workers.shmSize", "lots", "at '/ray/workers/shmSize': 'lots' does not match pattern"),
+    ("ray.gpuWorkers.shmSize", "lots", "at '/ray/gpuWorkers/shmSize': 'lots' does not match pattern"),
     ("securityContext.runAsUser", 0, "at '/securityContext/runAsUser': minimum: got 0, want 1"),
-    ("prep.source", "", "at '/prep/source': minLength: got 0, want 1"),
-    ("finetune.data", "", "at '/finetune/data': minLength: got 0, want 1"),
+    ("deid.key", "", "at '/deid/key': minLength: got 0, want 1"),
 ])
 def test_schema_rejects_bad_values_naming_the_key(path: str, value, expected: str) -> None:
     assert expected in _schema_error(_with(path, value))
@@ -71,13 +71,13 @@ def test_unknown_top_level_key_is_rejected() -> None:
     assert "additional properties 'pretrian' not allowed" in _schema_error(values)
 
 
-def test_longest_allowed_name_keeps_rayjob_names_within_kuberays_limit() -> None:
-    from tests.charts.chart_support import render_objects, validation_errors
-
-    longest = "s" * 30
-    objs = render_objects({**_with("fullnameOverride", longest), "pretrain": {**BASE["pretrain"],
-                                                                             "methods": ["mocov2"]}})
-    names = [o["metadata"]["name"] for o in objs if o["kind"] == "RayJob"]
-    assert max(len(n) for n in names) == len(f"{longest}-pretrain-mocov2") == 46  # KubeRay allows 47
-    assert [e for o in objs for e in validation_errors(o)] == []
+def test_longest_allowed_release_name_is_30_characters() -> None:
     assert "at '/fullnameOverride': maxLength: got 31, want 30" in _schema_error(_with("fullnameOverride", "s" * 31))
+
+
+def test_the_removed_per_stage_values_are_rejected_by_name() -> None:
+    """Values files of the per-stage chart (prep Job, one RayJob per method) fail loudly, not silently."""
+    for key in ("prep", "pretrain", "finetune", "waitFor", "kuberay-operator"):
+        values = copy.deepcopy(BASE)
+        values[key] = {"enabled": True}
+        assert f"additional properties '{key}' not allowed" in _schema_error(values)

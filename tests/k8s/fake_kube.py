@@ -19,7 +19,7 @@ import yaml
 
 _PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
                    r"(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?P<log>/log)?$")
-SERVED = {"serviceaccounts", "jobs", "rayjobs", "pods"}
+SERVED = {"rayjobs", "pods"}
 
 
 def status_body(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -1,19 +1,20 @@
 """`ctssl k8s` against a real HTTP server on 127.0.0.1 that speaks the Kubernetes API paths it uses.
 
-The server records every request, so the tests check what a cluster would receive: created RayJobs
-must validate against the KubeRay CRD schema, errors must name the object and the reason.
+The RayJobs it serves are the ones the chart renders (labels, annotations), with the status KubeRay
+writes; the server records every request, so the tests check what a cluster would receive and that
+errors name the object and the reason.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ray_jobs.cli import main
 from ray_jobs.k8s.status import DEPLOYMENT_NOTES
-from tests.charts.chart_support import experiment_from_render, render_ci, validation_errors
+from tests.charts.chart_support import render_ci, study_objects
 from tests.k8s.fake_kube import FakeKube
 
 
@@ -28,113 +29,48 @@ def ctssl(kube: FakeKube, *args: str) -> int:
     return main(["k8s", *args, "--kubeconfig", str(kube.kubeconfig_path)])
 
 
-def experiment_file(tmp_path: Path, stem: str = "gpu-multinode-values") -> Path:
-    """The experiment config exactly as the chart stores it in its ConfigMap."""
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(experiment_from_render(render_ci(stem))))
-    return path
+def chart_rayjob(status: dict | None = None, stem: str = "cpu-small-values", name: str | None = None) -> dict:
+    """The study RayJob exactly as the chart renders it, with a KubeRay status."""
+    rj = copy.deepcopy(study_objects(render_ci(stem))[0])
+    if name:
+        rj["metadata"]["name"] = name
+    rj["status"] = status or {}
+    return rj
 
 
-def test_submit_creates_the_study_and_every_rayjob_validates_against_the_crd(kube, tmp_path, capsys) -> None:
-    assert ctssl(kube, "submit", "-f", str(experiment_file(tmp_path))) == 0
-    rayjobs = kube.created("rayjobs")
-    assert [r["metadata"]["name"] for r in rayjobs] == [
-        "study-reduce", "study-pretrain-byol", "study-pretrain-mocov2", "study-pretrain-swav",
-        "study-pretrain-spark", "study-finetune"]
-    for body in rayjobs + kube.created("jobs") + kube.created("serviceaccounts"):
-        assert validation_errors(body) == [], body["metadata"]["name"]
-    # the namespace comes from the kubeconfig context, the token from its user
-    assert {r["path"].split("/namespaces/")[1].split("/")[0] for r in kube.requests} == {"ml"}
-    assert {r["auth"] for r in kube.requests} == {"Bearer test-token"}
-    [job] = kube.created("jobs")
-    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 64
-    out = capsys.readouterr().out
-    assert "created RayJob ml/study-pretrain-spark" in out and "created ServiceAccount ml/study" in out
+def submitter_pod(rayjob: str, suffix: str = "q9", created: str = "2026-01-01T10:00:00Z") -> dict:
+    return {"metadata": {"name": f"{rayjob}-{suffix}", "creationTimestamp": created,
+                         "labels": {"batch.kubernetes.io/job-name": rayjob}},
+            "spec": {"containers": [{"name": "ray-job-submitter"}]}}
 
 
-def test_submit_reuses_an_existing_service_account_and_honours_namespace_and_name(kube, tmp_path) -> None:
-    kube.put("serviceaccounts", {"metadata": {"name": "study"}}, namespace="other")
-    assert ctssl(kube, "submit", "-f", str(experiment_file(tmp_path, "cpu-small-values")),
-                 "-n", "other", "--name", "trial2") == 0
-    assert kube.created("serviceaccounts") == []
-    names = [r["metadata"]["name"] for r in kube.created("rayjobs")]
-    assert names == ["trial2-pretrain-byol", "trial2-pretrain-spark", "trial2-finetune"]
-    assert all("/namespaces/other/" in r["path"] for r in kube.requests)
-    byol = kube.created("rayjobs")[0]
-    assert "--experiment trial2-byol" in byol["spec"]["entrypoint"]
-    assert byol["metadata"]["labels"]["app.kubernetes.io/instance"] == "trial2"
+DRIVER_LOG = """\
+study phantom: 9 stages, storage s3://ctssl/study/studies/phantom, MLflow http://study-mlflow:5000, 0 GPU per worker
+[1/9] phantom-pretrain: synthetic CT cohort (pretrain, DICOM) - reusing the finished stage from 2026-01-01 10:01:00 (12s then)
+[2/9] prep-pretrain: prep of the pretrain set to Parquet shards ... (not run yet)
+    pretrain: 128 slices from 8 series, 0 rejected -> s3://ctssl/study/studies/phantom/shards/pretrain
+[2/9] prep-pretrain: prep of the pretrain set to Parquet shards done in 40s (total 0.9 min)
+[3/9] phantom-labelled: synthetic CT cohort (labelled, DICOM) ... (not run yet)
+"""
 
 
-def test_submit_dry_run_prints_yaml_and_contacts_no_cluster(kube, tmp_path, capsys) -> None:
-    assert main(["k8s", "submit", "-f", str(experiment_file(tmp_path, "cpu-small-values")), "--dry-run",
-                 "--kubeconfig", str(tmp_path / "missing")]) == 0
-    docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["Job", "RayJob", "RayJob", "RayJob"]
-    assert kube.requests == []
-
-
-def test_submitting_twice_says_the_object_exists_and_how_to_remove_it(kube, tmp_path, capsys) -> None:
-    cfg = str(experiment_file(tmp_path, "cpu-small-values"))
-    assert ctssl(kube, "submit", "-f", cfg) == 0
-    capsys.readouterr()
-    assert ctssl(kube, "submit", "-f", cfg) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ('ctssl k8s: error: cannot create Job ml/study-prep: HTTP 409 AlreadyExists: '
-                   'jobs.batch "study-prep" already exists (it already exists; remove it with '
-                   '`ctssl k8s cancel study-prep -n ml` or change `name` in the experiment config)')
-
-
-def test_a_rayjob_conflict_midway_lists_what_was_already_created(kube, tmp_path, capsys) -> None:
-    kube.put("rayjobs", {"metadata": {"name": "study-pretrain-spark"}})
-    assert ctssl(kube, "submit", "-f", str(experiment_file(tmp_path, "cpu-small-values"))) == 2
-    err = capsys.readouterr().err
-    assert "cannot create RayJob ml/study-pretrain-spark: HTTP 409 AlreadyExists" in err
-    assert "(already created: Job study-prep, RayJob study-pretrain-byol)" in err
-
-
-def test_forbidden_names_the_object_the_reason_and_rbac(kube, tmp_path, capsys) -> None:
-    kube.failures[("POST", "rayjobs")] = (
-        403, "Forbidden", 'rayjobs.ray.io is forbidden: User "alice" cannot create resource "rayjobs" '
-                          'in API group "ray.io" in the namespace "ml"')
-    assert ctssl(kube, "submit", "-f", str(experiment_file(tmp_path, "cpu-small-values"))) == 2
-    err = capsys.readouterr().err
-    assert "cannot create RayJob ml/study-pretrain-byol: HTTP 403 Forbidden: rayjobs.ray.io is forbidden: " \
-           'User "alice" cannot create resource "rayjobs"' in err
-    assert "lacks RBAC permission" in err
-
-
-def test_missing_kuberay_crds_are_explained(kube, tmp_path, capsys) -> None:
-    kube.served.discard("rayjobs")
-    assert ctssl(kube, "submit", "-f", str(experiment_file(tmp_path, "cpu-small-values"))) == 2
-    err = capsys.readouterr().err
-    assert "cannot create RayJob ml/study-pretrain-byol: HTTP 404 NotFound" in err
-    assert "is the KubeRay operator (its CRDs) installed? check `kubectl get crd rayjobs.ray.io`" in err
-
-
-def test_logs_and_cancel_of_a_missing_object_say_it_does_not_exist(kube, capsys) -> None:
-    assert ctssl(kube, "logs", "study-pretrain-nope") == 2
-    assert "no RayJob or Job named 'study-pretrain-nope' in namespace ml" in capsys.readouterr().err
-    assert ctssl(kube, "cancel", "study-pretrain-nope") == 2
-    assert "no RayJob or Job named 'study-pretrain-nope' in namespace ml" in capsys.readouterr().err
-
-
-def test_unreachable_api_server_is_named(tmp_path, capsys) -> None:
-    with FakeKube() as k:
-        kc = k.kubeconfig(tmp_path / "kc")
-    # the server is stopped now: nothing listens on its port
-    assert main(["k8s", "status", "--release", "study", "--kubeconfig", str(kc)]) == 2
-    err = capsys.readouterr().err
-    assert f"API server {k.url} unreachable" in err
-
-
-def _rayjob(name: str, component: str, method: str | None, status: dict) -> dict:
-    labels = {"app.kubernetes.io/instance": "study", "app.kubernetes.io/component": component}
-    if method:
-        labels["ctssl.io/method"] = method
-    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
-            "metadata": {"name": name, "labels": labels,
-                         "annotations": {"ctssl.io/mlflow-experiment": f"study-{method or component}"}},
-            "spec": {"backoffLimit": 2}, "status": status}
+def test_status_shows_each_study_with_its_stage_report_and_mlflow_experiment(kube, capsys) -> None:
+    kube.put("rayjobs", chart_rayjob({"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}))
+    kube.put("pods", submitter_pod("study-phantom"))
+    kube.logs[("study-phantom-q9", "ray-job-submitter")] = DRIVER_LOG
+    kube.put("rayjobs", {"metadata": {"name": "unrelated", "labels": {"app.kubernetes.io/instance": "study"}}})
+    assert ctssl(kube, "status", "--release", "study") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["STUDY", "RAYJOB", "JOB", "STATUS", "DEPLOYMENT", "STAGE", "NOTE", "MLFLOW"]
+    row = lines[1]
+    assert row.split()[:8] == ["phantom", "study-phantom", "RUNNING", "Running", "3/9", "phantom-labelled",
+                               "(running)", "running"]
+    assert row.endswith("experiment phantom")
+    assert len([line for line in lines if line.startswith("phantom ")]) == 1  # a RayJob without a study: not shown
+    assert "report of study-phantom (when it finishes): s3://ctssl/study/studies/phantom/report/report.html" in lines
+    assert lines[-1].startswith("run links: kubectl -n ml port-forward svc/study-mlflow 5000:5000")
+    log_req = [r for r in kube.requests if r["path"].endswith("/log")][-1]
+    assert log_req["query"] == {"container": "ray-job-submitter", "tailLines": "400"}
 
 
 def test_status_renders_every_job_deployment_status(kube, capsys) -> None:
@@ -146,41 +82,112 @@ def test_status_renders_every_job_deployment_status(kube, capsys) -> None:
             status.update(jobStatus="FAILED", reason="DeadlineExceeded", message="activeDeadlineSeconds passed")
         if state == "Retrying":
             status.update(failed=1)
-        if state == "Running":
-            status.update(jobStatus="RUNNING")
-        kube.put("rayjobs", _rayjob(f"study-pretrain-m{i:02d}", "pretrain", f"m{i:02d}", status))
-    kube.put("jobs", {"metadata": {"name": "study-prep", "labels": {
-        "app.kubernetes.io/instance": "study", "app.kubernetes.io/component": "prep"}},
-        "spec": {"completions": 4}, "status": {"succeeded": 2, "active": 2}})
+        kube.put("rayjobs", chart_rayjob(status, name=f"study-s{i:02d}"))
     assert ctssl(kube, "status", "--release", "study") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["STAGE", "KIND", "NAME", "JOB", "STATUS", "DEPLOYMENT", "NOTE", "MLFLOW"]
-    rows = {line.split()[2]: line for line in lines[1:] if line.strip() and not line.startswith("run links")}
-    assert rows["study-prep"].split()[:6] == ["prep", "Job", "study-prep", "RUNNING", "2/4", "indexes"]
+    rows = {line.split()[1]: line for line in lines[1:] if line.startswith("phantom ")}
     for i, state in enumerate(states):
-        row = rows[f"study-pretrain-m{i:02d}"]
-        cells = row.split()
-        assert cells[:3] == [f"pretrain/m{i:02d}", "RayJob", f"study-pretrain-m{i:02d}"]
-        assert cells[4] == (state or "New")
+        row = rows[f"study-s{i:02d}"]
+        assert row.split()[3] == (state or "New")
+        assert row.split()[4] == "-"  # no submitter pod yet: no stage
         if state in DEPLOYMENT_NOTES:
             assert DEPLOYMENT_NOTES[state] in row
-        assert f"experiment study-m{i:02d}" in row
-    assert rows["study-pretrain-m05"].split()[3] == "FAILED"
-    assert "failed: DeadlineExceeded activeDeadlineSeconds passed" in rows["study-pretrain-m05"]
-    assert "(1 failed attempt(s), backoffLimit 2)" in rows["study-pretrain-m09"]
-    assert "state 'Hibernating' is unknown to this ctssl version" in rows["study-pretrain-m10"]
-    assert lines[-1].startswith("run links: kubectl -n ml port-forward svc/study-mlflow 5000:5000")
+    assert rows["study-s05"].split()[2] == "FAILED"
+    assert "failed: DeadlineExceeded activeDeadlineSeconds passed" in rows["study-s05"]
+    assert "(1 failed attempt(s), backoffLimit 1)" in rows["study-s09"]
+    assert "state 'Hibernating' is unknown to this ctssl version" in rows["study-s10"]
 
 
-def test_status_of_a_failed_prep_job_names_the_failed_indexes(kube, capsys) -> None:
-    kube.put("jobs", {"metadata": {"name": "study-prep", "labels": {
-        "app.kubernetes.io/instance": "study", "app.kubernetes.io/component": "prep"}},
-        "spec": {"completions": 4}, "status": {"succeeded": 3, "failed": 3, "failedIndexes": "2", "conditions": [
-            {"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "Job has failed indexes"}]}})
-    assert ctssl(kube, "status", "--release", "study") == 0
-    row = capsys.readouterr().out.splitlines()[1]
-    assert row.split()[:5] == ["prep", "Job", "study-prep", "FAILED", "3/4"]
-    assert row.endswith("FailedIndexes: Job has failed indexes; failed indexes 2  -")
+def test_status_links_the_study_to_its_mlflow_experiment(kube, capsys) -> None:
+    kube.put("rayjobs", chart_rayjob({"jobDeploymentStatus": "Running"}))
+    kube.put("rayjobs", chart_rayjob({}, stem="gpu-multinode-values"))
+    kube.mlflow = {"phantom": ("7", ["run-new"])}
+    assert ctssl(kube, "status", "--release", "study", "--mlflow-url", kube.url + "/") == 0
+    out = capsys.readouterr().out
+    assert f"{kube.url}/#/experiments/7\n" in out
+    assert "(no MLflow experiment lidc-r50 yet)" in out
+    assert [line.split()[1] for line in out.splitlines()[1:3]] == ["study-lidc-r50", "study-phantom"]
+
+
+def test_status_of_an_unknown_release_says_where_it_looked(kube, capsys) -> None:
+    assert ctssl(kube, "status", "--release", "nope") == 2
+    assert "no study RayJob of release 'nope' in namespace ml (label app.kubernetes.io/instance=nope)" \
+        in capsys.readouterr().err
+
+
+def test_forbidden_names_the_object_the_reason_and_rbac(kube, capsys) -> None:
+    kube.failures[("GET", "rayjobs")] = (
+        403, "Forbidden", 'rayjobs.ray.io is forbidden: User "alice" cannot list resource "rayjobs" '
+                          'in API group "ray.io" in the namespace "ml"')
+    assert ctssl(kube, "status", "--release", "study") == 2
+    err = capsys.readouterr().err
+    assert "cannot list rayjobs in namespace ml: HTTP 403 Forbidden: rayjobs.ray.io is forbidden" in err
+    assert "the chart's <release>-viewer Role covers status and logs" in err
+
+
+def test_missing_kuberay_crds_are_explained(kube, capsys) -> None:
+    kube.served.discard("rayjobs")
+    assert ctssl(kube, "status", "--release", "study") == 2
+    err = capsys.readouterr().err
+    assert "cannot list rayjobs in namespace ml: HTTP 404 NotFound" in err
+    assert "is the KubeRay operator (its CRDs) installed? check `kubectl get crd rayjobs.ray.io`" in err
+
+
+def test_logs_show_the_submitter_and_fall_back_to_the_starting_head(kube, capsys) -> None:
+    kube.put("rayjobs", chart_rayjob({"jobDeploymentStatus": "Initializing", "rayClusterName": "study-phantom-x7k2p"}))
+    kube.put("pods", {"metadata": {"name": "study-phantom-x7k2p-head-abcde", "labels": {
+        "ray.io/cluster": "study-phantom-x7k2p", "ray.io/node-type": "head"}},
+        "spec": {"initContainers": [{"name": "seed-cache"}], "containers": [{"name": "ray-head"}]}})
+    kube.logs[("study-phantom-x7k2p-head-abcde", "seed-cache")] = ""
+    kube.logs[("study-phantom-x7k2p-head-abcde", "ray-head")] = "Ray runtime started.\n"
+    assert ctssl(kube, "logs", "study-phantom") == 0
+    out = capsys.readouterr().out
+    assert "==> study-phantom-x7k2p-head-abcde/ray-head (head) <==\nRay runtime started." in out
+    # once KubeRay's submitter Job runs, its pod (tailing the driver) is what `logs` shows; a retry's
+    # newer pod comes last
+    kube.put("pods", submitter_pod("study-phantom"))
+    kube.put("pods", submitter_pod("study-phantom", "r2", "2026-01-01T11:00:00Z"))
+    kube.logs[("study-phantom-q9", "ray-job-submitter")] = "attempt 1\n"
+    kube.logs[("study-phantom-r2", "ray-job-submitter")] = DRIVER_LOG
+    assert ctssl(kube, "logs", "study-phantom", "--tail", "50") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("==> study-phantom-q9/ray-job-submitter (submitter) <==\nattempt 1\n"
+                          "==> study-phantom-r2/ray-job-submitter (submitter) <==\nstudy phantom: 9 stages")
+    log_req = [r for r in kube.requests if r["path"].endswith("/log")][-1]
+    assert log_req["query"] == {"container": "ray-job-submitter", "tailLines": "50"}
+
+
+def test_follow_streams_the_newest_driver_log(kube, capsys) -> None:
+    kube.put("rayjobs", chart_rayjob({"jobDeploymentStatus": "Running"}))
+    kube.put("pods", submitter_pod("study-phantom"))
+    kube.logs[("study-phantom-q9", "ray-job-submitter")] = DRIVER_LOG
+    assert ctssl(kube, "logs", "study-phantom", "--follow") == 0
+    assert capsys.readouterr().out.endswith("[3/9] phantom-labelled: synthetic CT cohort (labelled, DICOM) ... "
+                                            "(not run yet)\n")
+    assert kube.requests[-1]["query"]["follow"] == "true"
+
+
+def test_logs_and_cancel_of_a_missing_rayjob_say_it_does_not_exist(kube, capsys) -> None:
+    assert ctssl(kube, "logs", "study-nope") == 2
+    assert "no RayJob named 'study-nope' in namespace ml" in capsys.readouterr().err
+    assert ctssl(kube, "cancel", "study-nope") == 2
+    assert "no RayJob named 'study-nope' in namespace ml" in capsys.readouterr().err
+    assert ctssl(kube, "cancel") == 2
+    assert "--release NAME" in capsys.readouterr().err
+
+
+def test_cancel_deletes_the_release_studies_and_nothing_else(kube, capsys) -> None:
+    kube.put("rayjobs", chart_rayjob({"jobDeploymentStatus": "Running"}))
+    kube.put("rayjobs", {"metadata": {"name": "other", "labels": {"app.kubernetes.io/instance": "study"}}})
+    kube.put("pods", submitter_pod("study-phantom"))
+    assert ctssl(kube, "cancel", "--release", "study") == 0
+    deleted = [r["path"].rsplit("/", 1)[1] for r in kube.requests if r["method"] == "DELETE"]
+    assert deleted == ["study-phantom"]
+    assert all(r["body"]["propagationPolicy"] == "Background" for r in kube.requests if r["method"] == "DELETE")
+    assert ("rayjobs", "ml", "other") in kube.objects
+    assert "deleted RayJob ml/study-phantom" in capsys.readouterr().out
+    assert ctssl(kube, "cancel", "--release", "study") == 2
+    assert "release 'study' has no study RayJob in namespace ml" in capsys.readouterr().err
 
 
 def test_in_cluster_configuration_is_used_inside_a_pod(tmp_path, monkeypatch) -> None:
@@ -208,80 +215,10 @@ def test_in_cluster_configuration_is_used_inside_a_pod(tmp_path, monkeypatch) ->
         assert other.namespace == "elsewhere" and other.api.configuration.host == k.url
 
 
-def test_status_links_each_rayjob_to_its_latest_mlflow_run(kube, capsys) -> None:
-    kube.put("rayjobs", _rayjob("study-pretrain-byol", "pretrain", "byol", {"jobDeploymentStatus": "Running"}))
-    kube.put("rayjobs", _rayjob("study-pretrain-swav", "pretrain", "swav", {"jobDeploymentStatus": "Initializing"}))
-    kube.put("rayjobs", _rayjob("study-finetune", "finetune", None, {}))
-    kube.mlflow = {"study-byol": ("7", ["run-new", "run-old"]), "study-finetune": ("9", [])}
-    assert ctssl(kube, "status", "--release", "study", "--mlflow-url", kube.url + "/") == 0
-    out = capsys.readouterr().out
-    assert f"{kube.url}/#/experiments/7/runs/run-new" in out
-    assert f"{kube.url}/#/experiments/9\n" in out + "\n"  # no run yet: the experiment page
-    assert "(no MLflow experiment study-swav yet)" in out
-    # stage order: pre-training rows before the fine-tuning study
-    names = [line.split()[2] for line in out.splitlines()[1:] if line.strip()]
-    assert names == ["study-pretrain-byol", "study-pretrain-swav", "study-finetune"]
-
-
-def test_status_of_an_unknown_release_says_where_it_looked(kube, capsys) -> None:
-    assert ctssl(kube, "status", "--release", "nope") == 2
-    assert "no prep Job or RayJobs of release 'nope' in namespace ml (label app.kubernetes.io/instance=nope)" \
-        in capsys.readouterr().err
-
-
-def test_logs_of_a_rayjob_show_the_submitter_then_fall_back_to_the_waiting_head(kube, capsys) -> None:
-    kube.put("rayjobs", _rayjob("study-pretrain-byol", "pretrain", "byol",
-                                {"jobDeploymentStatus": "Initializing", "rayClusterName": "study-pretrain-byol-x7k2p"}))
-    kube.put("pods", {"metadata": {"name": "study-pretrain-byol-x7k2p-head-abcde", "labels": {
-        "ray.io/cluster": "study-pretrain-byol-x7k2p", "ray.io/node-type": "head"}},
-        "spec": {"initContainers": [{"name": "wait-for-data"}], "containers": [{"name": "ray-head"}]}})
-    kube.logs[("study-pretrain-byol-x7k2p-head-abcde", "wait-for-data")] = \
-        "00:01:00 INFO ctssl.wait_for: waiting for 1 manifest(s), 1m00s elapsed\n"
-    kube.logs[("study-pretrain-byol-x7k2p-head-abcde", "ray-head")] = ""
-    assert ctssl(kube, "logs", "study-pretrain-byol") == 0
-    out = capsys.readouterr().out
-    assert "==> study-pretrain-byol-x7k2p-head-abcde/wait-for-data (head) <==" in out
-    assert "waiting for 1 manifest(s), 1m00s elapsed" in out
-    # once KubeRay's submitter Job runs, its pod (tailing the driver) is what `logs` shows
-    kube.put("pods", {"metadata": {"name": "study-pretrain-byol-sub-q9", "labels": {
-        "batch.kubernetes.io/job-name": "study-pretrain-byol"}}, "spec": {"containers": [{"name": "ray-job-submitter"}]}})
-    kube.logs[("study-pretrain-byol-sub-q9", "ray-job-submitter")] = "step 100 loss 3.21\n"
-    assert ctssl(kube, "logs", "study-pretrain-byol", "--tail", "50") == 0
-    out = capsys.readouterr().out
-    assert out == "==> study-pretrain-byol-sub-q9/ray-job-submitter (submitter) <==\nstep 100 loss 3.21\n"
-    log_req = [r for r in kube.requests if r["path"].endswith("/log")][-1]
-    assert log_req["query"] == {"container": "ray-job-submitter", "tailLines": "50"}
-
-
-def test_follow_streams_the_prep_job_log(kube, capsys) -> None:
-    kube.put("jobs", {"metadata": {"name": "study-prep"}, "spec": {}})
-    kube.put("pods", {"metadata": {"name": "study-prep-0-abc", "labels": {"batch.kubernetes.io/job-name": "study-prep"}},
-                      "spec": {"containers": [{"name": "prep"}]}})
-    kube.logs[("study-prep-0-abc", "prep")] = "prep: 120/240 series, 14.2 series/s, ETA 0:00:08\n"
-    assert ctssl(kube, "logs", "study-prep", "--follow") == 0
-    assert capsys.readouterr().out.endswith("prep: 120/240 series, 14.2 series/s, ETA 0:00:08\n")
-    assert kube.requests[-1]["query"]["follow"] == "true"
-
-
-def test_cancel_release_deletes_every_stage_object(kube, tmp_path, capsys) -> None:
-    assert ctssl(kube, "submit", "-f", str(experiment_file(tmp_path, "cpu-small-values"))) == 0
-    kube.put("jobs", {"metadata": {"name": "study-minio-bucket", "labels": {
-        "app.kubernetes.io/instance": "study", "app.kubernetes.io/component": "minio-bucket"}}})
-    assert ctssl(kube, "cancel", "--release", "study") == 0
-    deleted = [r["path"].rsplit("/", 1)[1] for r in kube.requests if r["method"] == "DELETE"]
-    assert sorted(deleted) == ["study-finetune", "study-prep", "study-pretrain-byol", "study-pretrain-spark"]
-    assert all(r["body"]["propagationPolicy"] == "Background" for r in kube.requests if r["method"] == "DELETE")
-    assert ("jobs", "ml", "study-minio-bucket") in kube.objects  # not a stage: left alone
-
-
-def test_bad_experiment_config_is_named_with_the_key(kube, tmp_path, capsys) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"storage": {"root": "s3://b/s"}, "prep": {"source": "s3://b/raw"},
-                                   "finetune": {"data": "s3://b/l"}, "pretrain": {"methods": ["byol", "simclr"]}}))
-    assert ctssl(kube, "submit", "-f", str(bad)) == 2
-    assert f"{bad}: experiment config: pretrain.methods: unknown method 'simclr'; known: byol, mocov2, swav, spark" \
-        in capsys.readouterr().err
-    bad.write_text(yaml.safe_dump({"storage": {"root": "s3://b/s", "bucket": "b"}}))
-    assert ctssl(kube, "submit", "-f", str(bad)) == 2
-    assert "experiment config: storage.bucket: unknown key" in capsys.readouterr().err
-    assert kube.requests == []
+def test_unreachable_api_server_is_named(tmp_path, capsys) -> None:
+    with FakeKube() as k:
+        kc = k.kubeconfig(tmp_path / "kc")
+    # the server is stopped now: nothing listens on its port
+    assert main(["k8s", "status", "--release", "study", "--kubeconfig", str(kc)]) == 2
+    err = capsys.readouterr().err
+    assert f"API server {k.url} unreachable" in err

@@ -54,7 +54,7 @@ def server() -> Iterator[str]:
 def test_links_log_in_with_the_tracking_credentials(server, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ctssl-admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pass-word")
-    assert MLflowLinks(server).link("study-byol") == f"{server}/#/experiments/7/runs/abc123"
+    assert MLflowLinks(server).link("study-byol") == f"{server}/#/experiments/7"
 
 
 def test_without_credentials_the_link_says_a_login_is_needed(server, monkeypatch) -> None:

@@ -1,7 +1,7 @@
 {{/*
-Names, labels and the pieces every pod shares. The study's objects (prep Job, RayJobs) are built
-from the resolved experiment config ($cfg, see _experiment.tpl), exactly as ray_jobs/k8s/objects.py
-builds them for `ctssl k8s submit`; the chart tests check the two agree.
+Names, labels and the pieces every pod shares. Every helper takes the root context ($) unless its
+comment says otherwise. The study's own objects (its spec ConfigMap and its RayJob) are in
+_study.tpl and study.yaml.
 */}}
 
 {{- define "ctssl.fullname" -}}
@@ -12,7 +12,7 @@ builds them for `ctssl k8s submit`; the chart tests check the two agree.
 {{- .Values.serviceAccount.name | default (include "ctssl.fullname" .) -}}
 {{- end -}}
 
-{{/* Labels Helm adds on top of the study labels (not part of the experiment contract). */}}
+{{/* Labels Helm adds on top of the component labels. */}}
 {{- define "ctssl.helmLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
@@ -24,22 +24,11 @@ app.kubernetes.io/name: ctssl
 app.kubernetes.io/instance: {{ include "ctssl.fullname" . | quote }}
 {{- end -}}
 
-{{/* Labels of a stack component (MinIO, PostgreSQL, MLflow): ctx = dict "root" $ "component" "mlflow" */}}
+{{/* Labels of a component (MinIO, PostgreSQL, MLflow, the study): ctx = dict "root" $ "component" "mlflow" */}}
 {{- define "ctssl.labels" -}}
 {{ include "ctssl.selectorLabels" .root }}
 app.kubernetes.io/component: {{ .component | quote }}
 app.kubernetes.io/part-of: ctssl
-{{- end -}}
-
-{{/* Study labels from the experiment config: ctx = dict "cfg" $cfg "component" "pretrain" "method" "byol" */}}
-{{- define "ctssl.studyLabels" -}}
-app.kubernetes.io/name: ctssl
-app.kubernetes.io/instance: {{ .cfg.name | quote }}
-app.kubernetes.io/component: {{ .component | quote }}
-app.kubernetes.io/part-of: ctssl
-{{- if .method }}
-ctssl.io/method: {{ .method | quote }}
-{{- end }}
 {{- end -}}
 
 {{- define "ctssl.storageRoot" -}}
@@ -82,13 +71,7 @@ ctssl.io/method: {{ .method | quote }}
 
 {{/* The namespace of the KubeRay operator, whose pods poll each Ray head's job API. */}}
 {{- define "ctssl.operatorNamespace" -}}
-{{- if .Values.networkPolicy.operator.namespace -}}
-{{- .Values.networkPolicy.operator.namespace -}}
-{{- else if (index .Values "kuberay-operator" "enabled") -}}
-{{- .Release.Namespace -}}
-{{- else -}}
-kuberay-system
-{{- end -}}
+{{- .Values.networkPolicy.operator.namespace | default "kuberay-system" -}}
 {{- end -}}
 
 {{/*
@@ -103,12 +86,13 @@ the digest alone decides what runs). ctx = dict "image" "repo:tag" "digest" "sha
 {{- end -}}
 {{- end -}}
 
-{{/* The ctssl image of the experiment config: ctx = $cfg.image */}}
+{{/* The ctssl image. */}}
 {{- define "ctssl.image" -}}
-{{- if .digest -}}
-{{- printf "%s@%s" .repository .digest -}}
+{{- $i := .Values.image -}}
+{{- if $i.digest -}}
+{{- printf "%s@%s" $i.repository $i.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .repository (toString .tag) -}}
+{{- printf "%s:%s" $i.repository (toString $i.tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -124,7 +108,7 @@ the digest alone decides what runs). ctx = dict "image" "repo:tag" "digest" "sha
 {{- .Values.postgresql.existingSecret | default (printf "%s-postgresql" (include "ctssl.fullname" .)) -}}
 {{- end -}}
 
-{{/* The MLflow server's backend store URI (PostgreSQL), from Secrets only: ctx = $ */}}
+{{/* The MLflow server's backend store URI (PostgreSQL), from Secrets only */}}
 {{- define "ctssl.mlflowDatabaseEnv" -}}
 {{- if .Values.postgresql.enabled -}}
 - name: PGPASSWORD
@@ -165,74 +149,101 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* S3 credentials (Secret refs only), endpoint and MLflow location: ctx = $cfg */}}
+{{/* S3 credentials (Secret refs only), endpoint and MLflow location and login. */}}
 {{- define "ctssl.storageEnv" -}}
-{{- $s := .storage -}}
-{{- if $s.credentialsSecret }}
+{{- $s := .Values.storage -}}
+{{- $secret := include "ctssl.s3Secret" . -}}
+{{- $endpoint := include "ctssl.s3Endpoint" . -}}
+{{- $login := include "ctssl.mlflowAuthSecret" . -}}
+{{- if $secret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ $s.credentialsSecret | toJson }}
+      name: {{ $secret | toJson }}
       key: {{ $s.accessKeyIdKey | toJson }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ $s.credentialsSecret | toJson }}
+      name: {{ $secret | toJson }}
       key: {{ $s.secretAccessKeyKey | toJson }}
 {{- end }}
 - name: AWS_DEFAULT_REGION
   value: {{ $s.region | toJson }}
-{{- if $s.endpoint }}
+{{- if $endpoint }}
 - name: AWS_ENDPOINT_URL
-  value: {{ $s.endpoint | toJson }}
+  value: {{ $endpoint | toJson }}
 - name: CTSSL_S3_ENDPOINT_URL
-  value: {{ $s.endpoint | toJson }}
+  value: {{ $endpoint | toJson }}
 - name: MLFLOW_S3_ENDPOINT_URL
-  value: {{ $s.endpoint | toJson }}
+  value: {{ $endpoint | toJson }}
 {{- end }}
 - name: MLFLOW_TRACKING_URI
-  value: {{ .mlflow.trackingUri | toJson }}
-{{- if .mlflow.credentialsSecret }}
+  value: {{ include "ctssl.trackingUri" . | toJson }}
+{{- if $login }}
 - name: MLFLOW_TRACKING_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ .mlflow.credentialsSecret | toJson }}
-      key: {{ .mlflow.usernameKey | toJson }}
+      name: {{ $login | toJson }}
+      key: {{ .Values.mlflow.auth.usernameKey | toJson }}
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .mlflow.credentialsSecret | toJson }}
-      key: {{ .mlflow.passwordKey | toJson }}
+      name: {{ $login | toJson }}
+      key: {{ .Values.mlflow.auth.passwordKey | toJson }}
 {{- end }}
 {{- end -}}
 
-{{/* serviceAccountName, token, securityContext, pull secrets: ctx = $cfg */}}
+{{/* serviceAccountName, no token, securityContext, pull secrets */}}
 {{- define "ctssl.podSpecCommon" -}}
-serviceAccountName: {{ .serviceAccountName | toJson }}
+serviceAccountName: {{ include "ctssl.serviceAccountName" . | toJson }}
 automountServiceAccountToken: false
 securityContext:
-  {{- include "ctssl.podSecurityContext" .securityContext | nindent 2 }}
-{{- if .imagePullSecrets }}
+  {{- include "ctssl.podSecurityContext" .Values.securityContext | nindent 2 }}
+{{- if .Values.imagePullSecrets }}
 imagePullSecrets:
-{{- range .imagePullSecrets }}
+{{- range .Values.imagePullSecrets }}
   - name: {{ . | toJson }}
 {{- end }}
 {{- end }}
 {{- end -}}
 
+{{/* Where a pod may run: ctx = a group's values (nodeSelector, tolerations, affinity, priorityClassName) */}}
+{{- define "ctssl.placement" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . | toJson }}
+{{- end }}
+{{- end -}}
+
 {{/*
 A ctssl container's image, env, resources, securityContext and writable mounts:
-ctx = dict "cfg" $cfg "name" "x" "resources" map ["noEnv" true] ["cache" true] ["mounts" (list ...)]
+ctx = dict "root" $ "name" "x" "resources" map ["env" true] ["cache" true] ["mounts" (list ...)] ["extraEnv" (list ...)]
 The root filesystem is read-only: /tmp (Ray's /tmp/ray included) is an emptyDir, and with "cache"
 so is ~/.cache (numba's kernel cache, seeded from the image by ctssl.seedCache; see there).
 */}}
 {{- define "ctssl.containerCommon" -}}
 name: {{ .name | toJson }}
-image: {{ include "ctssl.image" .cfg.image | toJson }}
-imagePullPolicy: {{ .cfg.image.pullPolicy | toJson }}
-{{- if not .noEnv }}
+image: {{ include "ctssl.image" .root | toJson }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy | toJson }}
+{{- if or .env .extraEnv }}
 env:
-  {{- include "ctssl.storageEnv" .cfg | nindent 2 }}
+  {{- if .env }}
+  {{- include "ctssl.storageEnv" .root | nindent 2 }}
+  {{- end }}
+  {{- with .extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end }}
 resources:
   {{- toYaml .resources | nindent 2 }}
@@ -257,10 +268,9 @@ volumeMounts:
 An init container copying the image's ~/.cache (numba's compiled kernels) into the writable "cache"
 emptyDir. numba only uses a cache folder it can write to, so the baked, read-only copy would make
 every kernel fail to load; the copy keeps the compiled code (no 10-15 s compile per process).
-ctx = $cfg
 */}}
 {{- define "ctssl.seedCache" -}}
-{{- include "ctssl.containerCommon" (dict "cfg" . "name" "seed-cache" "resources" .ray.initResources "noEnv" true "mounts" (list (dict "name" "cache" "mountPath" "/seed"))) }}
+{{- include "ctssl.containerCommon" (dict "root" . "name" "seed-cache" "resources" .Values.ray.initResources "mounts" (list (dict "name" "cache" "mountPath" "/seed"))) }}
 command: ["sh", "-c", {{ printf "cp -a %s/. /seed/ 2>/dev/null || true" (include "ctssl.cacheDir" .) | toJson }}]
 {{- end -}}
 
@@ -272,18 +282,4 @@ command: ["sh", "-c", {{ printf "cp -a %s/. /seed/ 2>/dev/null || true" (include
 - name: cache
   emptyDir: {}
 {{- end }}
-{{- end -}}
-
-{{/* Quote an argv list into one shell line, only where needed (mirrors stage_commands.shell_join). */}}
-{{- define "ctssl.shjoin" -}}
-{{- $out := list -}}
-{{- range . -}}
-{{- $a := toString . -}}
-{{- if regexMatch "^[A-Za-z0-9_./:=@%+,-]+$" $a -}}
-{{- $out = append $out $a -}}
-{{- else -}}
-{{- $out = append $out (printf "'%s'" (replace "'" "'\"'\"'" $a)) -}}
-{{- end -}}
-{{- end -}}
-{{- join " " $out -}}
 {{- end -}}
