@@ -25,9 +25,9 @@ from ssl_core.ct_window import WindowSpec
 from ssl_core.methods import register
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 from ssl_core.methods.common import prepare_input
-from ssl_core.spark_decoder import Densify, LightDecoder
-from ssl_core.spark_encoder import SparseEncoder
-from ssl_core.sparse import random_mask
+from ssl_core.spark.decoder import Densify, LightDecoder
+from ssl_core.spark.encoder import SparseEncoder
+from ssl_core.spark.sparse import random_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ MASK_RATIO_TOLERANCE = 0.05
 
 
 def masked_patches(cells: int, mask_ratio: float) -> int:
-    """Patches :func:`ssl_core.sparse.random_mask` masks on a grid of ``cells``: it keeps
+    """Patches :func:`ssl_core.spark.sparse.random_mask` masks on a grid of ``cells``: it keeps
     ``round(cells x (1 - ratio))`` visible, at least one and at most ``cells - 1``."""
     keep = min(max(round(cells * (1.0 - mask_ratio)), 1), cells - 1)
     return cells - keep

@@ -11,7 +11,7 @@ from ssl_core.backbones import export_encoder_state_dict
 from ssl_core.methods import StepContext, create_method, method_names
 from ssl_core.methods.spark import SparK, masked_patch_loss, patchify, unpatchify
 from ssl_core.optim import build_schedule, create_optimizer
-from ssl_core.sparse import upsample_mask
+from ssl_core.spark.sparse import upsample_mask
 
 
 def _spark(backbone: str = "resnet18", img_size: int = 64, **kw) -> SparK:
@@ -154,7 +154,7 @@ def test_input_size_must_be_a_multiple_of_the_patch_size():
 
 def test_the_effective_mask_ratio_is_what_random_mask_masks():
     from ssl_core.methods.spark import effective_mask_ratio
-    from ssl_core.sparse import random_mask
+    from ssl_core.spark.sparse import random_mask
 
     for grid in range(2, 9):
         for ratio in (0.25, 0.4, 0.5, 0.6, 0.75, 0.9):

@@ -9,9 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from ssl_core.spark_encoder import SparseEncoder
-from ssl_core.sparse import MaskContext, SparseBatchNorm2d, random_mask, sparsify_, upsample_mask
-from ssl_core.sparse_bn import _kernels_for, cpu_kernel
+from ssl_core.spark.bn import _kernels_for, cpu_kernel
+from ssl_core.spark.encoder import SparseEncoder
+from ssl_core.spark.sparse import MaskContext, SparseBatchNorm2d, random_mask, sparsify_, upsample_mask
 
 #: the sparse batch norm has two implementations (torch ops; compiled CPU kernels): both must be right
 BN_PATHS = pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
@@ -157,7 +157,7 @@ def test_cpu_kernel_and_torch_ops_agree_on_a_resnet_stage_sized_layer_with_a_fro
 def test_without_a_mask_the_sparsified_model_computes_exactly_the_dense_model(key):
     enc = _encoder(key)
     dense = copy.deepcopy(enc.backbone)
-    from ssl_core.sparse import densify_
+    from ssl_core.spark.sparse import densify_
 
     densify_(dense)
     assert not any(type(m).__name__.startswith("Sparse") for m in dense.modules())

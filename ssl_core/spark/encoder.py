@@ -1,6 +1,6 @@
 """SparK's encoder: an unmodified timm CNN run as a sparse CNN, returning its stage features.
 
-The timm model is converted in place by :func:`ssl_core.sparse.sparsify_`, so its state_dict stays in
+The timm model is converted in place by :func:`ssl_core.spark.sparse.sparsify_`, so its state_dict stays in
 timm layout and :func:`ssl_core.backbones.export_encoder_state_dict` exports it as-is. Stage features
 come from timm's own ``forward_intermediates`` and ``feature_info`` — no per-architecture forward
 code — so any ResNet / ConvNeXt variant that timm builds works unchanged.
@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ssl_core.sparse import MaskContext, sparsify_
+from ssl_core.spark.sparse import MaskContext, sparsify_
 
 
 def _stage_indices(feature_info: list[dict]) -> tuple[list[int], list[int], list[int]]:

@@ -32,7 +32,7 @@ import torch
 from timm.layers import BatchNormAct2d, LayerNorm, LayerNorm2d
 from torch import nn
 
-from ssl_core.sparse_bn import masked_batch_stats, sparse_batch_norm
+from ssl_core.spark.bn import masked_batch_stats, sparse_batch_norm
 
 
 class MaskContext:

@@ -1,7 +1,7 @@
 """SparK's batch norm over visible positions only, with a hand-written backward.
 
 Two implementations of the same maths: torch ops (any device, any dtype) and, for float32 tensors on
-a CPU, compiled kernels (:mod:`ssl_core.sparse_bn_kernel`, numba) that are several times faster
+a CPU, compiled kernels (:mod:`ssl_core.spark.bn_kernel`, numba) that are several times faster
 there because they read each activation about once per pass instead of once per torch op. The
 kernels are used automatically when numba is importable; :func:`cpu_kernel` switches them off (tests
 compare the two, and a missing or broken numba only costs speed).
@@ -36,10 +36,10 @@ def cpu_kernel(enabled: bool) -> Iterator[None]:
 @functools.cache
 def _load_kernels() -> ModuleType | None:
     try:
-        from ssl_core import sparse_bn_kernel
+        from ssl_core.spark import bn_kernel
     except ImportError:
         return None
-    return sparse_bn_kernel
+    return bn_kernel
 
 
 def _kernels_for(x: torch.Tensor) -> ModuleType | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_core.sparse import MaskContext, sparsify_
+from ssl_core.spark.sparse import MaskContext, sparsify_
 
 
 class UpBlock(nn.Module):
