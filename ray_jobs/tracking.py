@@ -185,3 +185,123 @@ def metric_history(cl, run_id: str, key: str) -> list[tuple[int, float]]:
 def log_artifacts(cl, run_id: str, paths: Iterable[str], artifact_path: str | None = None) -> None:
     for p in paths:
         cl.log_artifact(run_id, p, artifact_path=artifact_path)
+
+
+# ------------------------------------------------------------------ studies: stages, datasets, registry
+#: which stage of a study made a run ("pretrain" | "finetune"): a study keeps all its runs in one
+#: experiment, and the UI filters them by this tag
+TAG_STAGE = "ctssl.stage"
+#: tag keys a caller's extra tags may not set: they identify a run for resuming and for the report
+RESERVED_TAGS = (TAG_KIND, TAG_RUN_KEY, PARENT_TAG)
+#: the artifact folder of a pre-training run that holds encoder.pt + encoder_config.json
+ENCODER_ARTIFACT = "encoder"
+#: MLflow's tag on a dataset input naming what the run used the data for
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
+
+
+def check_tags(tags: Any, origin: str = "tags") -> dict[str, str]:
+    """``tags`` as a ``{str: str}`` dict, or a one-line :class:`CLIError`: a mapping of non-empty names
+    to scalars (a YAML number becomes its text), none of them a key ctssl sets itself."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict):
+        raise CLIError(f"{origin} must be a mapping of tag names to values, got {type(tags).__name__}")
+    out: dict[str, str] = {}
+    for k, v in tags.items():
+        if not isinstance(k, str) or not k.strip():
+            raise CLIError(f"{origin}: tag names must be non-empty text, got {k!r}")
+        if k in RESERVED_TAGS:
+            raise CLIError(f"{origin}: {k!r} is set by ctssl itself (it identifies the run); choose another name")
+        if isinstance(v, dict | list | tuple | set) or v is None:
+            raise CLIError(f"{origin}: tag {k!r} needs a text or number value, got {v!r}")
+        out[k] = str(v)
+    return out
+
+
+def _source_type(url: str) -> str:
+    """MLflow's name for where a dataset lives: the URL scheme (``s3``, ``gs``...), ``local`` for a path."""
+    from data_prep import storage as st
+
+    return "local" if st.is_local(url) else url.split("://", 1)[0].lower()
+
+
+def dataset_input(name: str, data_url: str, selection: str | None = None, *,
+                  context: str = "train"):  # noqa: ANN201 - mlflow.entities.DatasetInput
+    """The MLflow dataset input describing committed shards (optionally narrowed by a selection).
+
+    Everything comes from the manifests, never from the rows: the digest is the prep output's
+    committed content (:func:`data_prep.shards.manifest_digest`: shard paths, row counts, checksums),
+    combined with the selection's checksum when there is one, so the same data always has the same
+    digest and any change to it a new one. The source is the data URL and the selection URL; the
+    profile holds counts and the selection's settings. No patient data.
+    """
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from data_prep import shards
+
+    base = shards.read_manifest(data_url)
+    digest = shards.manifest_digest(data_url)
+    rows = sum(int(s["rows"]) for s in base.get("shards", []))
+    profile: dict[str, Any] = {"base_rows": rows, "shards": len(base.get("shards", [])),
+                               "intensity": base.get("intensity", "hu"),
+                               "schema_version": base.get("schema_version")}
+    if selection:
+        sel = shards.read_manifest(selection)
+        digest = hashlib.sha256(f"{sel.get('base_manifest_sha256')}:{sel.get('selection_sha256')}".encode()).hexdigest()
+        rows = int((sel.get("counts") or {}).get("kept_rows", 0))
+        profile["selection"] = {k: v for k, v in (sel.get("config") or {}).items()
+                                if isinstance(v, str | int | float | bool)}
+    profile["rows"] = rows
+    ds = Dataset(name=name, digest=digest[:DIGEST_CHARS], source_type=_source_type(data_url),
+                 source=json.dumps({"uri": data_url, "selection": selection}, sort_keys=True),
+                 profile=json.dumps(profile, sort_keys=True))
+    return DatasetInput(ds, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
+
+
+def log_dataset_input(cl, run_id: str, name: str, data_url: str, selection: str | None = None, *,
+                      context: str = "train"):  # noqa: ANN201 - mlflow.entities.Dataset
+    """Log the shards a run read as its dataset input (see :func:`dataset_input`); MLflow keeps one
+    input per dataset and run, so logging it again on a resumed run adds nothing."""
+    inp = dataset_input(name, data_url, selection, context=context)
+    cl.log_inputs(run_id, datasets=[inp])
+    return inp.dataset
+
+
+def register_artifact(cl, name: str, run_id: str, artifact_path: str = ENCODER_ARTIFACT,
+                      tags: dict[str, Any] | None = None, description: str | None = None):  # noqa: ANN201
+    """A version of registered model ``name`` whose source is the run's ``artifact_path`` folder.
+
+    The registered model is created when missing (also when another driver creates it at the same
+    moment). A run gets one version: when the model already has a version of ``run_id`` (a restarted
+    driver registering again), that version is returned and none is added. Returns the
+    :class:`mlflow.entities.model_registry.ModelVersion`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    existing = _versions_of_run(cl, name, run_id)
+    if existing:
+        return existing[0]
+    try:
+        cl.create_registered_model(name, description=description)
+        log.info("MLflow registered model %s created", name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{cl.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = cl.create_model_version(name, source, run_id=run_id,
+                                      tags={k: str(v) for k, v in (tags or {}).items()} or None,
+                                      description=description)
+    log.info("registered %s of run %s as %s version %s", artifact_path, run_id, name, version.version)
+    return version
+
+
+def _versions_of_run(cl, name: str, run_id: str) -> list:
+    """Versions of registered model ``name`` made from ``run_id``, oldest first ([] when there are none
+    or the model does not exist yet). Searched by run id alone (a hex id needs no quoting in a filter),
+    then narrowed to ``name`` here."""
+    found = cl.search_model_versions(f"run_id = '{run_id}'")
+    return sorted((v for v in found if v.name == name), key=lambda v: int(v.version))

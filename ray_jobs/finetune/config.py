@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ray_jobs.errors import CLIError
+from ray_jobs.tracking import check_tags
 
 DEFAULT_REDUCTIONS = (0, 25, 50, 75, 90)
 ALL = "all"
@@ -181,6 +182,9 @@ class FinetuneConfig:
     protocol: str = "tuned"
     recipes: list[str] | None = None  # "lr:frozen" texts for "tuned"; None: default_recipes(epochs)
     bn_recalibrate: bool = True  # re-estimate batch-norm statistics on the training images before each evaluation
+    #: encoder name -> extra tags on each of its trial runs (e.g. {"reduction": "hash6"}); the tags the
+    #: report reads (ctssl.kind, method = the encoder name, size, fold, ...) are the study's own and win
+    encoder_tags: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.folds < 2:
@@ -210,6 +214,10 @@ class FinetuneConfig:
             if r.frozen_epochs > self.epochs:
                 raise CLIError(f"recipe '{r.to_text()}' freezes the backbone for {r.frozen_epochs} epochs, "
                                f"more than --epochs {self.epochs}")
+        if not isinstance(self.encoder_tags, dict):
+            raise CLIError(f"encoder_tags must map encoder names to tag mappings, got {self.encoder_tags!r}")
+        for name, tags in self.encoder_tags.items():
+            check_tags(tags, f"encoder_tags[{name!r}]")
         if self.protocol == "tuned" and self.asha:
             raise CLIError("--asha needs --protocol fixed: with a tuned recipe every trial trains several "
                            "recipes in turn, which ASHA's per-epoch rungs cannot compare")

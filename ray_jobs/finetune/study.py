@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ray_jobs import tracking
+from ray_jobs.errors import CLIError
 from ray_jobs.finetune.config import FinetuneConfig, SizeSpec
 from ray_jobs.finetune.data import load_labelled
 from ray_jobs.finetune.encoders import resolve_encoders
@@ -155,7 +156,12 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
     folds = make_folds(data.patients, data.label_names, cfg.folds, cfg.val_fraction, seed=cfg.fold_seed)
     encoders = resolve_encoders(cfg.encoders, default_backbone=cfg.backbone, in_chans=cfg.in_chans,
                                 tracking_uri=tracking_uri)
+    unknown = sorted(set(cfg.encoder_tags) - {e.name for e in encoders})
+    if unknown:
+        raise CLIError(f"encoder_tags name {unknown}, which are not encoders of the study "
+                       f"({', '.join(e.name for e in encoders)})")
     settings = cfg.to_dict()
+    settings["encoder_tags"] = {k: tracking.check_tags(v, f"encoder_tags[{k!r}]") for k, v in cfg.encoder_tags.items()}
     settings["img_size"] = cfg.img_size or int(data.images.shape[-1])
     ray_cluster.connect(cfg.address)
     ray_cluster.check_capacity(ray_cluster.WorkerRequest(1, cfg.cpus_per_trial, cfg.gpus_per_trial),
@@ -165,7 +171,8 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
     exp_id = tracking.get_or_create_experiment(cl, cfg.experiment,
                                                tracking.default_artifact_location(tracking_uri, cfg.storage))
     parent = cl.create_run(exp_id, run_name=f"study-{cfg.experiment}", tags={
-        tracking.TAG_KIND: "study", tracking.TAG_STUDY: cfg.experiment, "dataset": data.dataset,
+        tracking.TAG_KIND: "study", tracking.TAG_STAGE: "finetune", tracking.TAG_STUDY: cfg.experiment,
+        "dataset": data.dataset,
         "encoders": ",".join(e.name for e in encoders)})
     parent_id = parent.info.run_id
     tracking.set_tags(cl, parent_id, {"protocol": cfg.protocol, "protocol_text": cfg.protocol_text()})

@@ -63,11 +63,14 @@ def log_test_predictions(cl, run_id: str, y: np.ndarray, p: np.ndarray, rows: np
 
 
 def trial_tags(encoder: str, method: str, size: SizeSpec, fold: int, seed: int, parent: str,
-               phase: str = "grid") -> dict[str, str]:
-    return {"ctssl.phase": phase,
-        tracking.PARENT_TAG: parent, tracking.TAG_KIND: "trial", "method": encoder, "pretrain_method": method,
-        "size": size.label, "size_kind": size.kind, "size_value": str(size.value), "fold": str(fold),
-        "seed": str(seed),
+               phase: str = "grid", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags of a trial run: ``extra`` (the study's ``encoder_tags`` of this encoder, e.g. its
+    reduction level) first, then the study's own, which win: ``method`` stays the encoder's name
+    (what the report groups by), ``pretrain_method`` is its pre-training method."""
+    return {**(extra or {}), "ctssl.phase": phase, tracking.TAG_STAGE: "finetune",
+        tracking.PARENT_TAG: parent, tracking.TAG_KIND: "trial", "method": encoder, "encoder": encoder,
+        "pretrain_method": method, "size": size.label, "size_kind": size.kind, "size_value": str(size.value),
+        "fold": str(fold), "seed": str(seed),
     }
 
 
@@ -119,7 +122,7 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     cl = tracking.client(ctx.tracking_uri)
     run = cl.create_run(ctx.experiment_id, run_name=f"{enc_name}-{size.label}-fold{fold}-seed{seed}",
                         tags=trial_tags(enc_name, enc["method"], size, fold, seed, ctx.parent_run_id,
-                                        spec.get("phase", "grid")))
+                                        spec.get("phase", "grid"), (s.get("encoder_tags") or {}).get(enc_name)))
     run_id = run.info.run_id
     tracking.log_params(cl, run_id, {
         "encoder": enc_name, "backbone": enc["backbone"], "in_chans": enc["in_chans"], "size": size.label,

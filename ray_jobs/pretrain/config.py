@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ray_jobs.errors import CLIError
+from ray_jobs.tracking import check_tags
 
 DEFAULT_EPOCHS = 100  # without a budget, as before budgets existed
 
@@ -49,6 +50,13 @@ class PretrainConfig:
     time_budget_s: float | None = None  # seconds of training loop; schedules follow the clock
     max_steps: int | None = None  # optimiser steps; schedules end at this step
     method_options: dict[str, Any] = field(default_factory=dict)
+    #: MLflow experiment of the run; None: ``experiment`` (which stays the Ray Train run name and the
+    #: checkpoint folder). A study names its own, so every stage of it lands in one experiment
+    mlflow_experiment: str | None = None
+    #: extra tags on the MLflow run (e.g. ``ctssl.stage``, ``ctssl.study``, ``encoder``, ``reduction``)
+    tags: dict[str, str] = field(default_factory=dict)
+    #: register the final encoder in the MLflow Model Registry under this name (None: not registered)
+    register_as: str | None = None
 
     def validate(self) -> None:
         """Cheap checks on the values alone (no I/O), each naming the flag that is wrong.
@@ -85,6 +93,11 @@ class PretrainConfig:
             raise CLIError(f"--img-size must be >= 16, got {self.img_size}")
         if not self.experiment or "/" in self.experiment:
             raise CLIError(f"--experiment must be a non-empty name without '/', got {self.experiment!r}")
+        if self.mlflow_experiment is not None and not self.mlflow_experiment.strip():
+            raise CLIError("mlflow_experiment must be a non-empty name (or None: the --experiment name)")
+        if self.register_as is not None and (not self.register_as.strip() or any(c in self.register_as for c in "/:")):
+            raise CLIError(f"register_as must be a non-empty model name without '/' or ':', got {self.register_as!r}")
+        check_tags(self.tags, "pre-training tags")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise CLIError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
         if self.log_every < 1:
@@ -110,6 +123,11 @@ class PretrainConfig:
             raise CLIError(f"--warmup-epochs {self.warmup_epochs:g} cannot be placed in a --time-budget run of "
                            "unknown length; give --epochs or --max-steps as well, or leave it out (warm-up is "
                            "then at most 10 % of the budget)")
+
+    @property
+    def mlflow_experiment_name(self) -> str:
+        """The MLflow experiment the run is logged to."""
+        return self.mlflow_experiment or self.experiment
 
     @property
     def budgeted(self) -> bool:

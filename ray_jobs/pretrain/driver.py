@@ -35,11 +35,19 @@ class PretrainResult:
     epochs: int
     restarts: int
     train_time_s: float = 0.0  # training-loop seconds over all attempts (what a time budget counts)
+    registered_model: str | None = None  # MLflow registered model of the encoder (cfg.register_as)
+    model_version: str | None = None  # its version made from this run
+
+    @property
+    def model_uri(self) -> str | None:
+        """``models:/NAME/VERSION`` of the registered encoder (None when it was not registered)."""
+        return f"models:/{self.registered_model}/{self.model_version}" if self.model_version else None
 
     def summary(self) -> str:
         return (f"{self.steps} steps, {self.epochs} epochs, {self.restarts} restart(s), "
                 f"{self.train_time_s:.0f} s of training; checkpoint {self.checkpoint_path}; "
-                f"MLflow run {self.run_id} at {self.tracking_uri}")
+                f"MLflow run {self.run_id} at {self.tracking_uri}"
+                + (f"; registered as {self.model_uri}" if self.model_uri else ""))
 
 
 def check_method(cfg: PretrainConfig) -> None:
@@ -184,26 +192,58 @@ def prepare(cfg: PretrainConfig) -> tuple[PretrainConfig, DataInfo, int, int, st
 
 def _mlflow_run(cfg: PretrainConfig, info: DataInfo, tracking_uri: str, img_size: int, spe: int,
                 opts: dict, extra_params: dict | None = None) -> str:
-    """The run of this experiment (reused when the same --experiment is rerun, so curves continue)."""
+    """The run of this experiment (reused when the same --experiment is rerun, so curves continue).
+
+    It lives in ``cfg.mlflow_experiment`` (default: the --experiment name). The run key is the Ray
+    experiment's folder (``storage/experiment``), so a restarted driver finds its run again even when
+    other pre-training runs of a study share the MLflow experiment. ``cfg.tags`` are set on the run
+    (again on a resume, so tags added since are there too), and the shards it trains on are its
+    dataset input."""
     cl = tracking.client(tracking_uri)
     exp_id = tracking.get_or_create_experiment(
-        cl, cfg.experiment, tracking.default_artifact_location(tracking_uri, cfg.storage))
+        cl, cfg.mlflow_experiment_name, tracking.default_artifact_location(tracking_uri, cfg.storage))
     key = f"{cfg.storage.rstrip('/')}/{cfg.experiment}"
+    extra_tags = tracking.check_tags(cfg.tags, "pre-training tags")
     found = tracking.find_run(cl, exp_id, {tracking.TAG_RUN_KEY: key})
     if found is not None:
         log.info("resuming MLflow run %s", found.info.run_id)
         if found.info.status != "RUNNING":
             cl.update_run(found.info.run_id, status="RUNNING")
+        if extra_tags:
+            tracking.set_tags(cl, found.info.run_id, extra_tags)
+        _log_dataset(cl, found.info.run_id, info)
         return found.info.run_id
-    run = cl.create_run(exp_id, run_name=f"{cfg.method}-{cfg.backbone}-{cfg.experiment}", tags={
-        tracking.TAG_KIND: "pretrain", tracking.TAG_RUN_KEY: key, "method": cfg.method,
-        "backbone": cfg.backbone, "dataset": info.dataset, "selection": cfg.selection or "none",
-    })
+    tags = {tracking.TAG_STAGE: "pretrain", "method": cfg.method, "backbone": cfg.backbone, "dataset": info.dataset,
+            "selection": cfg.selection or "none", **extra_tags, tracking.TAG_KIND: "pretrain",
+            tracking.TAG_RUN_KEY: key}
+    run = cl.create_run(exp_id, run_name=f"{cfg.method}-{cfg.backbone}-{cfg.experiment}", tags=tags)
     params = {**cfg.as_params(), "img_size_effective": img_size, "steps_per_epoch": spe, "rows": info.rows,
               "intensity": info.intensity, "method_options_effective": json.dumps(opts, sort_keys=True),
               **(extra_params or {})}
     tracking.log_params(cl, run.info.run_id, params)
+    _log_dataset(cl, run.info.run_id, info)
     return run.info.run_id
+
+
+def _log_dataset(cl, run_id: str, info: DataInfo) -> None:
+    """The shards (and selection) the run trains on, as its MLflow dataset input (digest and counts from
+    the manifests). Metadata only: a tracking server that cannot take it costs a warning, not the run."""
+    try:
+        tracking.log_dataset_input(cl, run_id, info.dataset, info.base_url, info.selection)
+    except Exception as e:  # noqa: BLE001 - an older server without dataset inputs, a manifest race
+        log.warning("could not log the pre-training data as the run's MLflow dataset input (%s)", e)
+
+
+def register_encoder(cl, cfg: PretrainConfig, run_id: str) -> str | None:
+    """Register the run's logged ``encoder`` folder as a version of ``cfg.register_as`` (None when not
+    asked). One version per run: a rerun of the same experiment returns the version it made before."""
+    if not cfg.register_as:
+        return None
+    tags = {"method": cfg.method, "backbone": cfg.backbone, tracking.TAG_RUN_KEY: f"{cfg.storage.rstrip('/')}/"
+            f"{cfg.experiment}", **tracking.check_tags(cfg.tags, "pre-training tags")}
+    version = tracking.register_artifact(cl, cfg.register_as, run_id, tracking.ENCODER_ARTIFACT, tags=tags)
+    tracking.set_tags(cl, run_id, {"registered_model": cfg.register_as, "registered_version": version.version})
+    return str(version.version)
 
 
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
@@ -281,6 +321,11 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                                                 os.path.join(tmp, ckpt_io.ENCODER_CONFIG_FILE)], "encoder")
     tracking.set_tags(cl, run_id, {"checkpoint": result.checkpoint.path, "final_step": progress.step,
                                    "train_time_s": f"{progress.train_time_s:.1f}"})
+    try:
+        model_version = register_encoder(cl, cfg, run_id)
+    except BaseException:
+        cl.set_terminated(run_id, status="FAILED")
+        raise
     cl.set_terminated(run_id, status="FINISHED")
     ckpt_path = result.checkpoint.path
     registered = [c.path for c, _ in (result.best_checkpoints or [])] + [ckpt_path]
@@ -289,6 +334,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         ckpt_path = f"{cfg.storage.split('://', 1)[0]}://{ckpt_path}"
     res = PretrainResult(run_id=run_id, tracking_uri=tracking_uri, checkpoint_path=ckpt_path,
                          steps=progress.step, epochs=progress.epoch, restarts=progress.restarts,
-                         train_time_s=progress.train_time_s)
+                         train_time_s=progress.train_time_s, registered_model=cfg.register_as,
+                         model_version=model_version)
     log.info("pre-training finished: %s", res.summary())
     return res

@@ -18,6 +18,15 @@ from ray_jobs.errors import CLIError
 from ray_jobs.report.collect import load_study, unfinished_note
 from ray_jobs.report.plots import plot_auc_vs_size
 from ray_jobs.report.pooled import bootstrap_markdown, bootstrap_vs_baseline, load_predictions
+from ray_jobs.report.pretraining import (
+    PRETRAIN_NOTE,
+    PRETRAIN_PLOT,
+    collect_pretraining,
+    display_table,
+    plot_auc_vs_pretrain_time,
+    pretraining_markdown,
+    pretraining_table,
+)
 from ray_jobs.report.tables import (
     minimal_samples,
     recipe_markdown,
@@ -44,6 +53,12 @@ class ReportConfig:
     baseline: str = "random"
     target_auc: float | None = None
     margin: float | None = None
+    #: also log the report's files as artifacts of the study's parent run (folder "report")
+    log_to_run: bool = False
+
+
+#: the artifact folder of the study's parent run the report's files go to (``log_to_run``)
+REPORT_ARTIFACT = "report"
 
 
 @dataclass
@@ -52,6 +67,7 @@ class ReportPaths:
     html: str
     plot: str
     summary_csv: str
+    pretrain_plot: str | None = None  # AUC vs pre-training time; None when the experiment has no such runs
 
 
 def _param_float(params: dict[str, str], key: str) -> float | None:
@@ -91,7 +107,7 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_bytes_atomic(fs, storage.join(root, name), f.read())
     base = cfg.out.rstrip("/")
-    return ReportPaths(**{k: storage.join(base, os.path.basename(v)) for k, v in vars(local).items()})
+    return ReportPaths(**{k: storage.join(base, os.path.basename(v)) if v else v for k, v in vars(local).items()})
 
 
 def _build(cfg: ReportConfig, out: str) -> ReportPaths:
@@ -119,6 +135,13 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     searched = {k[len("min_spc."):]: v for k, v in study.tags.items() if k.startswith("min_spc.")}
 
     plot = plot_auc_vs_size(trials, os.path.join(out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
+    cl = tracking.client(uri)
+    pre = collect_pretraining(cl, study.experiment_id, sorted(trials["encoder"].unique()), study.tags, study.params)
+    pre_table = pretraining_table(pre, summary, cfg.baseline) if not pre.empty else None
+    pre_plot = None
+    if pre_table is not None:
+        pre_plot = plot_auc_vs_pretrain_time(pre_table, os.path.join(out, PRETRAIN_PLOT),
+                                             title=f"{cfg.experiment}: AUC vs pre-training time")
     csv = os.path.join(out, "summary.csv")
     summary.to_csv(csv, index=False)
     rule = f"mean test AUC >= {target}" if target is not None else f"within {margin} of the largest size's AUC"
@@ -133,6 +156,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
         ("Fine-tuning recipe per encoder", f"{protocol[:1].upper()}{protocol[1:]}.\n\n"
          + recipe_markdown(recipe_table(trials))),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
+        *([("Pre-training", f"{PRETRAIN_NOTE}\n\n{pretraining_markdown(pre_table)}\n\n"
+            f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
         (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",
@@ -146,12 +171,22 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
         f.write(md_text)
     html_path = os.path.join(out, "report.html")
     with open(html_path, "w") as f:
-        f.write(_html(cfg.experiment, sections, plot, {"summary": summary, "wilcoxon": wil, "bootstrap": boot,
-                                                         "minimal": minimal, "recipes": recipe_table(trials)}))
-    with open(os.path.join(out, "report.json"), "w") as f:
+        f.write(_html(cfg.experiment, sections, plot, {
+            "summary": summary, "wilcoxon": wil, "bootstrap": boot, "minimal": minimal,
+            "recipes": recipe_table(trials),
+            "pretraining": display_table(pre_table) if pre_table is not None else pd.DataFrame()},
+            pretrain_plot=pre_plot))
+    json_path = os.path.join(out, "report.json")
+    with open(json_path, "w") as f:
         json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
-                   "searched_minimal": searched}, f, indent=1, default=str)
-    return ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv)
+                   "searched_minimal": searched,
+                   "pretraining": [] if pre_table is None else pre_table.to_dict(orient="records")},
+                  f, indent=1, default=str)
+    paths = ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv, pretrain_plot=pre_plot)
+    if cfg.log_to_run:
+        files = [md_path, html_path, plot, *([pre_plot] if pre_plot else []), csv, json_path]
+        tracking.log_artifacts(cl, study.parent_run_id, files, REPORT_ARTIFACT)
+    return paths
 
 
 def _protocol_from_params(params: dict[str, str]) -> str:
@@ -188,25 +223,32 @@ def _md_inline(text: str) -> str:
     return "".join(out)
 
 
-def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame]) -> str:
+def _png_base64(path: str) -> str:
+    with open(path, "rb") as f:
+        return base64.b64encode(f.read()).decode()
+
+
+def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame], pretrain_plot: str | None = None) -> str:
     """The report as one self-contained page: every section under its own heading; tables from the
-    data frames, prose from the markdown, the plot inlined."""
-    with open(plot, "rb") as f:
-        img = base64.b64encode(f.read()).decode()
+    data frames, prose from the markdown, the plots inlined."""
+    img = _png_base64(plot)
     fmt = {"float_format": lambda v: f"{v:.4g}", "index": False, "na_rep": "n/a", "border": 0}
     table_of = {"Test metrics": "summary", "Paired Wilcoxon": "wilcoxon", "Patient-level bootstrap": "bootstrap",
-                "Minimal samples": "minimal", "Fine-tuning recipe": "recipes"}
+                "Minimal samples": "minimal", "Fine-tuning recipe": "recipes", "Pre-training": "pretraining"}
     body = [f"<h1>{html.escape(sections[0][0])}</h1>", _md_inline(sections[0][1])]
     for head, text in sections[1:]:
         body.append(f"<h2>{html.escape(head)}</h2>")
         key = next((v for k, v in table_of.items() if head.startswith(k)), None)
         if head.startswith("AUC vs"):
             body.append(f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">')
-        elif key is not None and not tables[key].empty:
+        elif key is not None and not tables.get(key, pd.DataFrame()).empty:
             # the section's prose (notes, the protocol), then its table from the data frame
-            prose = [p for p in text.split("\n\n") if not p.lstrip().startswith("|")]
+            prose = [p for p in text.split("\n\n") if not p.lstrip().startswith(("|", "!["))]
             body.extend(_md_inline(p) for p in prose)
             body.append(tables[key].to_html(**fmt))
+            if key == "pretraining" and pretrain_plot:
+                body.append('<img alt="AUC vs pre-training time" '
+                            f'src="data:image/png;base64,{_png_base64(pretrain_plot)}">')
         else:
             body.append(_md_inline(text))
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"

@@ -30,6 +30,7 @@ class Study:
     #: child runs that did not finish (stopped early by ASHA or a user, failed, still running):
     #: encoder, size, fold, seed, status; they are in no table, so the report names them
     unfinished: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=UNFINISHED_COLUMNS))
+    experiment_id: str = ""  # the MLflow experiment the study run is in (a study's pre-training runs too)
 
 
 def find_study_run(cl, experiment: str, study_run: str | None = None):
@@ -38,9 +39,14 @@ def find_study_run(cl, experiment: str, study_run: str | None = None):
         raise CLIError(f"--experiment {experiment!r}: no such MLflow experiment at {cl.tracking_uri}")
     if study_run:
         try:
-            return cl.get_run(study_run)
+            run = cl.get_run(study_run)
         except Exception as e:  # noqa: BLE001 - MlflowException for unknown ids
             raise CLIError(f"--study-run {study_run}: {e}") from None
+        kind = run.data.tags.get(tracking.TAG_KIND)
+        if kind not in (None, "study"):  # a study's experiment also holds its pre-training runs
+            raise CLIError(f"--study-run {study_run} is a {kind} run, not a fine-tuning study run "
+                           f"(tag {tracking.TAG_KIND}=study)")
+        return run
     runs = cl.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'study'",
                           order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
@@ -88,7 +94,7 @@ def load_study(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     gone = pd.DataFrame(unfinished, columns=UNFINISHED_COLUMNS).sort_values(UNFINISHED_COLUMNS, ignore_index=True)
     return Study(parent_run_id=pid, params=dict(parent.data.params), tags=dict(parent.data.tags), trials=df,
-                 unfinished=gone)
+                 unfinished=gone, experiment_id=parent.info.experiment_id)
 
 
 def _fixed_recipe(params: dict[str, str]) -> str:
