@@ -28,6 +28,22 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+def job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the runtime env this driver was submitted with (``ray job submit
+    --runtime-env-json``); empty outside a submitted job. Ray refuses a ``ray.init`` whose runtime env
+    names a variable the job's already sets, and the job's reach every worker anyway."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+
+
 def apply_env(env: dict[str, str] | None) -> None:
     """Set forwarded variables in a worker (without overriding what the worker already has set)."""
     for k, v in (env or {}).items():
@@ -53,7 +69,8 @@ def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     addr = resolve_address(address)
-    runtime_env: dict[str, Any] = {"env_vars": forwarded_env()}
+    job_env = job_env_vars()
+    runtime_env: dict[str, Any] = {"env_vars": {k: v for k, v in forwarded_env().items() if k not in job_env}}
     try:
         if addr == "local":  # this machine's alone: 127.0.0.1 only, with a private token
             init_local(runtime_env=runtime_env, log_to_driver=log_to_driver)

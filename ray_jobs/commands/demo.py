@@ -19,71 +19,99 @@ Scaling it up (same stages, bigger settings):
              --backbone resnet50 --pretrain-epochs 100 --folds 5 --samples-per-class 5,10,20,40,60,100,all
   ctssl demo --storage s3://bucket/ctssl-demo      # shards and checkpoints in S3 ($CTSSL_S3_ENDPOINT_URL)
 
-Real data instead of the phantom: run the stages yourself (docs/quickstart.md), e.g.
-  ctssl prep /data/LIDC-IDRI s3://b/lidc --workers 8       ctssl reduce s3://b/lidc s3://b/lidc-dhash --strategy hash
-  ctssl pretrain --method spark --data s3://b/lidc --selection s3://b/lidc-dhash ...
-  ctssl finetune --data s3://b/organsmnist --encoder spark=s3://b/runs/spark/final ...   ctssl report ...
+The demo is the bundled study file examples/phantom.yaml with these flags applied; --print-spec shows
+the resulting study file, to edit and run with `ctssl study run -f` (docs/study-spec.md).
 """
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ray_jobs.demo import METHODS, DemoConfig
+def _bundled() -> dict:
+    import yaml
 
-    d = DemoConfig()
-    p.add_argument("--out", default=d.out, help="folder for everything the demo writes (default ./ctssl-demo)")
+    from ray_jobs.study.spec import SCHEMA_FILE
+
+    return yaml.safe_load((SCHEMA_FILE.parent / "examples" / "phantom.yaml").read_text())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ray_jobs.study.spec import method_names
+
+    d = _bundled()["spec"]
+    pool, lab, pre, ft = d["data"]["pretrain"], d["data"]["labelled"], d["pretrain"], d["finetune"]
+    p.add_argument("--out", default=d["workdir"], help=f"folder for everything the demo writes (default ./{d['workdir']})")
     p.add_argument("--storage", help="URL for shards and checkpoints (default OUT/store; s3://... works)")
-    p.add_argument("--pretrain-patients", type=int, default=d.pretrain_patients, help="unlabelled phantom patients")
-    p.add_argument("--labelled-patients", type=int, default=d.labelled_patients, help="labelled phantom patients")
-    p.add_argument("--slices", type=int, default=d.slices, help="slices per pre-training phantom patient")
-    p.add_argument("--labelled-slices", type=int, default=d.labelled_slices, help="slices per labelled patient")
-    p.add_argument("--size", type=int, default=d.size, help="prep and training resolution (pixels)")
-    p.add_argument("--task", choices=("region", "lesion"), default=d.task, help="downstream label")
-    p.add_argument("--backbone", default=d.backbone, help="timm CNN (default resnet18)")
-    p.add_argument("--methods", default=",".join(d.methods), help=f"subset of {','.join(METHODS)}")
-    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs)
-    p.add_argument("--pretrain-batch", type=int, default=d.pretrain_batch)
-    p.add_argument("--folds", type=int, default=d.folds, help="patient-level folds")
-    p.add_argument("--samples-per-class", default=d.samples_per_class, help="training-set sizes")
-    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
-    p.add_argument("--finetune-protocol", choices=("tuned", "fixed"), default=d.finetune_protocol,
+    p.add_argument("--pretrain-patients", type=int, default=pool["patients"], help="unlabelled phantom patients")
+    p.add_argument("--labelled-patients", type=int, default=lab["patients"], help="labelled phantom patients")
+    p.add_argument("--slices", type=int, default=pool["slices"], help="slices per pre-training phantom patient")
+    p.add_argument("--labelled-slices", type=int, default=lab["slices"], help="slices per labelled patient")
+    p.add_argument("--size", type=int, default=pool["size"], help="prep and training resolution (pixels)")
+    p.add_argument("--task", choices=("region", "lesion"), default=lab["task"], help="downstream label")
+    p.add_argument("--backbone", default=pre["backbone"], help="timm CNN (default resnet18)")
+    p.add_argument("--methods", default=",".join(pre["methods"]), help=f"subset of {','.join(method_names())}")
+    p.add_argument("--pretrain-epochs", type=int, default=pre["epochs"])
+    p.add_argument("--pretrain-batch", type=int, default=pre["batch"])
+    p.add_argument("--folds", type=int, default=ft["folds"], help="patient-level folds")
+    p.add_argument("--samples-per-class", default=",".join(map(str, ft["samplesPerClass"])),
+                   help="training-set sizes")
+    p.add_argument("--finetune-epochs", type=int, default=ft["epochs"])
+    p.add_argument("--finetune-protocol", choices=("tuned", "fixed"), default="tuned",
                    help="tuned (default): each encoder's recipe chosen on validation; fixed: lr 1e-3, 2 epochs "
                         "frozen for every encoder")
-    p.add_argument("--finetune-recipes", metavar="LR:FROZEN,...", default=d.finetune_recipes,
+    p.add_argument("--finetune-recipes", metavar="LR:FROZEN,...", default=",".join(ft["recipes"]),
                    help="the tuned grid (default 1e-3:0,1e-3:2; ctssl finetune's own default has four recipes)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.get("seed", 0))
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
+    p.add_argument("--print-spec", action="store_true", help="print the study file these flags make, then exit")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ray_jobs.demo import METHODS, DemoConfig, run_demo
+def demo_study(args: argparse.Namespace) -> dict:
+    """The bundled phantom study with the flags applied (a plain study document)."""
     from ray_jobs.errors import CLIError
+    from ray_jobs.finetune.config import parse_recipes, parse_sizes
+    from ray_jobs.study.spec import method_names
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CLIError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if args.finetune_recipes is not None:
-        from ray_jobs.finetune.config import parse_recipes
-
+    doc = _bundled()
+    d = doc["spec"]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown or not methods:
+        raise CLIError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                       f"{', '.join(method_names())}")
+    if args.finetune_recipes:
         for r in parse_recipes(args.finetune_recipes) or []:
             if r.frozen_epochs > args.finetune_epochs:
                 raise CLIError(f"--finetune-recipes: {r.to_text()} freezes more than --finetune-epochs "
                                f"{args.finetune_epochs}")
+    out = Path(args.out).resolve()
+    d["workdir"] = str(out)
+    d["storage"] = args.storage or str(out / "store")
+    d["tracking"] = {"uri": f"sqlite:///{out / 'mlflow.db'}"}
+    d["seed"] = args.seed
+    d["data"]["pretrain"].update(patients=args.pretrain_patients, slices=args.slices, size=args.size)
+    d["data"]["labelled"].update(patients=args.labelled_patients, slices=args.labelled_slices, size=args.size,
+                                 task=args.task)
+    pre = d["pretrain"]
+    pre.update(backbone=args.backbone, epochs=args.pretrain_epochs, batch=args.pretrain_batch)
+    pre["methods"] = {m: pre["methods"].get(m) or {} for m in methods}
+    ft = d["finetune"]
+    ft.update(folds=args.folds, epochs=args.finetune_epochs, protocol=args.finetune_protocol,
+              samplesPerClass=["all" if z.value < 0 else z.value
+                               for z in parse_sizes(samples_per_class=args.samples_per_class)],
+              recipes=[x.strip() for x in args.finetune_recipes.split(",") if x.strip()] or None,
+              frozenEpochs=min(ft["frozenEpochs"], args.finetune_epochs))
+    return doc
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ray_jobs.commands.study import run_study
+    from ray_jobs.study.spec import from_dict
+
+    doc = demo_study(args)
+    if args.print_spec:
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+        return 0
+    study = from_dict(doc, "ctssl demo")
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
-    cfg = DemoConfig(out=args.out, storage=args.storage, pretrain_patients=args.pretrain_patients,
-                     labelled_patients=args.labelled_patients, slices=args.slices,
-                     labelled_slices=args.labelled_slices, size=args.size,
-                     task=args.task, backbone=args.backbone, methods=methods, pretrain_epochs=args.pretrain_epochs,
-                     pretrain_batch=args.pretrain_batch, folds=args.folds, samples_per_class=args.samples_per_class,
-                     finetune_epochs=args.finetune_epochs, finetune_protocol=args.finetune_protocol,
-                     finetune_recipes=args.finetune_recipes, seed=args.seed)
-    res = run_demo(cfg)
-    out = Path(cfg.out).resolve()
-    print("\nctssl demo finished.")
-    print(f"  report:    {res['report']['markdown']}")
-    print(f"             {res['report']['html']}")
-    print(f"  MLflow UI: {shutil.which('mlflow') or 'mlflow'} ui --backend-store-uri {cfg.tracking_uri()} "
-          f"--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
-    print(f"  outputs:   {out}")
-    return 0
+    return run_study(study, None)

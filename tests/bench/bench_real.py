@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     rows_path = args.out / "finetune.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
     done = {(r["encoder"], r["n"], r["seed"]) for r in rows}
-    todo = [(e, n, s) for e in encoders for n in sizes for s in seeds if (e, n, s) not in done]
+    # smallest N first across every encoder: the few-label sizes the study is about finish first
+    todo = [(e, n, s) for n in sizes for s in seeds for e in encoders if (e, n, s) not in done]
     t0 = time.perf_counter()
     for i, (e, n, s) in enumerate(todo):
         r = finetune_one(e, encoders[e], data, n, s, args.ft_epochs, args.backbone, stats, recipes)

@@ -3,7 +3,7 @@
 One run goes through every stage (phantom -> prep -> reduce -> pre-training -> study -> report) with
 shards, checkpoints and the study's Tune state in S3 (moto's server on 127.0.0.1); the second run of
 the same command must reuse every stage and say so, and a changed fine-tuning setting must redo only
-the stages after pre-training.
+the stages after pre-training, each saying why.
 """
 
 from __future__ import annotations
@@ -46,15 +46,18 @@ def test_tiny_demo_on_s3_runs_every_stage_then_reuses_them(tmp_path, s3_bucket):
     first = _demo(out, storage)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     stages = _stage_lines(first.stdout)
-    assert list(stages) == ["phantom", "prep", "reduce", "pretrain-byol", "pretrain-spark", "finetune", "report"]
+    assert list(stages) == ["phantom-pretrain", "prep-pretrain", "phantom-labelled", "prep-labelled", "reduce-hash6",
+                            "pretrain-byol", "pretrain-spark", "finetune", "report"]
     assert set(stages.values()) == {"ran"}
 
     # Shards and checkpoints went to the bucket, not to the output folder.
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["CTSSL_S3_ENDPOINT_URL"]})
     fs.invalidate_cache()
-    for name in ("pretrain", "labelled", "pretrain-dhash"):
+    for name in ("pretrain", "labelled", "pretrain-hash6"):
         assert fs.exists(f"{s3_bucket}/ctssl-demo/shards/{name}/_manifest.json"), name
     assert fs.ls(f"{s3_bucket}/ctssl-demo/runs")
+    assert fs.exists(f"{s3_bucket}/ctssl-demo/.stages/pretrain-byol.json")  # markers beside the data
+    assert fs.exists(f"{s3_bucket}/ctssl-demo/report/report.html")
     assert not (out / "store").exists()
 
     # The report exists, names all three encoders and the study's sizes, and its plot was written.
@@ -65,7 +68,7 @@ def test_tiny_demo_on_s3_runs_every_stage_then_reuses_them(tmp_path, s3_bucket):
     assert list((out / "report").glob("*.png"))
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     # Study progress is one line with trials done, rate and ETA, not Tune's table.
-    assert re.search(r"finetune demo-study-grid: \d+/18 trials.*epochs/(s|min).*ETA", first.stderr + first.stdout)
+    assert re.search(r"finetune demo-grid: \d+/18 trials.*epochs/(s|min).*ETA", first.stderr + first.stdout)
 
     second = _demo(out, storage)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -77,6 +80,8 @@ def test_tiny_demo_on_s3_runs_every_stage_then_reuses_them(tmp_path, s3_bucket):
     assert third.returncode == 0, third.stderr[-4000:]
     redo = _stage_lines(third.stdout)
     assert [k for k, v in redo.items() if v == "ran"] == ["finetune", "report"], redo
+    assert re.search(r"^\[\d+/9\] finetune: .*settings changed: epochs 2 -> 3", third.stdout, re.M), third.stdout
+    assert re.search(r"^\[9/9\] report: .*its input was redone: finetune", third.stdout, re.M), third.stdout
 
     bad = _demo(out, storage, "--finetune-epochs", "1", "--finetune-recipes", "1e-3:2")  # 2 frozen in 1 epoch
     assert bad.returncode == 2

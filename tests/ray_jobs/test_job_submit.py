@@ -3,19 +3,15 @@ chart's RayJob) runs pre-training. The cluster is this test's own and is stopped
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.ray_jobs.servers import start_ray_head
 from tests.ray_jobs.tiny_data import write_tiny_dataset
 
 BIN = Path(sys.executable).parent
@@ -24,45 +20,8 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def ray_head():
     """A head node started with ``ray start --head --block`` in its own process group and temp dir."""
-    temp_dir = tempfile.mkdtemp(prefix="ctssl-rj-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    dash = free_port()
-    ports = {"--port": free_port(), "--dashboard-port": dash, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
-           "--temp-dir", temp_dir, "--disable-usage-stats"]
-    for k, v in ports.items():
-        cmd += [k, str(v)]
-    # Ray 2.60 clusters require a token by default; this cluster gets its own, given to the CLI too
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the job must use its default store under --storage
-    log = Path(temp_dir) / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        t0 = time.time()
-        while True:
-            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
-                               env=env, text=True)
-            if r.returncode == 0:
-                break
-            if proc.poll() is not None or time.time() - t0 > 120:
-                raise RuntimeError(f"ray head did not answer `ray job list`: {r.stderr[-1500:]}\n"
-                                   f"{log.read_text()[-1500:]}")
-            time.sleep(1)
+    with start_ray_head() as (address, env, _gcs):
         yield address, env
-    finally:
-        # `ray start --block` and its GCS, raylet, dashboard share this process group: stop them all
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # what ignored SIGTERM (GCS, monitor)
-        proc.wait(timeout=10)
 
 
 def test_ray_job_submit_runs_ctssl_pretrain_to_completion(ray_head, tmp_path):

@@ -1,0 +1,99 @@
+"""``ctssl study validate|run -f study.yaml``: a whole study from one spec file, as one Ray driver."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+NAME = "study"
+HELP = "check or run a whole study (data -> reduction -> pre-training -> fine-tuning -> report) from one file"
+DESCRIPTION = """\
+A study file (apiVersion: ctssl/v1, kind: Study) holds everything a study is: the data, the reduction
+levels, the pre-training methods, the fine-tuning study, the resources, MLflow and the storage root.
+Examples: examples/*.yaml; every key: docs/study-spec.md.
+
+  ctssl study validate -f study.yaml            # check it (errors name the line and the key)
+  ctssl study validate -f study.yaml --print    # ... and show it with every default filled in
+  ctssl study run -f study.yaml                 # on this machine (a private local Ray)
+  ctssl study run -f study.yaml --address ray://head:10001
+  ray job submit --working-dir . -- ctssl study run -f study.yaml   # on a Ray cluster
+
+A rerun reuses every finished stage (markers under the storage root); a changed setting redoes that
+stage and the stages after it that depend on it, and says so.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+    v = sub.add_parser("validate", help="check a study file against the schema and its rules")
+    v.add_argument("-f", "--file", required=True, help="the study file (YAML)")
+    v.add_argument("--print", action="store_true", help="print the study with its defaults filled in (JSON)")
+    r = sub.add_parser("run", help="run (or resume) a study")
+    r.add_argument("-f", "--file", required=True, help="the study file (YAML)")
+    r.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a private local Ray)")
+    r.add_argument("--fresh", action="store_true",
+                   help="delete the study's stage markers and local folder first (a local storage root too)")
+    sch = sub.add_parser("schema", help="print the JSON Schema of study files")
+    sch.add_argument("--reference", action="store_true", help="print the key table of docs/study-spec.md instead")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ray_jobs.study import spec
+
+    if args.study_command == "schema":
+        print(spec.reference_markdown() if args.reference else json.dumps(spec.schema(), indent=2))
+        return 0
+    study = spec.load(args.file)
+    if args.study_command == "validate":
+        if args.print:
+            print(json.dumps({"apiVersion": spec.API_VERSION, "kind": "Study", "metadata": {"name": study.name},
+                              "spec": study.spec}, indent=2))
+        else:
+            from ray_jobs.study.stages import plan
+
+            names = [s.name for s in plan(study)]
+            print(f"{args.file}: valid study {study.name!r}: {len(names)} stages ({', '.join(names)})")
+        return 0
+    return run_study(study, args.address, fresh=args.fresh)
+
+
+def run_study(study, address: str | None, *, fresh: bool = False) -> int:
+    """Run ``study`` and print where its results are (shared with ``ctssl demo``)."""
+    from ray_jobs.study import runner
+
+    if fresh:
+        _clean(study)
+    res = runner.run(study, address)
+    rep = res["report"]
+    print(f"\nstudy {study.name} finished.")
+    print(f"  report:    {rep['markdown']}")
+    print(f"             {rep['html']}")
+    if rep.get("uploaded"):
+        print(f"             {rep['uploaded']}/report.html")
+    uri = study.spec["tracking"]["uri"] or _tracking(study)
+    print(f"  MLflow:    experiment {study.name!r} at {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"  MLflow UI: {shutil.which('mlflow') or 'mlflow'} ui --backend-store-uri {uri} "
+              "--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
+    return 0
+
+
+def _tracking(study) -> str:
+    from ray_jobs import tracking
+
+    return tracking.resolve_tracking_uri(None, study.storage)
+
+
+def _clean(study) -> None:
+    from data_prep import storage
+    from ray_jobs.study.runner import MARKERS
+
+    if storage.is_local(study.storage):
+        shutil.rmtree(storage.open_fs(study.storage)[1], ignore_errors=True)
+    else:
+        fs, root = storage.open_fs(study.storage)
+        path = storage.join(root, MARKERS)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    shutil.rmtree(study.workdir, ignore_errors=True)

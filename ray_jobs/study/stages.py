@@ -1,0 +1,276 @@
+"""The stages of a study, derived from its spec: what each runs, what it needs, what settings it has.
+
+A study is a small graph: phantom cohorts (when a source is generated) -> prep of each source ->
+one reduction per threshold level -> one pre-training run per method x level -> the fine-tuning study
+-> the report. Each stage calls the same function its CLI command calls; its ``settings`` are the
+spec values its output depends on (the runner fingerprints them together with the stages it needs),
+and ``done`` checks that the output a finished marker points at still exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.study.spec import PHANTOM_KEYS, Study
+
+log = logging.getLogger("ctssl.study")
+
+
+@dataclass
+class Context:
+    """What every stage may read: the study, the Ray address, the results of finished stages."""
+
+    study: Study
+    address: str | None
+    tracking_uri: str
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gpus_per_worker: float = 0.0
+    fingerprint: str = ""  # of the stage being run: names its resumable Ray runs
+
+    def url(self, *parts: str) -> str:
+        from data_prep import storage
+
+        return storage.join(self.study.storage, *parts)
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    settings: dict[str, Any]
+    run: Callable[[Context], dict[str, Any]]
+    done: Callable[[Context, dict[str, Any]], bool]
+    needs: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- checks
+def _committed(url: str) -> bool:
+    from data_prep import shards
+    from data_prep.errors import UserError
+
+    try:
+        shards.read_manifest(url)
+        return True
+    except UserError:
+        return False
+
+
+def storage_join(*parts: str) -> str:
+    from data_prep import storage
+
+    return storage.join(*parts)
+
+
+def _exists(url: str) -> bool:
+    from data_prep import storage
+
+    fs, path = storage.open_fs(url)
+    return fs.exists(path)
+
+
+# ----------------------------------------------------------------------------------------- data
+def _phantom_dir(study: Study, role: str) -> Path:
+    return study.workdir.resolve() / "phantom" / role
+
+
+def _phantom(role: str) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        import shutil
+
+        from data_prep.phantom.cohort import write_cohort
+        from data_prep.progress import Progress
+
+        src = ctx.study.spec["data"][role]
+        dst = _phantom_dir(ctx.study, role)
+        shutil.rmtree(dst, ignore_errors=True)  # a cohort half-written by a crashed run is redone whole
+        seed = ctx.study.spec["seed"] + (1000 if role == "labelled" else 0)
+        with Progress(total=src["patients"] * src["slices"], unit="slices", desc=f"phantom {role}",
+                      every_s=5.0) as bar:
+            write_cohort(dst, patients=src["patients"], slices=src["slices"], size=src.get("renderSize", 128),
+                         seed=seed, progress=bar.update)
+        return {"folder": str(dst)}
+
+    return run
+
+
+def _deid_key(study: Study) -> bytes:
+    from data_prep.deid import load_key
+
+    every_phantom = all(study.spec["data"][r]["type"] == "phantom" for r in ("pretrain", "labelled"))
+    return load_key(study.spec["deid"]["keyFile"], allow_generate=every_phantom,
+                    generated_path=str(study.workdir.resolve() / "deid.key"))
+
+
+def _prep(role: str) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        from data_prep.prep import PrepConfig, run_prep
+
+        study = ctx.study
+        src = study.spec["data"][role]
+        if src["type"] == "phantom":
+            folder = _phantom_dir(study, role)
+            labels = str(folder / f"labels_{src.get('task', 'region')}.csv") if role == "labelled" else None
+            pc = PrepConfig(src=str(folder), dst=ctx.url("shards", role), source="dicom", size=src["size"],
+                            dataset=src.get("dataset") or f"phantom-{role}", labels_csv=labels,
+                            executor="local")  # the phantom lies on the driver's disk only
+        else:
+            pc = PrepConfig(src=src["path"], dst=ctx.url("shards", role), source=src["type"], size=src["size"],
+                            dataset=src.get("dataset"), labels_csv=src.get("labels"),
+                            workers=study.spec["resources"]["prepWorkers"], executor="ray", address=ctx.address)
+        s = run_prep(pc, _deid_key(study))
+        print(f"    {role}: {s.slices_written} slices from {s.series} series, {s.rejected} rejected -> {pc.dst}",
+              flush=True)
+        return {"url": pc.dst, "slices": s.slices_written, "rejected": s.rejected}
+
+    return run
+
+
+def data_url(ctx: Context, role: str) -> str:
+    """Where a source's shards are: prepped by the study, or given as already-prepped shards."""
+    src = ctx.study.spec["data"][role]
+    return src["path"] if src["type"] == "shards" else ctx.results[f"prep-{role}"]["url"]
+
+
+def _reduce(level: int) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        from data_prep.reduce import reduce_dataset
+
+        study = ctx.study
+        strategy = study.spec["reduction"]["strategy"]
+        dst = ctx.url("shards", f"pretrain-{study.level_label(level)}")
+        summary = reduce_dataset(data_url(ctx, "pretrain"), dst, strategy, threshold=level, progress=True)
+        print(f"    {strategy} <= {level}: kept {summary['kept']} of {summary['total']} slices "
+              f"({summary['kept'] / max(1, summary['total']):.0%})", flush=True)
+        return {"url": dst, "kept": summary["kept"], "total": summary["total"]}
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------- training
+def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        from ray_jobs.pretrain.config import PretrainConfig, parse_duration
+        from ray_jobs.pretrain.driver import run_pretrain
+
+        study = ctx.study
+        s = study.method_settings(method)
+        res = study.spec["resources"]
+        encoder = study.encoder_name(method, level)
+        label = study.level_label(level)
+        selection = None if level is None else ctx.results[f"reduce-{label}"]["url"]
+        pc = PretrainConfig(
+            method=method, data=data_url(ctx, "pretrain"), selection=selection, backbone=s["backbone"],
+            workers=res["workers"], cpus_per_worker=res["cpusPerWorker"], gpus_per_worker=ctx.gpus_per_worker,
+            epochs=s["epochs"], batch_size=s["batch"], max_steps=s["maxSteps"],
+            time_budget_s=parse_duration(s["timeBudget"]) if s["timeBudget"] else None,
+            # the fingerprint in the name: a restarted driver resumes this run, a changed setting starts anew
+            storage=ctx.url("runs"), experiment=f"{study.name}-{encoder}-{ctx.fingerprint[:8]}",
+            address=ctx.address, tracking_uri=ctx.tracking_uri,
+            checkpoint_every=study.spec["pretrain"]["checkpointEvery"], seed=study.spec["seed"],
+            method_options=s["options"], mlflow_experiment=study.name, register_as=f"{study.name}-{encoder}",
+            tags={"ctssl.stage": "pretrain", "ctssl.study": study.name, "encoder": encoder, "reduction": label})
+        pc.validate()
+        r = run_pretrain(pc)
+        print(f"    {encoder}: {r.summary()}", flush=True)
+        return {"checkpoint": r.checkpoint_path, "run_id": r.run_id, "steps": r.steps,
+                "train_time_s": r.train_time_s, "encoder": encoder, "method": method, "reduction": label}
+
+    return run
+
+
+def _finetune(ctx: Context) -> dict[str, Any]:
+    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+    from ray_jobs.finetune.study import run_study
+
+    study = ctx.study
+    ft = study.spec["finetune"]
+    pre = [r for k, r in ctx.results.items() if k.startswith("pretrain-")]
+    encoders = (["random"] if ft["random"] else []) + [f"{r['encoder']}={r['checkpoint']}" for r in pre]
+    tags = {r["encoder"]: {"ctssl.stage": "finetune", "method": r["method"], "reduction": r["reduction"]}
+            for r in pre}
+    fc = FinetuneConfig(
+        data=data_url(ctx, "labelled"), storage=ctx.url("study"), experiment=study.name, encoders=encoders,
+        backbone=ft["backbone"], sizes=parse_sizes(samples_per_class=",".join(map(str, ft["samplesPerClass"]))),
+        folds=ft["folds"], seeds=list(ft["seeds"]), val_fraction=ft["valFraction"], epochs=ft["epochs"],
+        frozen_epochs=ft["frozenEpochs"], lr=ft["lr"], batch_size=ft["batch"], protocol=ft["protocol"],
+        recipes=ft["recipes"], bn_recalibrate=ft["batchNormRecalibrate"],
+        gpus_per_trial=1.0 if ctx.gpus_per_worker > 0 else 0.0,
+        max_concurrent=study.spec["resources"]["maxConcurrentTrials"], address=ctx.address,
+        tracking_uri=ctx.tracking_uri, fold_seed=study.spec["seed"], encoder_tags=tags)
+    r = run_study(fc)
+    print(r.summary_markdown(), flush=True)
+    return {"parent_run_id": r.parent_run_id, "trials": r.trials, "failed": r.failed}
+
+
+def _report(ctx: Context) -> dict[str, Any]:
+    from data_prep import storage
+    from ray_jobs.report.build import ReportConfig, build_report
+
+    study = ctx.study
+    rep = study.spec["report"]
+    local = study.workdir.resolve() / "report"
+    paths = build_report(ReportConfig(experiment=study.name, out=str(local), tracking_uri=ctx.tracking_uri,
+                                      study_run=ctx.results["finetune"]["parent_run_id"],
+                                      target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True))
+    res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local)}
+    if not storage.is_local(study.storage):  # and beside the shards, where the cluster's users look
+        fs, root = storage.open_fs(ctx.url("report"))
+        for f in sorted(local.iterdir()):
+            if f.is_file():
+                storage.write_bytes_atomic(fs, storage.join(root, f.name), f.read_bytes())
+        res["uploaded"] = ctx.url("report")
+    return res
+
+
+# ----------------------------------------------------------------------------------------- the plan
+def plan(study: Study) -> list[Stage]:
+    """The study's stages in an order that runs each after the stages it needs."""
+    spec = study.spec
+    out: list[Stage] = []
+    for role in ("pretrain", "labelled"):
+        src = spec["data"][role]
+        if src["type"] == "phantom":
+            keys = ("patients", "slices", "renderSize", "task")
+            out.append(Stage(f"phantom-{role}", f"synthetic CT cohort ({role}, DICOM)",
+                             {**{k: src.get(k) for k in keys}, "seed": spec["seed"]}, _phantom(role),
+                             lambda c, r: (Path(r["folder"]) / "phantom.json").exists()))
+        if src["type"] != "shards":
+            out.append(Stage(f"prep-{role}", f"prep of the {role} set to Parquet shards",
+                             {k: v for k, v in src.items() if k not in PHANTOM_KEYS}, _prep(role),
+                             lambda c, r: _committed(r["url"]),
+                             needs=[f"phantom-{role}"] if src["type"] == "phantom" else []))
+    pool_needs = [] if spec["data"]["pretrain"]["type"] == "shards" else ["prep-pretrain"]
+    for level in study.levels():
+        if level is not None:
+            label = study.level_label(level)
+            out.append(Stage(f"reduce-{label}", f"{spec['reduction']['strategy']} reduction of the pool at {level}",
+                             {"strategy": spec["reduction"]["strategy"], "level": level,
+                              "pool": spec["data"]["pretrain"].get("path")},
+                             _reduce(level), lambda c, r: _committed(r["url"]), needs=list(pool_needs)))
+    res = {k: spec["resources"][k] for k in ("workers", "cpusPerWorker", "gpusPerWorker")}
+    pretrain_names = []
+    for method in study.methods():
+        for level in study.levels():
+            enc = study.encoder_name(method, level)
+            needs = list(pool_needs) + ([f"reduce-{study.level_label(level)}"] if level is not None else [])
+            out.append(Stage(f"pretrain-{enc}", f"pre-training {method} on "
+                             + ("all slices" if level is None else f"the {study.level_label(level)} selection"),
+                             {**study.method_settings(method), "level": level, "resources": res,
+                              "checkpointEvery": spec["pretrain"]["checkpointEvery"], "seed": spec["seed"]},
+                             _pretrain(method, level), lambda c, r: _exists(r["checkpoint"]), needs=needs))
+            pretrain_names.append(f"pretrain-{enc}")
+    labelled_needs = [] if spec["data"]["labelled"]["type"] == "shards" else ["prep-labelled"]
+    out.append(Stage("finetune", "fine-tuning study (Ray Tune)",
+                     {**spec["finetune"], "labelled": spec["data"]["labelled"].get("path"),
+                      "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
+                     _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
+    out.append(Stage("report", "report", dict(spec["report"]), _report,
+                     lambda c, r: Path(r["html"]).exists() and (
+                         "uploaded" not in r or _exists(storage_join(r["uploaded"], "report.html"))),
+                     needs=["finetune"]))
+    return out
+
