@@ -341,7 +341,7 @@ def start_postgres(user: str = "mlflow", password: str | None = None,
 
 
 @contextmanager
-def start_mlflow_server(argv: list[str], env: dict[str, str], timeout: float = 120) -> Iterator[MlflowServer]:
+def start_mlflow_server(argv: list[str], env: dict[str, str], timeout: float = 300) -> Iterator[MlflowServer]:
     """``mlflow server`` as ``argv`` says (e.g. the chart's container command), but on 127.0.0.1 and a
     free port; ``env`` is its whole environment (the backend store URI may come from
     MLFLOW_BACKEND_STORE_URI, as in the chart). Stopped with its worker processes afterwards."""

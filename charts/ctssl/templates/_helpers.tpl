@@ -117,7 +117,7 @@ the digest alone decides what runs). ctx = dict "image" "repo:tag" "digest" "sha
       name: {{ include "ctssl.postgresSecret" . | quote }}
       key: {{ .Values.postgresql.passwordKey | quote }}
 - name: MLFLOW_BACKEND_STORE_URI
-  value: {{ printf "postgresql://%s:$(PGPASSWORD)@%s-postgresql:5432/%s" .Values.postgresql.username (include "ctssl.fullname" .) .Values.postgresql.database | quote }}
+  value: {{ printf "postgresql+psycopg2://%s:$(PGPASSWORD)@%s-postgresql:5432/%s" .Values.postgresql.username (include "ctssl.fullname" .) .Values.postgresql.database | quote }}
 {{- else -}}
 - name: MLFLOW_BACKEND_STORE_URI
   valueFrom:
