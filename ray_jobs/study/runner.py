@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -90,10 +91,20 @@ def _why(marker: dict[str, Any] | None, settings_json: Any, inputs: dict[str, st
 
 
 def resolve_gpus(study: Study) -> float:
-    """``gpusPerWorker: auto``: one per worker when the connected cluster has GPUs, else none."""
+    """``gpusPerWorker: auto``: one per worker when the connected cluster has GPUs, else none.
+
+    An autoscaling cluster whose GPU workers start at zero replicas has no GPU yet when the driver
+    starts; its head says how many it may add (``CTSSL_AUTOSCALER_MAX_GPUS``, set by the Helm chart),
+    so the study asks for GPUs and the autoscaler brings them up instead of the study training on CPU.
+    """
     want = study.spec["resources"]["gpusPerWorker"]
     if want != "auto":
         return float(want)
+    try:
+        if float(os.environ.get("CTSSL_AUTOSCALER_MAX_GPUS") or 0) > 0:
+            return 1.0
+    except ValueError:
+        log.warning("CTSSL_AUTOSCALER_MAX_GPUS=%r is not a number: ignored", os.environ["CTSSL_AUTOSCALER_MAX_GPUS"])
     import ray
 
     return 1.0 if float(ray.cluster_resources().get("GPU", 0)) > 0 else 0.0

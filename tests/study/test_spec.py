@@ -163,3 +163,12 @@ def test_the_docs_key_reference_is_the_schemas():
     assert m.group(1).strip() == spec.reference_markdown().strip(), (
         "docs/study-spec.md's key table differs from the schema: regenerate it with "
         "`ctssl study schema --reference`")
+
+
+def test_gpus_auto_asks_for_gpus_an_autoscaler_may_add_and_an_explicit_number_wins(monkeypatch):
+    from ray_jobs.study.runner import resolve_gpus
+
+    monkeypatch.setenv("CTSSL_AUTOSCALER_MAX_GPUS", "8")  # a GPU group at zero replicas, up to 8 GPUs
+    assert resolve_gpus(spec.loads(GOOD)) == 1.0
+    assert resolve_gpus(spec.loads(GOOD + "  resources: {gpusPerWorker: 0}\n")) == 0.0
+    assert resolve_gpus(spec.loads(GOOD + "  resources: {gpusPerWorker: 0.5}\n")) == 0.5

@@ -122,6 +122,7 @@ def test_killed_mid_pretraining_resumes_then_reuses_and_compares_the_levels(tmp_
     assert sorted(r.data.tags["encoder"] for r in pre) == ["byol-all", "byol-hash6"]
     assert {r.data.tags["reduction"] for r in pre} == {"all", "hash6"}
     assert all(r.info.status == "FINISHED" and r.data.tags["final_step"] == str(MAX_STEPS) for r in pre)
+    assert {(r.data.tags["device"], r.data.tags["precision"]) for r in pre} == {("cpu", "fp32")}  # no CUDA here
     for enc in ("byol-all", "byol-hash6"):
         versions = cl.search_model_versions(f"name = 'tiny-{enc}'")
         assert len(versions) == 1, enc
