@@ -4,10 +4,11 @@ Strategies (registry :data:`STRATEGIES`, one module each): ``every_n``, ``hash``
 scope), ``ssim``, ``mutual_info``, ``embedding``. See ``docs/reduction.md``.
 """
 
-from data_prep.reduce import embedding, every_n, hashing, image_similarity  # noqa: F401  (register)
-from data_prep.reduce.base import STRATEGIES, Selection, SliceSet, Strategy, get_strategy, register
+from data_prep.reduce.base import STRATEGIES, Selection, SliceSet, Strategy, get_strategy
 from data_prep.reduce.run import build_strategy, reduce_dataset
 from data_prep.reduce.target import search_threshold
 
+STRATEGIES.load()  # register every strategy on import, so the registry is complete
+
 __all__ = ["STRATEGIES", "Selection", "SliceSet", "Strategy", "build_strategy", "get_strategy",
-           "reduce_dataset", "register", "search_threshold"]
+           "reduce_dataset", "search_threshold"]

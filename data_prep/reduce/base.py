@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from data_prep.errors import UserError
+from ssl_core.registry import Registry
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Strategy:
     True; similarity-like thresholds: False); the target-fraction search relies on it.
     """
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by ``@STRATEGIES.register(name)``
     help: ClassVar[str]
     threshold_name: ClassVar[str]
     default_threshold: ClassVar[float]
@@ -132,21 +133,14 @@ class Strategy:
         return float(self.lower), float(self.upper)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    if cls.name in STRATEGIES:
-        raise ValueError(f"strategy {cls.name!r} registered twice")
-    STRATEGIES[cls.name] = cls
-    return cls
+#: the strategies by name; their modules register them when imported (``data_prep.reduce`` imports all)
+STRATEGIES: Registry[type[Strategy]] = Registry(
+    "reduction strategy", error=UserError,
+    modules=[f"data_prep.reduce.{m}" for m in ("embedding", "every_n", "hashing", "image_similarity")])
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise UserError(f"unknown reduction strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+    return STRATEGIES.get(name)
 
 
 def empty_selection(n: int, threshold: float) -> Selection:

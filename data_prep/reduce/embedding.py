@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.reduce.base import Selection, SliceSet, register
+from data_prep.reduce.base import STRATEGIES, Selection, SliceSet
 from data_prep.reduce.progress import progress_bar
 from data_prep.reduce.sequential import LastKeptSimilarity, gather_features
 
@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 MODES = ("threshold", "kcenter")
 
 
-@register
+@STRATEGIES.register("embedding")
 class EmbeddingStrategy(LastKeptSimilarity):
-    name = "embedding"
     help = ("cosine similarity of encoder embeddings: drop a slice too similar to the last kept one "
             "(--mode threshold) or keep a k-center-greedy diverse subset (--mode kcenter)")
     threshold_name = "cosine similarity"

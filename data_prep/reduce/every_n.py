@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.reduce.base import Selection, Strategy, register
+from data_prep.reduce.base import STRATEGIES, Selection, Strategy
 from data_prep.reduce.greedy import every_nth
 
 
-@register
+@STRATEGIES.register("every_n")
 class EveryN(Strategy):
-    name = "every_n"
     help = "keep slices 0, n, 2n, ... of each series (n may be fractional, >= 1)"
     threshold_name = "n (stride)"
     default_threshold = 2.0

@@ -10,7 +10,7 @@ import numpy as np
 
 from data_prep.dhash import dhash64_hu
 from data_prep.errors import UserError
-from data_prep.reduce.base import Selection, SliceSet, Strategy, register
+from data_prep.reduce.base import STRATEGIES, Selection, SliceSet, Strategy
 from data_prep.reduce.greedy import reference_greedy
 from data_prep.reduce.mih import global_reference_greedy
 from data_prep.reduce.progress import progress_bar
@@ -21,9 +21,8 @@ SCOPES = ("volume", "global")
 GLOBAL_PROGRESS_MIN = 200_000  # below this the global pass takes seconds: no bar
 
 
-@register
+@STRATEGIES.register("hash")
 class HashStrategy(Strategy):
-    name = "hash"
     help = "dhash (64 bits) + Hamming distance, greedy per volume or across the dataset"
     threshold_name = "maximum Hamming distance"
     default_threshold = 6

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.reduce.base import SliceSet, register
+from data_prep.reduce.base import STRATEGIES, SliceSet
 from data_prep.reduce.sequential import LastKeptSimilarity, gather_features
 from data_prep.reduce.similarity import nmi_pairs, ssim_pairs, thumbnails
 
@@ -40,9 +40,8 @@ class _ThumbnailStrategy(LastKeptSimilarity):
         return gather_features(data, lambda hu: thumbnails(hu, self.size), progress, self.name)
 
 
-@register
+@STRATEGIES.register("ssim")
 class SSIMStrategy(_ThumbnailStrategy):
-    name = "ssim"
     help = "drop a slice whose SSIM to the last kept slice of its series is above the threshold"
     threshold_name = "SSIM"
     default_threshold = 0.9
@@ -53,9 +52,8 @@ class SSIMStrategy(_ThumbnailStrategy):
         return ssim_pairs(a, b)
 
 
-@register
+@STRATEGIES.register("mutual_info")
 class MutualInfoStrategy(_ThumbnailStrategy):
-    name = "mutual_info"
     help = "drop a slice whose normalised mutual information with the last kept slice is above the threshold"
     threshold_name = "normalised mutual information"
     default_threshold = 0.6

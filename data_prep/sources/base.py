@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from data_prep.errors import UserError
 from data_prep.records import Reject, SeriesData, SeriesTask
+from ssl_core.registry import Registry
 
 
 @dataclass
@@ -23,7 +23,7 @@ class PrepOptions:
 class Source(ABC):
     """A layout of CT data on disk."""
 
-    name: str = ""
+    name: str = ""  # set by ``@SOURCES.register(name)``
     #: inputs seen by the last discover() that are not images (CSV, JSON...): listed, not rejected
     ignored: list[str]
 
@@ -55,37 +55,27 @@ class Source(ABC):
         return len(task.inputs)
 
 
-_REGISTRY: dict[str, type[Source]] = {}
-
-
-def register_source(cls: type[Source]) -> type[Source]:
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
+#: the sources by name; their modules register them when imported (``data_prep.sources`` imports all)
+SOURCES: Registry[type[Source]] = Registry(
+    "source", error=UserError,
+    modules=[f"data_prep.sources.{m}" for m in ("dicom", "nifti", "medmnist", "imagefolder")])
 
 
 def source_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return SOURCES.names()
 
 
 def get_source(name: str) -> Source:
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise UserError(f"unknown source {name!r}; known: {', '.join(source_names())}") from None
+    return SOURCES.get(name)()
 
 
 def detect_source(root: str) -> Source:
-    """The first registered source whose layout matches ``root``."""
+    """The first registered source (in name order) whose layout matches ``root``."""
     for name in source_names():
-        if _REGISTRY[name].detect(root):
-            return _REGISTRY[name]()
+        if SOURCES.get(name).detect(root):
+            return SOURCES.get(name)()
     raise UserError(
         f"{root}: could not tell the layout (DICOM tree, NIfTI files, MedMNIST .npz, image folder + "
         f"labels CSV); pass --source {{{','.join(source_names())}}}"
     )
 
-
-def iter_registry() -> Iterable[tuple[str, type[Source]]]:
-    return sorted(_REGISTRY.items())

@@ -29,7 +29,7 @@ from data_prep.errors import UserError
 from data_prep.hu import hu_resized
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
-from data_prep.sources.base import PrepOptions, Source, register_source
+from data_prep.sources.base import SOURCES, PrepOptions, Source
 
 #: Files next to DICOMs that are not images: listed as "ignored", not rejected.
 NON_IMAGE_SUFFIXES = (".csv", ".json", ".txt", ".md", ".xml", ".pdf", ".html", ".yaml", ".yml", ".py", ".key")
@@ -148,10 +148,8 @@ class _Slice:
     study: str
 
 
-@register_source
+@SOURCES.register("dicom")
 class DicomSource(Source):
-    name = "dicom"
-
     @classmethod
     def detect(cls, root: str) -> bool:
         for i, p in enumerate(_walk(root)):

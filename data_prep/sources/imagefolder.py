@@ -23,7 +23,7 @@ from data_prep.errors import UserError
 from data_prep.hu import resize_square
 from data_prep.labels import label_for, labels_for_input, normalise_key
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
-from data_prep.sources.base import PrepOptions, Source, register_source
+from data_prep.sources.base import SOURCES, PrepOptions, Source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHUNK_IMAGES = 512
@@ -65,9 +65,8 @@ def _patients_column(csv_path: str) -> dict[str, str]:
                 for r in reader if (r.get("file") or "").strip() and (r.get("patient") or "").strip()}
 
 
-@register_source
+@SOURCES.register("imagefolder")
 class ImageFolderSource(Source):
-    name = "imagefolder"
     intensity = "gray8"
 
     @classmethod

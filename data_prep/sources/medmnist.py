@@ -24,7 +24,7 @@ import numpy as np
 from data_prep.errors import UserError
 from data_prep.hu import resize_square
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
-from data_prep.sources.base import PrepOptions, Source, register_source
+from data_prep.sources.base import SOURCES, PrepOptions, Source
 
 SPLITS = ("train", "val", "test")
 CHUNK_IMAGES = 2048
@@ -71,9 +71,8 @@ def to_gray8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.int16)
 
 
-@register_source
+@SOURCES.register("medmnist")
 class MedMNISTSource(Source):
-    name = "medmnist"
     intensity = "gray8"
 
     @classmethod

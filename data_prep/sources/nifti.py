@@ -20,7 +20,7 @@ from data_prep.errors import UserError
 from data_prep.hu import resize_square, to_hu
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
-from data_prep.sources.base import PrepOptions, Source, register_source
+from data_prep.sources.base import SOURCES, PrepOptions, Source
 
 SUFFIXES = (".nii.gz", ".nii")
 GENERIC_STEMS = {"ct", "image", "img", "volume", "vol", "scan", "data", "imaging"}
@@ -78,10 +78,8 @@ def patient_of(rel: str) -> str:
     return os.path.join(parent, stem).replace(os.sep, "/")
 
 
-@register_source
+@SOURCES.register("nifti")
 class NiftiSource(Source):
-    name = "nifti"
-
     @classmethod
     def detect(cls, root: str) -> bool:
         if os.path.isfile(root):

@@ -1,50 +1,32 @@
 """Registry of pre-training methods: ``create_method("byol", backbone="resnet18", ...)``.
 
-Each method lives in its own module and registers itself with :func:`register`; adding a fifth
-method is one new file listed in ``_METHOD_MODULES``.
+Each method lives in its own module, named like the method, and registers itself with
+``@METHODS.register(name)``; adding a fifth method is one new file listed in :data:`METHOD_NAMES`.
+
+Importing this package does not import torch (the method modules and :mod:`~ssl_core.methods.base`
+are imported on first use), so command-line code can read :data:`METHOD_NAMES` without that cost.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
+from ssl_core.registry import Registry
 
-_REGISTRY: dict[str, type[SSLMethod]] = {}
-_METHOD_MODULES = ("byol", "mocov2", "swav", "spark")
+if TYPE_CHECKING:
+    from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 
-
-def register(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:
-    def deco(cls: type[SSLMethod]) -> type[SSLMethod]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_all() -> None:
-    for m in _METHOD_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{m}")
-        except ModuleNotFoundError as e:  # a method module not written yet must not break the rest
-            if e.name != f"{__name__}.{m}":
-                raise
+#: the pre-training methods, one module each: the one list of them
+METHOD_NAMES = ("byol", "mocov2", "swav", "spark")
+METHODS: Registry[type[SSLMethod]] = Registry("method", modules=[f"{__name__}.{m}" for m in METHOD_NAMES])
 
 
 def method_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def get_method_class(name: str) -> type[SSLMethod]:
-    _load_all()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return METHODS.get(name)
 
 
 def create_method(name: str, **kwargs: Any) -> SSLMethod:
@@ -53,5 +35,14 @@ def create_method(name: str, **kwargs: Any) -> SSLMethod:
     return get_method_class(name)(**kwargs)
 
 
-__all__ = ["OptimizerDefaults", "SSLMethod", "StepContext", "create_method", "get_method_class",
-           "method_names", "register"]
+def __getattr__(name: str) -> Any:
+    # the base classes need torch: imported when first asked for, not with the package
+    if name in ("OptimizerDefaults", "SSLMethod", "StepContext"):
+        from ssl_core.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "METHOD_NAMES", "OptimizerDefaults", "SSLMethod", "StepContext", "create_method",
+           "get_method_class", "method_names"]

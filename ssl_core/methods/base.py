@@ -52,7 +52,7 @@ class OptimizerDefaults:
 class SSLMethod(nn.Module, ABC):
     """Base class: a pre-training method around a timm backbone."""
 
-    #: registry name, set by :func:`ssl_core.methods.register`
+    #: registry name, set by ``@METHODS.register(name)`` (:data:`ssl_core.methods.METHODS`)
     name: str = ""
     #: constructor options counted in optimiser steps: a time-budgeted run cannot honour them, as its
     #: step count is unknown until it ends (its schedules see a scaled step, not the real one)

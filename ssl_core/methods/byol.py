@@ -24,7 +24,7 @@ from ssl_core.backbones import create_backbone, feature_dim
 from ssl_core.ct_window import WindowSpec
 from ssl_core.heads import MLPHead, byol_head_dims
 from ssl_core.losses import byol_loss
-from ssl_core.methods import register
+from ssl_core.methods import METHODS
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 from ssl_core.methods.common import forward_views
 from ssl_core.momentum import cosine_tau, ema_update_, freeze
@@ -32,7 +32,7 @@ from ssl_core.momentum import cosine_tau, ema_update_, freeze
 log = logging.getLogger(__name__)
 
 
-@register("byol")
+@METHODS.register("byol")
 class BYOL(SSLMethod):
     def __init__(
         self,

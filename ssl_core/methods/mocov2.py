@@ -48,7 +48,7 @@ from ssl_core.distributed import (
 from ssl_core.heads import MLPHead, mocov2_head_dims
 from ssl_core.losses import info_nce_queue_loss
 from ssl_core.memory_queue import MemoryQueue
-from ssl_core.methods import register
+from ssl_core.methods import METHODS
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 from ssl_core.methods.common import prepare_input
 from ssl_core.momentum import ema_update_, freeze
@@ -139,7 +139,7 @@ def auto_shuffle_bn_groups(batch: int) -> int:
     return min(8, max(4, batch // 32))
 
 
-@register("mocov2")
+@METHODS.register("mocov2")
 class MoCoV2(SSLMethod):
     def __init__(
         self,

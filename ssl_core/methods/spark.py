@@ -22,7 +22,7 @@ from torch import nn
 from ssl_core.augment import MultiView, spark_views
 from ssl_core.backbones import create_backbone
 from ssl_core.ct_window import WindowSpec
-from ssl_core.methods import register
+from ssl_core.methods import METHODS
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 from ssl_core.methods.common import prepare_input
 from ssl_core.spark.decoder import Densify, LightDecoder
@@ -124,7 +124,7 @@ def _uses_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-@register("spark")
+@METHODS.register("spark")
 class SparK(SSLMethod):
     """Sparse masked modelling around any timm ResNet / ConvNeXt.
 

@@ -31,7 +31,7 @@ from ssl_core.distributed import is_distributed, world_size
 from ssl_core.heads import MLPHead, Prototypes, swav_head_dims
 from ssl_core.losses import swav_swapped_loss
 from ssl_core.memory_queue import MemoryQueue
-from ssl_core.methods import register
+from ssl_core.methods import METHODS
 from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext
 from ssl_core.methods.common import forward_views
 from ssl_core.sinkhorn import sinkhorn_knopp
@@ -43,7 +43,7 @@ DEFAULT_FREEZE_ITERS = 313  # the paper's: one ImageNet epoch at batch 4096
 MAX_FREEZE_FRACTION = 0.1  # frozen prototypes for longer than a tenth of a short run only waste it
 
 
-@register("swav")
+@METHODS.register("swav")
 class SwAV(SSLMethod):
     def __init__(
         self,

@@ -62,8 +62,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ssl_core.methods import METHOD_NAMES  # noqa: E402
+
 NO_CUDA_LINE = "gpu-check: no CUDA device on this machine; nothing to measure"
-ALL_METHODS = ("byol", "mocov2", "swav", "spark")
+ALL_METHODS = METHOD_NAMES
 GIB = float(1 << 30)
 
 # Method options: the product's defaults, except that SwAV's prototypes are not frozen, so that both

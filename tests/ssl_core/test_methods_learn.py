@@ -32,7 +32,7 @@ METHOD_KWARGS = {
     "spark": {"decoder_width": 64},
 }
 PROBE_STEPS = 100
-METHODS = [m for m in ("byol", "mocov2", "swav", "spark") if m in method_names()]
+METHODS = method_names()
 
 
 @functools.cache
