@@ -44,7 +44,7 @@ class FinetuneConfig:
     """Defaults are the paper's recipe; ``select_metric`` picks the best epoch on validation data."""
 
     epochs: int = 70
-    freeze_epochs: int = 10
+    frozen_epochs: int = 10
     lr: float = 1e-4
     weight_decay: float = 5e-4
     batch_size: int = 64
@@ -65,9 +65,9 @@ class FinetuneConfig:
     bn_recalibrate_max_images: int = 2048
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or not 0 <= self.freeze_epochs <= self.epochs:
-            raise ValueError(f"need epochs >= 1 and 0 <= freeze_epochs <= epochs, got "
-                             f"epochs={self.epochs}, freeze_epochs={self.freeze_epochs}")
+        if self.epochs < 1 or not 0 <= self.frozen_epochs <= self.epochs:
+            raise ValueError(f"need epochs >= 1 and 0 <= frozen_epochs <= epochs, got "
+                             f"epochs={self.epochs}, frozen_epochs={self.frozen_epochs}")
         if self.lr <= 0 or self.batch_size < 1:
             raise ValueError(f"invalid lr={self.lr} or batch_size={self.batch_size}")
 
@@ -200,8 +200,8 @@ class FineTuner:
         return TensorBatches(images, labels, self.config.batch_size, shuffle=train, seed=self.config.seed)
 
     def train_one_epoch(self, batches: Batches, epoch: int) -> dict[str, float]:
-        """One pass; the backbone is frozen iff ``epoch < freeze_epochs`` (epochs count from 0)."""
-        self.set_backbone_frozen(epoch < self.config.freeze_epochs)
+        """One pass; the backbone is frozen iff ``epoch < frozen_epochs`` (epochs count from 0)."""
+        self.set_backbone_frozen(epoch < self.config.frozen_epochs)
         self._train_mode()
         total, n, t0 = 0.0, 0, time.perf_counter()
         for images, labels in batches:

@@ -143,7 +143,7 @@ def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             torch.manual_seed(seed * 1009 + fold)  # every recipe starts from the same head initialisation
             model = create_classifier(enc["backbone"], num_classes=len(ctx.classes), in_chans=enc["in_chans"],
                                       encoder_state=enc["state"])
-            ft = FineTuner(model, FTConfig(epochs=epochs, freeze_epochs=recipe.frozen_epochs, lr=recipe.lr,
+            ft = FineTuner(model, FTConfig(epochs=epochs, frozen_epochs=recipe.frozen_epochs, lr=recipe.lr,
                                            weight_decay=s["weight_decay"], batch_size=s["batch_size"],
                                            img_size=s["img_size"], windows=enc.get("windows"),
                                            select_metric="auc", seed=seed,

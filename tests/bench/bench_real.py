@@ -263,7 +263,7 @@ def finetune_one(name: str, spec: dict[str, Any], data: dict[str, Any], n: int, 
         torch.manual_seed(seed)
         model = create_classifier(backbone, num_classes=len(data["classes"]), in_chans=in_chans,
                                   encoder_state=state)
-        ft = FineTuner(model, FinetuneConfig(epochs=epochs, freeze_epochs=recipe.frozen_epochs, lr=recipe.lr,
+        ft = FineTuner(model, FinetuneConfig(epochs=epochs, frozen_epochs=recipe.frozen_epochs, lr=recipe.lr,
                                              batch_size=32, windows=windows, seed=seed, bn_recalibrate=True),
                        device="cpu")
         fit = ft.fit(ft.batches(imgs[train], labels[train], train=True),

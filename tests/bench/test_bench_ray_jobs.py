@@ -155,7 +155,7 @@ def test_bench_finetune_trial_time_vs_in_process(bench_ray, tmp_path):
     torch.set_num_threads(1)  # a trial gets 1 CPU (--cpus-per-trial 1): same budget for the peer
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    ft = FineTuner(create_classifier("resnet18", 2, 1), FTConfig(epochs=5, freeze_epochs=1, batch_size=16))
+    ft = FineTuner(create_classifier("resnet18", 2, 1), FTConfig(epochs=5, frozen_epochs=1, batch_size=16))
     imgs = torch.from_numpy(d.images.astype(np.float32)).unsqueeze(1)
     labels = torch.from_numpy(d.labels)
     ft.fit(ft.batches(imgs[idx], labels[idx], True), ft.batches(imgs[fold.val], labels[fold.val], False))

@@ -96,7 +96,7 @@ def test_finetune_epoch_time_vs_plain_loop():
 
     torch.manual_seed(0)
     model = create_classifier("resnet18", num_classes=2, in_chans=1)
-    ft = FineTuner(model, FinetuneConfig(epochs=1, freeze_epochs=0, batch_size=batch, windows=["soft_tissue"]),
+    ft = FineTuner(model, FinetuneConfig(epochs=1, frozen_epochs=0, batch_size=batch, windows=["soft_tissue"]),
                    device="cpu")
     train = ft.batches(hu, y, train=True)
 
