@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.budget import Budget
@@ -31,21 +30,6 @@ from ray_jobs.pretrain.data import decode_batch, to_training_tensor
 from ray_jobs.pretrain.epoch_cache import EpochCache
 
 log = logging.getLogger("ctssl.pretrain")
-
-
-class StepModule(nn.Module):
-    """Makes ``training_step`` the module's ``forward`` so DDP's gradient hooks see every step."""
-
-    def __init__(self, method: nn.Module):
-        super().__init__()
-        self.method = method
-
-    def forward(self, images: torch.Tensor, step: int, total_steps: int, epoch: int,
-                total_epochs: int) -> dict[str, torch.Tensor]:
-        from ssl_core.methods import StepContext
-
-        return self.method.training_step(images, StepContext(step=step, total_steps=total_steps, epoch=epoch,
-                                                              total_epochs=total_epochs))
 
 
 def encoder_config(cfg: PretrainConfig, img_size: int, dataset: str, progress: ckpt_io.Progress,
@@ -129,7 +113,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + progress.step)  # different augmentations per rank and restart
 
     model = ray.train.torch.prepare_model(
-        StepModule(method),
+        method,  # its forward is training_step, so DDP's gradient hooks see every step
         # SwAV freezes its prototypes for the first iterations and target networks get no gradient:
         # parameters without a gradient in a step must not stall DDP's reducer
         parallel_strategy_kwargs={"find_unused_parameters": True},
@@ -209,7 +193,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             sched_step = budget.schedule_step(elapsed, progress.step) if cfg.budgeted else progress.step
             images = to_training_tensor(hu, img_size, device)
             with autocast:
-                out = model(images, sched_step, total_steps, progress.epoch, total_epochs)
+                out = model(images, StepContext(step=sched_step, total_steps=total_steps, epoch=progress.epoch,
+                                                total_epochs=total_epochs))
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
             sched_values = scheduler.step(sched_step)

@@ -5,7 +5,8 @@ A method owns its networks (online/target encoders, heads, prototypes, queues) a
 own view recipe (two views, multi-crop, or SparK's crop + flip). Slices arrive in Hounsfield units and
 the method's augmentation windows them (with window jitter where the recipe has it) into ``in_chans``
 channels in [0, 1], so HU-window jitter is a real change of window, not a brightness trick. The training loop therefore never
-changes when a method is added: it calls :meth:`SSLMethod.training_step`, steps the optimiser, then
+changes when a method is added: it calls :meth:`SSLMethod.training_step` (the module's ``forward``, so
+calling the method or its DDP wrapper is a step), steps the optimiser, then
 :meth:`SSLMethod.after_optimizer_step` for EMA / queue / prototype work.
 """
 
@@ -80,6 +81,11 @@ class SSLMethod(nn.Module, ABC):
 
         The dict must hold ``"loss"`` (the scalar to back-propagate); other entries are logged.
         """
+
+    def forward(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """:meth:`training_step`: calling the method (or its DDP wrapper) is a training step, which is
+        what DistributedDataParallel needs to see to reduce the gradients of the loss."""
+        return self.training_step(images, ctx)
 
     def after_optimizer_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Momentum updates, queue pushes, prototype normalisation. Default: nothing."""

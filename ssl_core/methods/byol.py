@@ -78,10 +78,6 @@ class BYOL(SSLMethod):
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         return {"loss": loss, "tau": torch.tensor(self.tau)}
 
-    def forward(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Same as :meth:`training_step`, so a DDP wrapper sees a forward call."""
-        return self.training_step(images, ctx)
-
     def after_optimizer_step(self, ctx: StepContext) -> None:
         # tau for the *next* step's target: schedule position after this step
         self.tau = cosine_tau(ctx.step, ctx.total_steps, self.tau_base, self.tau_end)

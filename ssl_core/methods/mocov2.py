@@ -248,10 +248,6 @@ class MoCoV2(SSLMethod):
         self._pending_keys = k[: v1.shape[0]] if self.symmetric else k
         return {"loss": loss}
 
-    def forward(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Same as :meth:`training_step`, so a DDP wrapper sees a forward call."""
-        return self.training_step(images, ctx)
-
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
         ema_update_(self.key_backbone, self.backbone, self.momentum)

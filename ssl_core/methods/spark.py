@@ -232,10 +232,6 @@ class SparK(SSLMethod):
         out = self.masked_loss(view, generator=generator)
         return {"loss": out["loss"], "visible_fraction": out["active"].float().mean()}
 
-    def forward(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Same as :meth:`training_step`, so a DDP wrapper sees a forward call."""
-        return self.training_step(images, ctx)
-
     def encoder(self) -> nn.Module:
         return self.sparse_encoder.backbone
 

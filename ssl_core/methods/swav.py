@@ -130,10 +130,6 @@ class SwAV(SSLMethod):
         self._pending_z = [zz.detach() for zz in z[: self.n_global]] if use_queue else None
         return {"loss": loss, "prototypes_frozen": torch.tensor(float(frozen))}
 
-    def forward(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Same as :meth:`training_step`, so a DDP wrapper sees a forward call."""
-        return self.training_step(images, ctx)
-
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
         self.prototypes.normalize_()

@@ -62,12 +62,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["shuffled"] = ys.clone()
         res["unshuffled"] = unshuffle_batch(ys, unshuffle)
 
-        # 5. MoCo v2 under DDP: after one step the queue holds keys from both ranks
+        # 5. MoCo v2 under DDP: after one step the queue holds keys from both ranks; wrapped as the
+        # pre-training loop wraps it, calling the wrapper is the training step and the gradients agree
         torch.manual_seed(0)  # same initial weights on both ranks, as DDP would broadcast
         m = create_method("mocov2", backbone="test_resnet", img_size=32, queue_size=16)
+        ddp = torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
         images = torch.randn(BATCH, 1, 32, 32) * 300 + 200 * rank
-        out = m.training_step(images, StepContext(step=0, total_steps=1))
+        out = ddp(images, StepContext(step=0, total_steps=1))
         out["loss"].backward()
+        res["moco_grad"] = next(p.grad for p in m.backbone.parameters() if p.grad is not None).clone()
         pending = m._pending_keys.clone()
         m.after_optimizer_step(StepContext(step=0, total_steps=1))
         res["moco_bn_mode"] = m.bn_mode
@@ -116,6 +119,7 @@ def test_collectives_under_two_process_gloo_ddp(tmp_path):
     # MoCo v2: shuffle-BN chosen automatically; the queue got 2 x 4 keys, rank 0's then rank 1's,
     # identical on both ranks
     assert r[0]["moco_bn_mode"] == "shuffle"
+    torch.testing.assert_close(r[0]["moco_grad"], r[1]["moco_grad"])  # DDP averaged the ranks' gradients
     for res in r:
         assert res["moco_ptr"] == 2 * BATCH
         torch.testing.assert_close(res["moco_queue"][:BATCH], r[0]["moco_pending"])
