@@ -129,8 +129,7 @@ def apply_defaults(data: Any, sch: dict[str, Any] | None = None) -> Any:
     """``data`` with every missing key that has a schema default filled in (recursively)."""
     sch = schema() if sch is None else sch
     sch = _resolve_ref(sch)
-    if isinstance(data, dict) and sch.get("type") in ("object", ["object", "null"]) or (
-            isinstance(data, dict) and "properties" in sch):
+    if isinstance(data, dict) and ("properties" in sch or isinstance(sch.get("additionalProperties"), dict)):
         out = dict(data)
         props = sch.get("properties", {})
         for key, sub in props.items():

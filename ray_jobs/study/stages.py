@@ -59,12 +59,6 @@ def _committed(url: str) -> bool:
         return False
 
 
-def storage_join(*parts: str) -> str:
-    from data_prep import storage
-
-    return storage.join(*parts)
-
-
 def _exists(url: str) -> bool:
     from data_prep import storage
 
@@ -206,6 +200,13 @@ def _finetune(ctx: Context) -> dict[str, Any]:
     return {"parent_run_id": r.parent_run_id, "trials": r.trials, "failed": r.failed}
 
 
+def _report_done(ctx: Context, r: dict[str, Any]) -> bool:
+    """The local report exists, and so does its upload when the storage is remote."""
+    from data_prep import storage
+
+    return Path(r["html"]).exists() and ("uploaded" not in r or _exists(storage.join(r["uploaded"], "report.html")))
+
+
 def _report(ctx: Context) -> dict[str, Any]:
     from data_prep import storage
     from ray_jobs.report.build import ReportConfig, build_report
@@ -269,8 +270,7 @@ def plan(study: Study) -> list[Stage]:
                       "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
                      _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
     out.append(Stage("report", "report", dict(spec["report"]), _report,
-                     lambda c, r: Path(r["html"]).exists() and (
-                         "uploaded" not in r or _exists(storage_join(r["uploaded"], "report.html"))),
+                     _report_done,
                      needs=["finetune"]))
     return out
 
