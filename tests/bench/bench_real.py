@@ -241,9 +241,9 @@ def finetune_one(name: str, spec: dict[str, Any], data: dict[str, Any], n: int, 
     """One (encoder, N, seed): every recipe on the same subset, the best on validation is tested."""
     import torch
 
-    from ray_jobs.finetune.trial import choose_recipe, late_best
+    from ray_jobs.finetune.cell import fit_cell, late_best
     from ssl_core.ct_window import dataset_windows, standardised
-    from ssl_core.finetune import FinetuneConfig, FineTuner, create_classifier
+    from ssl_core.finetune import FineTuner, create_classifier
 
     state, cfg = load_encoder(spec)
     in_chans = 3 if spec["kind"] == "lightly" else int(cfg.get("in_chans", 1))
@@ -255,29 +255,16 @@ def finetune_one(name: str, spec: dict[str, Any], data: dict[str, Any], n: int, 
     rng = np.random.default_rng(1000 + seed)
     train = np.concatenate([rng.permutation(data["cand"][y[data["cand"]] == c])[:n]
                             for c in range(len(data["classes"]))])
-    imgs = torch.from_numpy(data["images"].astype(np.float32)).unsqueeze(1)
-    labels = torch.from_numpy(y)
-    fits, best = [], None
     t0 = time.perf_counter()
-    for recipe in recipes:
-        torch.manual_seed(seed)
-        model = create_classifier(backbone, num_classes=len(data["classes"]), in_chans=in_chans,
-                                  encoder_state=state)
-        ft = FineTuner(model, FinetuneConfig(epochs=epochs, frozen_epochs=recipe.frozen_epochs, lr=recipe.lr,
-                                             batch_size=32, windows=windows, seed=seed, bn_recalibrate=True),
-                       device="cpu")
-        fit = ft.fit(ft.batches(imgs[train], labels[train], train=True),
-                     ft.batches(imgs[data["val"]], labels[data["val"]], train=False))
-        fits.append((recipe, float(fit.best_metrics["val_auc"])))
-        if choose_recipe(fits) == len(fits) - 1:
-            best = (ft, fit)
-    ft, fit = best
-    chosen = recipes[choose_recipe(fits)]
-    ft.model.load_state_dict(fit.best_state)
-    test = ft.evaluate(ft.batches(imgs[data["test"]], labels[data["test"]], train=False), prefix="test_")
-    return {"encoder": name, "n": n, "seed": seed, "test_auc": test["test_auc"], "val_auc": fit.best_metrics["val_auc"],
-            "recipe": chosen.label, "best_epoch": fit.best_epoch, "late_best": late_best(fit.best_epoch, epochs),
-            "seconds": time.perf_counter() - t0}
+    cell = fit_cell(torch.from_numpy(data["images"].astype(np.float32)), torch.from_numpy(y), train, data["val"],
+                    data["test"], recipes=recipes, epochs=epochs, seed=seed, init_seed=seed,
+                    make_model=lambda: create_classifier(backbone, num_classes=len(data["classes"]),
+                                                         in_chans=in_chans, encoder_state=state),
+                    finetune_kwargs={"batch_size": 32, "windows": windows, "bn_recalibrate": True})
+    test = FineTuner.metrics(cell.y_test, cell.p_test, prefix="test_")
+    return {"encoder": name, "n": n, "seed": seed, "test_auc": test["test_auc"], "val_auc": cell.best_val,
+            "recipe": cell.recipe.label, "best_epoch": cell.fit.best_epoch,
+            "late_best": late_best(cell.fit.best_epoch, epochs), "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- report

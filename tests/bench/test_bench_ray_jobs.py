@@ -3,8 +3,9 @@ measured in the same run:
 
 * input pipeline (Parquet on S3 -> Ray Data -> decode -> method augmentation, inside a Ray worker)
   in slices/s against the slices/s a resnet50 BYOL training step consumes;
-* pre-training images/s with 2 Ray Train workers against 1 worker;
-* wall time of one fine-tuning Tune trial against the same fine-tuning run in-process.
+* pre-training images/s with 2 Ray Train workers against 1 worker.
+
+The fine-tuning study's benchmark is test_bench_finetune_study.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -128,40 +128,3 @@ def test_bench_pretrain_scaling_one_vs_two_workers(bench_ray, tmp_path):
     print(f"\n[bench ray_jobs] pre-training BYOL resnet18 64px, 8 img/worker/step: 1 worker {one:.1f} img/s, "
           f"2 workers {two:.1f} img/s: scaling = {two / one:.2f}x (ideal 2x on 2 free cores)")
     assert one > 0 and two > 0
-
-
-def test_bench_finetune_trial_time_vs_in_process(bench_ray, tmp_path):
-    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
-    from ray_jobs.finetune.data import load_labelled
-    from ray_jobs.finetune.folds import make_folds, nested_subset
-    from ray_jobs.finetune.study import run_study
-    from ray_jobs.report.collect import collect_trials
-    from ssl_core.finetune import FinetuneConfig as FTConfig
-    from ssl_core.finetune import FineTuner, create_classifier
-
-    data = str(tmp_path / "lab")
-    write_tiny_dataset(data, patients=20, slices=10, size=64)
-    cfg = FinetuneConfig(data=data, storage=str(tmp_path / "tune"), experiment="bench-ft", backbone="resnet18",
-                         sizes=parse_sizes(samples_per_class="all"), folds=2, epochs=5, frozen_epochs=1,
-                         batch_size=16, tracking_uri=f"sqlite:///{tmp_path / 'ft.db'}")
-    t_study = time.perf_counter()
-    res = run_study(cfg)
-    study_s = time.perf_counter() - t_study
-    trial_s = collect_trials(res.tracking_uri, "bench-ft", res.parent_run_id)["trial_time_s"].median()
-
-    d = load_labelled(data)
-    fold = make_folds(d.patients, d.label_names, 2, 0.2, seed=0)[0]
-    idx = nested_subset(fold.train, d.labels, parse_sizes(samples_per_class="all")[0], 0)
-    torch.set_num_threads(1)  # a trial gets 1 CPU (--cpus-per-trial 1): same budget for the peer
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    ft = FineTuner(create_classifier("resnet18", 2, 1), FTConfig(epochs=5, frozen_epochs=1, batch_size=16))
-    imgs = torch.from_numpy(d.images.astype(np.float32)).unsqueeze(1)
-    labels = torch.from_numpy(d.labels)
-    ft.fit(ft.batches(imgs[idx], labels[idx], True), ft.batches(imgs[fold.val], labels[fold.val], False))
-    ft.evaluate(ft.batches(imgs[fold.test], labels[fold.test], False))
-    local_s = time.perf_counter() - t0
-    print(f"\n[bench ray_jobs] fine-tuning trial (resnet18 64px, {len(idx)} train images, 5 epochs, 1 CPU): Tune "
-          f"trial {trial_s:.1f}s vs in-process {local_s:.1f}s: overhead = {trial_s / local_s:.2f}x; whole study "
-          f"of {res.trials} trials {study_s:.0f}s incl. Ray/Tune start-up and MLflow")
-    assert trial_s > 0

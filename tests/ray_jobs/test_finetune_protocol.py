@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ray_jobs.errors import CLIError
+from ray_jobs.finetune.cell import choose_recipe, late_best
 from ray_jobs.finetune.config import FinetuneConfig, Recipe, default_recipes, parse_recipes
 from ray_jobs.finetune.encoders import resolve_encoders
-from ray_jobs.finetune.trial import choose_recipe, late_best
 
 
 def _cfg(**kw) -> FinetuneConfig:
