@@ -29,7 +29,8 @@ def _halve_int(stored, intercept_i, lo, hi, out):  # pragma: no cover - compiled
         o = out[i]
         for j in range(ow):
             s = (min(max(np.int32(r0[2 * j]) + icpt, lo32), hi32) + min(max(np.int32(r0[2 * j + 1]) + icpt, lo32), hi32)
-                 + min(max(np.int32(r1[2 * j]) + icpt, lo32), hi32) + min(max(np.int32(r1[2 * j + 1]) + icpt, lo32), hi32))
+                 + min(max(np.int32(r1[2 * j]) + icpt, lo32), hi32)
+                 + min(max(np.int32(r1[2 * j + 1]) + icpt, lo32), hi32))
             q = s >> 2  # floor(s / 4)
             rem = s & 3
             q += np.int32(rem == 3) | (np.int32(rem == 2) & (q & 1))
@@ -37,7 +38,8 @@ def _halve_int(stored, intercept_i, lo, hi, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def hu_box_downsample(stored, k, slope, intercept, int_path, intercept_i, pad, has_pad, lo, hi, out):  # pragma: no cover
+def hu_box_downsample(stored, k, slope, intercept, int_path, intercept_i, pad, has_pad, lo, hi,  # pragma: no cover
+                      out):
     """``out[i, j] = rint(mean(hu[k*i:k*i+k, k*j:k*j+k]))`` with ``hu`` as in ``to_hu``.
 
     Row by row: the HU of one input row goes to a buffer in a branch-free loop (which LLVM

@@ -248,7 +248,8 @@ def process_chunk_one_thread(*args: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- driver side
-def _chunks(items: list[dict[str, Any]], sizes: list[int], target_rows: int, min_chunks: int) -> list[list[dict[str, Any]]]:
+def _chunks(items: list[dict[str, Any]], sizes: list[int], target_rows: int,
+            min_chunks: int) -> list[list[dict[str, Any]]]:
     """Group whole series into chunks of about ``target_rows`` slices (at least ``min_chunks``)."""
     total = sum(sizes)
     target = max(1, min(target_rows, math.ceil(total / max(1, min_chunks))))

@@ -440,7 +440,8 @@ def _read_shard(url: str, shard: dict[str, Any], columns: list[str] | None, veri
 def read_table(url: str, columns: list[str] | None = None, *, verify: bool = True) -> pa.Table:
     """Exactly the committed rows at ``url`` (a prep output or a selection), verified by checksum."""
     r = resolve(url)
-    cols = None if columns is None else list(dict.fromkeys([*columns, *(["slice_id"] if r.keep_ids is not None else [])]))
+    ids = ["slice_id"] if r.keep_ids is not None else []
+    cols = None if columns is None else list(dict.fromkeys([*columns, *ids]))
     tables = [_read_shard(r.base_url, s, cols, verify) for s in r.files]
     if not tables:
         t = SLICE_SCHEMA.empty_table()

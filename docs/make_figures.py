@@ -88,7 +88,8 @@ def stage_flow(out_dir: Path = IMG_DIR) -> Path:
     r = w / 2
     # unlabelled CT -> pre-training
     box(0, top, "CT files", "DICOM series\nNIfTI, MedMNIST .npz\nPNG / JPEG folders\n(folder or s3://)", _DATA)
-    box(1, top, "ctssl prep", "de-identify (pseudonyms)\nHU, resize to 256 px\ndhash per slice\nRay tasks or k8s Job", _STAGE)
+    box(1, top, "ctssl prep", "de-identify (pseudonyms)\nHU, resize to 256 px\ndhash per slice\nRay tasks or k8s Job",
+        _STAGE)
     box(2, top, "Parquet shards", "one row per slice\nint16 HU, zstd\n_manifest.json\n(commit marker)", _DATA)
     box(3, top, "ctssl reduce", "optional: drop\nnear-duplicate slices\n(hash, ssim, ...)\nselection manifest", _STAGE)
     box(4.1, top, "ctssl pretrain", "Ray Train, one run\nper method:\nBYOL, MoCo v2,\nSwAV, SparK", _STAGE, width=1.0)
@@ -102,7 +103,8 @@ def stage_flow(out_dir: Path = IMG_DIR) -> Path:
     box(0, bottom, "labelled images", "the same formats\n+ labels.csv\n(patient column\nfor folds)", _DATA)
     box(1, bottom, "ctssl prep", "--labels\nsame shards,\nwith a label column", _STAGE)
     box(2, bottom, "labelled shards", "one row per slice\n+ label, patient\npseudonym", _DATA)
-    box(4.1, bottom, "ctssl finetune", "Ray Tune: every encoder\n(+ random init) x\nlabelled sizes x folds,\nrecipe tuned on validation",
+    box(4.1, bottom, "ctssl finetune",
+        "Ray Tune: every encoder\n(+ random init) x\nlabelled sizes x folds,\nrecipe tuned on validation",
         _STAGE, width=1.0)
     box(5.2, bottom, "ctssl report", "AUC vs size, tests\nvs random, verdict\nreport.md / .html", _STAGE, width=0.75)
     arrow((r, bottom), (1 - r, bottom))

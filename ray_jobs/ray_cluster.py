@@ -145,7 +145,8 @@ def arrow_filesystem(url: str):
     # fail in seconds on a dead endpoint, as data_prep.storage's clients do (S3_CLIENT_CONFIG)
     cfg = storage.S3_CLIENT_CONFIG
     kw: dict[str, Any] = {"connect_timeout": float(cfg["connect_timeout"]),
-                          "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg["retries"]["max_attempts"])}
+                          "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+                              max_attempts=cfg["retries"]["max_attempts"])}
     endpoint = storage.s3_endpoint()
     if endpoint:
         kw["scheme"] = "https" if endpoint.startswith("https") else "http"

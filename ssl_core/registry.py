@@ -11,8 +11,8 @@ One helper for all three so that they register, look up and list names the same 
 
 ``modules`` are imported on the first lookup, or when :meth:`Registry.load` is called (each registers
 its plug-ins when imported): importing the registry stays cheap, and a plug-in module that is not
-written yet does not break the others. :meth:`Registry.names` is sorted; iterating, ``values()`` and ``items()`` follow the order of
-registration (the order of ``modules``).
+written yet does not break the others. :meth:`Registry.names` is sorted; iterating, ``values()`` and
+``items()`` follow the order of registration (the order of ``modules``).
 
 It lives here, in a module with no imports from the project, because both ``data_prep`` and
 ``ssl_core`` use it and ``data_prep`` already depends on ``ssl_core`` (never the reverse).

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = _bundled()["spec"]
     pool, lab, pre, ft = d["data"]["pretrain"], d["data"]["labelled"], d["pretrain"], d["finetune"]
-    p.add_argument("--out", default=d["workdir"], help=f"folder for everything the demo writes (default ./{d['workdir']})")
+    p.add_argument("--out", default=d["workdir"],
+                   help=f"folder for everything the demo writes (default ./{d['workdir']})")
     p.add_argument("--storage", help="URL for shards and checkpoints (default OUT/store; s3://... works)")
     p.add_argument("--pretrain-patients", type=int, default=pool["patients"], help="unlabelled phantom patients")
     p.add_argument("--labelled-patients", type=int, default=lab["patients"], help="labelled phantom patients")

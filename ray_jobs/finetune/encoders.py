@@ -54,7 +54,8 @@ def _load_from_folder(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise CLIError(f"--encoder {url}: not found")
     candidates = [root]
     if not fs.exists(storage.join(root, ENCODER_FILE)):
-        subs = sorted(p for p in fs.ls(root, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
+        subs = sorted(p for p in fs.ls(root, detail=False)
+                      if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
         candidates = [p for p in reversed(subs) if fs.exists(storage.join(p, ENCODER_FILE))]
         if not candidates:
             raise CLIError(f"--encoder {url}: no {ENCODER_FILE} here nor in a checkpoint_* folder (is the "

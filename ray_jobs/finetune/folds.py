@@ -4,8 +4,8 @@ Slices of one patient are strongly correlated, so a patient in both training and
 inflate every metric: folds (and the validation split inside a fold's training part) are drawn over
 *patients*, stratified by the patients' label. When the label is per slice and one patient has
 slices of several classes (anatomical regions of a CT volume), patients are instead assigned
-greedily so that every fold gets about its share of each class's slices. Size subsets are then drawn from the fold's training
-images per class from one seeded permutation, so a smaller subset is always a prefix — hence a
+greedily so that every fold gets about its share of each class's slices. Size subsets are then drawn from
+the fold's training images per class from one seeded permutation, so a smaller subset is always a prefix — hence a
 subset — of every larger one, and a learning curve compares nested sets rather than unrelated draws.
 """
 

@@ -1,7 +1,8 @@
 """One Ray Tune trial: fine-tune one encoder on one size subset of one fold with one seed.
 
 The trial trains in-process (fine-tuning is small; no nested Ray Train) with
-:func:`ray_jobs.finetune.cell.fit_cell`, the same computation the benchmark times without Ray, reports validation metrics
+:func:`ray_jobs.finetune.cell.fit_cell`, the same computation the benchmark times without Ray, reports
+validation metrics
 to Tune after every epoch (so an ASHA scheduler can stop weak trials) and logs everything to its own
 MLflow child run under the study's parent run. Test metrics come from the best validation epoch's
 weights, evaluated once at the end — the test fold never influences any choice.
@@ -127,7 +128,8 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     torch.set_num_threads(max(1, int(ctx.settings["cpus_per_trial"])))  # no oversubscription of shared nodes
     t0 = time.perf_counter()
     spec = config["trial"]
-    enc_name, size, fold, seed = spec["encoder"], SizeSpec.from_label(spec["size"]), int(spec["fold"]), int(spec["seed"])
+    enc_name, size = spec["encoder"], SizeSpec.from_label(spec["size"])
+    fold, seed = int(spec["fold"]), int(spec["seed"])
     s = ctx.settings
     recipes = recipes_of(s)
     epochs = int(s["epochs"])

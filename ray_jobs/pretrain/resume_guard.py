@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "ctssl_run_settings.json"
 
 
-def identity(cfg: PretrainConfig, img_size: int, steps_per_epoch: int, method_options: dict[str, Any]) -> dict[str, Any]:
+def identity(cfg: PretrainConfig, img_size: int, steps_per_epoch: int,
+             method_options: dict[str, Any]) -> dict[str, Any]:
     """The settings a checkpoint's tensors and its schedules depend on (JSON-normalised).
 
     Operational knobs (cluster address, tracking URI, failure budget, checkpoint cadence, cache size)

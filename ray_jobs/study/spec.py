@@ -93,7 +93,8 @@ def _describe(err: Any) -> tuple[list[str | int], str]:
     if "propertyNames" in err.schema_path:
         bad = err.instance
         allowed = err.schema.get("enum") or []
-        return [*path, bad] if isinstance(bad, str) else path, f"unknown name {bad!r} (choose from {', '.join(allowed)})"
+        where = [*path, bad] if isinstance(bad, str) else path
+        return where, f"unknown name {bad!r} (choose from {', '.join(allowed)})"
     if v in ("enum", "const"):
         allowed = err.schema.get("enum") or [err.schema.get("const")]
         return path, f"{err.instance!r} is not one of {', '.join(map(repr, allowed))}"

@@ -4,8 +4,8 @@ A method owns its networks (online/target encoders, heads, prototypes, queues) a
 *un-augmented* slices into a loss; augmentation lives inside the method because each method has its
 own view recipe (two views, multi-crop, or SparK's crop + flip). Slices arrive in Hounsfield units and
 the method's augmentation windows them (with window jitter where the recipe has it) into ``in_chans``
-channels in [0, 1], so HU-window jitter is a real change of window, not a brightness trick. The training loop therefore never
-changes when a method is added: it calls :meth:`SSLMethod.training_step` (the module's ``forward``, so
+channels in [0, 1], so HU-window jitter is a real change of window, not a brightness trick. The training loop
+therefore never changes when a method is added: it calls :meth:`SSLMethod.training_step` (the module's ``forward``, so
 calling the method or its DDP wrapper is a step), steps the optimiser, then
 :meth:`SSLMethod.after_optimizer_step` for EMA / queue / prototype work.
 """

@@ -97,7 +97,8 @@ def mask_grid_problem(img_size: int, patch: int, mask_ratio: float, backbone: st
     eff = effective_mask_ratio(grid, mask_ratio)
     if abs(eff - mask_ratio) <= tolerance:
         return None
-    ok = [g for g in range(2, max(4 * grid, 16) + 1) if abs(effective_mask_ratio(g, mask_ratio) - mask_ratio) <= tolerance]
+    ok = [g for g in range(2, max(4 * grid, 16) + 1)
+          if abs(effective_mask_ratio(g, mask_ratio) - mask_ratio) <= tolerance]
     picks: list[int] = []
     below = [g for g in ok if g < grid]
     above = [g for g in ok if g > grid]

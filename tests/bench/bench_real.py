@@ -62,7 +62,8 @@ def prep(data: Path, out: Path, size: int) -> str:
     dst = out / "prep"
     if (dst / "_manifest.json").exists():
         return str(dst)
-    env = {**os.environ, "CTSSL_DEID_KEY": os.environ.get("CTSSL_DEID_KEY", "bench-real-key-9f1c3e7a5b2d4068e1f7a3c9b5d2e4f6")}
+    key = os.environ.get("CTSSL_DEID_KEY", "bench-real-key-9f1c3e7a5b2d4068e1f7a3c9b5d2e4f6")
+    env = {**os.environ, "CTSSL_DEID_KEY": key}
     cmd = [sys.executable, "-m", "ray_jobs.cli", "prep", str(data), str(dst), "--source", "imagefolder",
            "--labels", str(data / "labels.csv"), "--size", str(size)]
     log.info("prep: %s", " ".join(cmd))

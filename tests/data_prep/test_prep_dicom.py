@@ -131,7 +131,8 @@ def test_max_reject_fraction_fails_the_run_but_keeps_the_good_output(tmp_path):
     write_series(src / "good", 3)
     for i in range(3):
         (src / f"bad{i}").write_bytes(b"garbage")
-    with pytest.raises(RejectThresholdExceeded, match=r"3 of 6 inputs rejected \(50.0% > --max-reject-fraction 10.0%\)"):
+    with pytest.raises(RejectThresholdExceeded,
+                       match=r"3 of 6 inputs rejected \(50.0% > --max-reject-fraction 10.0%\)"):
         prep(src, tmp_path / "out", max_reject_fraction=0.1)
     assert shards.read_table(str(tmp_path / "out")).num_rows == 3
 

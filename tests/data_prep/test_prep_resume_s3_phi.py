@@ -102,7 +102,8 @@ def test_pseudonyms_are_stable_across_runs_and_change_with_the_key(tmp_path):
     _cohort(src, patients=2)
     a = run_prep(PrepConfig(str(src), str(tmp_path / "a"), executor="local", progress=False), KEY)
     b = run_prep(PrepConfig(str(src), str(tmp_path / "b"), executor="local", progress=False), KEY)
-    c = run_prep(PrepConfig(str(src), str(tmp_path / "c"), executor="local", progress=False), b"another-key-4f9a1c7e2b8d6053e1a9")
+    c = run_prep(PrepConfig(str(src), str(tmp_path / "c"), executor="local", progress=False),
+                 b"another-key-4f9a1c7e2b8d6053e1a9")
     assert a.committed and b.committed and c.committed
     ids = {k: sorted(set(shards.read_table(str(tmp_path / k))["patient_id"].to_pylist())) for k in "abc"}
     assert ids["a"] == ids["b"] and set(ids["a"]).isdisjoint(ids["c"])

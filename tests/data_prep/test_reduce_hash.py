@@ -76,8 +76,8 @@ def test_volume_scope_equals_the_plain_reference_loop(t):
     rng = np.random.default_rng(t)
     series = np.repeat(np.arange(5), [40, 1, 25, 60, 7])
     codes = np.concatenate([drifting_codes(int((series == s).sum()), rng) for s in range(5)])
-    data, _ = SliceSet.from_arrays(series.astype(str), np.concatenate([np.arange((series == s).sum()) for s in range(5)]),
-                                   dhash=codes)
+    index = np.concatenate([np.arange((series == s).sum()) for s in range(5)])
+    data, _ = SliceSet.from_arrays(series.astype(str), index, dhash=codes)
     sel = build_strategy("hash", {"scope": "volume"})
     sel.prepare(data)
     got = sel.select(t)
@@ -138,7 +138,8 @@ def test_multi_index_query_finds_exactly_the_brute_force_pairs():
 def test_global_scope_is_deterministic_whatever_the_chunking_and_blocks():
     rng = np.random.default_rng(9)
     codes = planted_codes(80, 30, spread=5, rng=rng)
-    results = [global_reference_greedy(codes, 6, chunk=c, blocks=b) for c, b in [(10**6, None), (97, None), (500, 7), (500, 3)]]
+    results = [global_reference_greedy(codes, 6, chunk=c, blocks=b)
+               for c, b in [(10**6, None), (97, None), (500, 7), (500, 3)]]
     for keep, cause in results[1:]:
         assert np.array_equal(keep, results[0][0]) and np.array_equal(cause, results[0][1])
 

@@ -57,7 +57,8 @@ def prepared(volumes):
     return get
 
 
-@pytest.mark.parametrize("name,options,thresholds", SWEEPS, ids=[f"{s[0]}-{s[1].get('scope', s[1].get('mode', ''))}" for s in SWEEPS])
+@pytest.mark.parametrize("name,options,thresholds", SWEEPS,
+                         ids=[f"{s[0]}-{s[1].get('scope', s[1].get('mode', ''))}" for s in SWEEPS])
 def test_kept_count_moves_monotonically_with_the_threshold(prepared, name, options, thresholds):
     strat = prepared(name, options)
     kept = [strat.select(strat.check_threshold(t)).kept for t in thresholds]

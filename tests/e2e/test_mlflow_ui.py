@@ -70,7 +70,8 @@ def test_report_html_renders_with_every_plot_loaded(page, study, shots):
     page.goto(study.report_html.as_uri())
     page.wait_for_load_state("load")
     page.wait_for_function("Array.from(document.images).every(i => i.complete)")
-    images = page.evaluate("Array.from(document.images).map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight}))")
+    images = page.evaluate(
+        "Array.from(document.images).map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight}))")
     shot = shots / "report_html.png"
     page.screenshot(path=str(shot), full_page=True)
 

@@ -107,7 +107,8 @@ class FakeKube:
                        "plural": m["plural"] if m else None, "name": m["name"] if m else None}
                 fake.requests.append(rec)
                 if not m or m["plural"] not in fake.served:
-                    return self._send(404, status_body(404, "NotFound", "the server could not find the requested resource"))
+                    return self._send(404, status_body(404, "NotFound",
+                                                       "the server could not find the requested resource"))
                 plural, ns, name = m["plural"], m["ns"], m["name"]
                 if (method, plural) in fake.failures:
                     code, reason, msg = fake.failures[(method, plural)]

@@ -46,7 +46,8 @@ def submitter_pod(rayjob: str, suffix: str = "q9", created: str = "2026-01-01T10
 
 DRIVER_LOG = """\
 study phantom: 9 stages, storage s3://ctssl/study/studies/phantom, MLflow http://study-mlflow:5000, 0 GPU per worker
-[1/9] phantom-pretrain: synthetic CT cohort (pretrain, DICOM) - reusing the finished stage from 2026-01-01 10:01:00 (12s then)
+[1/9] phantom-pretrain: synthetic CT cohort (pretrain, DICOM) - reusing the finished stage from \
+2026-01-01 10:01:00 (12s then)
 [2/9] prep-pretrain: prep of the pretrain set to Parquet shards ... (not run yet)
     pretrain: 128 slices from 8 series, 0 rejected -> s3://ctssl/study/studies/phantom/shards/pretrain
 [2/9] prep-pretrain: prep of the pretrain set to Parquet shards done in 40s (total 0.9 min)

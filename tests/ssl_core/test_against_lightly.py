@@ -57,7 +57,8 @@ def test_moco_infonce_with_queue_matches_lightlys_ntxent_memory_bank_over_a_wrap
 
 def test_sinkhorn_matches_lightlys():
     g = _gen(2)
-    scores = F.normalize(torch.randn(32, 8, generator=g), dim=1) @ F.normalize(torch.randn(20, 8, generator=g), dim=1).t()
+    a, b = torch.randn(32, 8, generator=g), torch.randn(20, 8, generator=g)
+    scores = F.normalize(a, dim=1) @ F.normalize(b, dim=1).t()
     for iters in (1, 3, 10):
         torch.testing.assert_close(sinkhorn_knopp(scores, iters, 0.05), lightly_sinkhorn(scores, iters, 0.05),
                                    rtol=1e-5, atol=1e-7)

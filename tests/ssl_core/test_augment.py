@@ -100,7 +100,8 @@ def test_blur_probability_and_noise_level_are_per_sample():
     out = GaussianBlur(sigma=(1.0, 1.0), p=0.25)(x, generator=torch.Generator().manual_seed(0))
     blurred = (out[:, 0, 8, 8] < 0.99).float().mean().item()
     assert 0.18 < blurred < 0.32
-    noisy = GaussianNoise(std=(20.0, 20.0), p=1.0)(torch.zeros(8, 1, 64, 64), generator=torch.Generator().manual_seed(0))
+    noisy = GaussianNoise(std=(20.0, 20.0), p=1.0)(torch.zeros(8, 1, 64, 64),
+                                                   generator=torch.Generator().manual_seed(0))
     assert noisy.std(dim=(1, 2, 3)).sub(20.0).abs().max() < 1.0
     assert torch.equal(GaussianNoise(p=0.0)(x), x)
 
