@@ -70,7 +70,13 @@ def sub_batch_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bi
     sub-batches cost about twice this one-pass split on a GPU (docs/benchmarks.md). Statistics in
     float32; the output keeps ``x``'s dtype and
     memory format. Running statistics are not touched.
+
+    On the CPU, for a contiguous float32 batch, each sub-batch (a contiguous slice of the batch) goes
+    through PyTorch's own batch-norm kernel instead: the same statistics and output, and a CPU MoCo
+    v2 key forward close to the cost of whole-batch batch norm (docs/benchmarks.md).
     """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        return torch.cat([F.batch_norm(part, None, None, weight, bias, True, 0.0, eps) for part in x.chunk(groups)])
     n, c, h, w = x.shape
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         xr = x.permute(0, 2, 3, 1).reshape(groups, -1, c)  # a view: (G, N/G*H*W, C)

@@ -5,12 +5,17 @@ and re-registers ConvNeXt names in timm when imported) never shares a process wi
 
     python spark_step_runner.py --official-dir /tmp/x/pretrain --backbone resnet18 --size 64 --batch 32
 
-Both implementations are built in the same process and their steps alternate.
+Three sides are built in the same process and their steps interleave (the order rotates every step),
+each with the same warm-up and number of timed steps: ctssl with the official code's LAMB (the same
+optimiser as the official side), ctssl with its recipe's LAMB (timm's multi-tensor path), and the
+official code. All start from the same input tensor: ctssl's crop + flip + windowing runs once before
+the timing, so augmentation is timed on no side.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -20,8 +25,8 @@ import types
 import torch
 
 
-def _official_step(args: argparse.Namespace):
-    sys.path.insert(0, args.official_dir)
+def _official_imports(official_dir: str) -> None:
+    sys.path.insert(0, official_dir)
     # decoder.py imports is_pow2n from utils.misc, whose other imports (pytz, tensorboard) the step
     # does not need; provide just that function instead of installing them.
     misc = types.ModuleType("utils.misc")
@@ -29,16 +34,17 @@ def _official_step(args: argparse.Namespace):
     sys.modules["utils.misc"] = misc
     import importlib.util
 
-    import timm
-
     # models/resnet.py patches timm's ResNet with a hierarchical forward; load it alone, because
     # models/__init__.py imports names that timm 1.0 no longer has (timm.models.layers.drop)
-    spec = importlib.util.spec_from_file_location("spark_official_resnet", f"{args.official_dir}/models/resnet.py")
+    spec = importlib.util.spec_from_file_location("spark_official_resnet", f"{official_dir}/models/resnet.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
+
+def _official_step(args: argparse.Namespace, data: torch.Tensor):
     import decoder
     import encoder
     import spark
+    import timm
     from utils.lamb import TheSameAsTimmLAMB
     from utils.lr_control import get_param_groups, lr_wd_annealing
 
@@ -49,8 +55,6 @@ def _official_step(args: argparse.Namespace):
     groups = get_param_groups(model, nowd_keys={"cls_token", "pos_embed", "mask_token", "gamma"})
     lr = 2e-4 * args.batch / 256
     opt = TheSameAsTimmLAMB(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), max_grad_norm=5.0)
-    # the official loader hands over augmented, normalised images; the step starts from those
-    data = torch.rand(args.batch, 3, args.size, args.size)
 
     def step(it: int) -> float:
         lr_wd_annealing(opt, lr, 0.04, 0.2, it, 1, 1000)
@@ -63,17 +67,32 @@ def _official_step(args: argparse.Namespace):
     return step
 
 
-def _our_step(args: argparse.Namespace):
-    from ssl_core.methods import StepContext, create_method
-    from ssl_core.optim import build_schedule, create_optimizer
+def _our_model(args: argparse.Namespace, hu: torch.Tensor):
+    from ssl_core.methods import create_method
 
     model = create_method("spark", backbone=args.backbone, in_chans=3, img_size=args.size,
                           decoder_width=args.decoder_width).train()
+    (view,) = model.views(hu)  # crop + flip + windowing, once: the timed steps start from this view
+    view = view.contiguous()
+    model.views = lambda images, generator=None: [view]
+    return model, view
+
+
+def _our_step(model, optimizer: str, batch: int):
+    from ssl_core.methods import StepContext
+    from ssl_core.optim import build_schedule, create_optimizer
+
     defaults = model.optimizer_defaults()
-    opt = create_optimizer(model, defaults, batch_size=args.batch)
+    opt = create_optimizer(model, defaults, batch_size=batch)
+    if optimizer == "official":  # the official code's LAMB (per-tensor loop) on ctssl's groups and settings
+        from utils.lamb import TheSameAsTimmLAMB
+
+        recipe = opt
+        opt = TheSameAsTimmLAMB([{k: v for k, v in g.items()} for g in recipe.param_groups],
+                                lr=recipe.defaults["lr"], weight_decay=recipe.defaults["weight_decay"],
+                                betas=recipe.defaults["betas"], max_grad_norm=recipe.defaults["max_grad_norm"])
     sched = build_schedule(opt, defaults, total_steps=1000, steps_per_epoch=1)
-    # ours starts from raw HU slices: crop + flip + windowing happen inside the step
-    hu = torch.rand(args.batch, 1, args.size, args.size) * 2000.0 - 1000.0
+    hu = torch.empty(0)  # not read: the model's views are fixed (see _our_model)
 
     def step(it: int) -> float:
         sched.step(it)
@@ -88,6 +107,7 @@ def _our_step(args: argparse.Namespace):
     return step
 
 
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--official-dir", required=True)
@@ -98,26 +118,36 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args()
+    _official_imports(args.official_dir)
     torch.manual_seed(0)
-    steps = {"official": _official_step(args), "ours": _our_step(args)}
+    hu = torch.rand(args.batch, 1, args.size, args.size) * 2000.0 - 1000.0
+    ours_same, view = _our_model(args, hu)
+    ours_recipe = copy.deepcopy(ours_same)
+    # the same input tensor on all sides; augmentation is timed on none
+    steps = {"ours_same_opt": _our_step(ours_same, "official", args.batch),
+             "ours_recipe_opt": _our_step(ours_recipe, "recipe", args.batch),
+             "official": _official_step(args, view.clone())}
+    names = list(steps)
     for i in range(args.warmup):
-        for step in steps.values():
-            step(i)
-    # alternate the two implementations step by step, so that load from other processes on the
-    # machine hits both alike; the ratio of each pair is then robust to that load drifting
+        for name in names:
+            steps[name](i)
+    # interleave the sides step by step, rotating who goes first, so that load from other processes
+    # on the machine hits all alike; the ratio of each round is then robust to that load drifting
     times: dict[str, list[float]] = {k: [] for k in steps}
     losses: dict[str, float] = {}
     for i in range(args.steps):
-        for name, step in (steps.items() if i % 2 == 0 else reversed(steps.items())):
+        for name in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
-            losses[name] = step(args.warmup + i)
+            losses[name] = steps[name](args.warmup + i)
             times[name].append(time.perf_counter() - t0)
-    pair_ratios = [o / u for o, u in zip(times["official"], times["ours"], strict=True)]
     out = {"backbone": args.backbone, "size": args.size, "batch": args.batch, "steps": args.steps,
-           "threads": torch.get_num_threads(), "pair_ratio_median": statistics.median(pair_ratios)}
+           "warmup": args.warmup, "threads": torch.get_num_threads()}
     for name, ts in times.items():
         med = statistics.median(ts)
         out[name] = {"step_s_median": med, "images_per_s": args.batch / med, "loss": losses[name]}
+        if name != "official":
+            out[name]["pair_ratio_median"] = statistics.median(
+                o / u for o, u in zip(times["official"], ts, strict=True))
     print(json.dumps(out))
 
 
