@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 
 KEY_ENV = "CTSSL_DEID_KEY"
 _PREFIX = {"patient": "P", "study": "ST", "series": "SE", "slice": "SL", "task": "T"}

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_prep import shards, storage
+from ctssl_base import storage
+from data_prep import shards
 
 #: the manifest key
 KEY = "intensity_stats"

@@ -6,7 +6,7 @@ import csv
 import os
 from pathlib import Path
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.records import Reject
 
 

@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import intensity, shards, storage
+from ctssl_base import storage
+from ctssl_base.errors import UserError
+from data_prep import intensity, shards
 from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
-from data_prep.errors import UserError
 from data_prep.labels import check_labels_csv
 from data_prep.records import Reject, SeriesTask
 from data_prep.schema import SCHEMA_VERSION
@@ -400,7 +401,7 @@ def _check_existing(dst: str, fingerprint: dict[str, Any]) -> None:
 
 def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any]]], chunk_sizes: list[int],
              fp: str, pseudo: Pseudonymizer) -> list[dict[str, Any]]:
-    from data_prep.progress import Progress
+    from ctssl_base.progress import Progress
 
     total = sum(chunk_sizes)
     records: list[dict[str, Any]] = []
@@ -415,9 +416,10 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
             return records
         import ray
 
-        from data_prep.ray_runtime import ensure_ray
+        from ctssl_base import ray_connect
 
-        ensure_ray(cfg.address, num_cpus=cfg.workers)
+        # a new local Ray gets --workers CPUs and no dashboard; a cluster is used as it is
+        ray_connect.connect(cfg.address, num_cpus=cfg.workers, include_dashboard=False, configure_logging=False)
         remote = ray.remote(num_cpus=1, max_retries=2)(process_chunk_one_thread)
         pseudo_ref = ray.put(pseudo)
         pending: dict[Any, int] = {}

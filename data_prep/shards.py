@@ -46,9 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data_prep import failpoints, storage
+from ctssl_base import failpoints, storage
+from ctssl_base.errors import ManifestError, UserError
 from data_prep.compiled import optional_kernel
-from data_prep.errors import ManifestError, UserError
 from data_prep.schema import READABLE_VERSIONS, SCHEMA_VERSION, SLICE_SCHEMA, VERSION_KEY, slice_schema
 
 MANIFEST = "_manifest.json"

@@ -9,7 +9,7 @@ import pkgutil
 import sys
 from types import ModuleType
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from ray_jobs import commands as _commands_pkg
 
 

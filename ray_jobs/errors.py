@@ -1,6 +1,6 @@
 """User-facing errors of the distributed entry points (printed by the CLI without a traceback)."""
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 
 
 class CLIError(UserError):

@@ -1,88 +1,14 @@
-"""Connecting to Ray explicitly, checking the cluster can hold a job, and storage for Ray's own files.
-
-``ray.init()`` without an address silently attaches to any cluster whose address file an earlier run
-left behind, so every entry point goes through :func:`connect`, which always names the address. The
-environment that Ray workers need to reach object storage and MLflow (S3 endpoint, credentials,
-tracking URI) is forwarded explicitly, because worker processes of an already running cluster do not
-inherit the driver's environment.
+"""What running a job on Ray needs beyond connecting (:mod:`ctssl_base.ray_connect`): checking that the
+cluster can hold a job, and storage for Ray's own files.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.ray_runtime import init_local
 from ray_jobs.errors import CLIError
-
-log = logging.getLogger(__name__)
-
-#: environment variables a worker needs to read shards / write checkpoints / log to MLflow
-FORWARDED_ENV_PREFIXES = ("CTSSL_", "AWS_", "MLFLOW_")
-
-
-def forwarded_env() -> dict[str, str]:
-    """The driver's storage and tracking settings, to be set again inside Ray workers."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-
-
-def job_env_vars() -> dict[str, str]:
-    """The ``env_vars`` of the runtime env this driver was submitted with (``ray job submit
-    --runtime-env-json``); empty outside a submitted job. Ray refuses a ``ray.init`` whose runtime env
-    names a variable the job's already sets, and the job's reach every worker anyway."""
-    import json
-
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return {}
-    try:
-        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
-    except (ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
-
-
-def apply_env(env: dict[str, str] | None) -> None:
-    """Set forwarded variables in a worker (without overriding what the worker already has set)."""
-    for k, v in (env or {}).items():
-        os.environ.setdefault(k, v)
-
-
-def resolve_address(address: str | None) -> str:
-    """``--address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit``), else a new local Ray."""
-    return address or os.environ.get("RAY_ADDRESS") or "local"
-
-
-def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
-    """Attach to (or start) Ray at an explicit address; a no-op when this process is already connected.
-
-    Without an address, a private local Ray is started on 127.0.0.1 (dashboard included, on
-    127.0.0.1:8265), see :func:`data_prep.ray_runtime.init_local`.
-
-    Being already connected is the in-process case (tests, ``ctssl demo``): the caller chose the
-    cluster, so it is respected.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    addr = resolve_address(address)
-    job_env = job_env_vars()
-    runtime_env: dict[str, Any] = {"env_vars": {k: v for k, v in forwarded_env().items() if k not in job_env}}
-    try:
-        if addr == "local":  # this machine's alone: 127.0.0.1 only, with a private token
-            init_local(runtime_env=runtime_env, log_to_driver=log_to_driver)
-        else:
-            ray.init(address=addr, runtime_env=runtime_env, log_to_driver=log_to_driver)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise CLIError(f"cannot connect to the Ray cluster at {addr!r}: {e}") from e
-    log.info("connected to Ray at %s: %s", addr, _describe(ray.cluster_resources()))
-
-
-def _describe(res: dict[str, float]) -> str:
-    return ", ".join(f"{k}={res[k]:g}" for k in ("CPU", "GPU") if k in res) or "no resources"
 
 
 @dataclass(frozen=True)
@@ -132,7 +58,7 @@ def arrow_filesystem(url: str):
     Ray's own URL parsing knows nothing about ``CTSSL_S3_ENDPOINT_URL``. Local paths are made absolute
     (Ray requires it) and returned without a filesystem.
     """
-    from data_prep import storage
+    from ctssl_base import storage
 
     if storage.is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
@@ -142,7 +68,7 @@ def arrow_filesystem(url: str):
         raise CLIError(f"{url}: only local paths and s3:// URLs are supported for Ray storage")
     from pyarrow import fs as pafs
 
-    # fail in seconds on a dead endpoint, as data_prep.storage's clients do (S3_CLIENT_CONFIG)
+    # fail in seconds on a dead endpoint, as ctssl_base.storage's clients do (S3_CLIENT_CONFIG)
     cfg = storage.S3_CLIENT_CONFIG
     kw: dict[str, Any] = {"connect_timeout": float(cfg["connect_timeout"]),
                           "retry_strategy": pafs.AwsStandardS3RetryStrategy(

@@ -81,7 +81,7 @@ def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return check_tracking_uri(env, origin="MLFLOW_TRACKING_URI")
-    from data_prep import storage as st
+    from ctssl_base import storage as st
 
     if storage and st.is_local(storage):
         _, path = st.open_fs(storage)
@@ -94,7 +94,7 @@ def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
 def default_artifact_location(tracking_uri: str, storage: str | None) -> str | None:
     """Artifacts of a SQLite-tracked experiment live beside the database, not in the current folder."""
     if tracking_uri.startswith("sqlite:") and storage:
-        from data_prep import storage as st
+        from ctssl_base import storage as st
 
         if st.is_local(storage):
             _, path = st.open_fs(storage)
@@ -221,7 +221,7 @@ def check_tags(tags: Any, origin: str = "tags") -> dict[str, str]:
 
 def _source_type(url: str) -> str:
     """MLflow's name for where a dataset lives: the URL scheme (``s3``, ``gs``...), ``local`` for a path."""
-    from data_prep import storage as st
+    from ctssl_base import storage as st
 
     return "local" if st.is_local(url) else url.split("://", 1)[0].lower()
 

@@ -84,14 +84,14 @@ def _closed_port() -> int:
 def test_each_bad_input_gives_the_documented_error_line(what, command, expected, workdir, monkeypatch, capsys):
     import ray
 
-    import data_prep.ray_runtime
+    import ctssl_base.ray_connect
     from ray_jobs.cli import main
 
     def no_ray(*args, **kwargs):
         raise AssertionError(f"{command!r} starts Ray; bad inputs must fail before that")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(data_prep.ray_runtime, "init_local", no_ray)
+    monkeypatch.setattr(ctssl_base.ray_connect, "init_local", no_ray)
     port = str(_closed_port())
     words = shlex.split(command.replace("<port>", port))
     for var in ENV_SCRUB:

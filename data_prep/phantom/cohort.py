@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.phantom.dicom_writer import COMPRESSIONS, STORAGES, SeriesGeometry, SeriesWriter, fake_phi
 from data_prep.phantom.synth import REGION_CLASSES, PhantomPatient, patient_seed
 

@@ -26,7 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 
 COMPRESSIONS: dict[str | None, str] = {None: ExplicitVRLittleEndian, "none": ExplicitVRLittleEndian,
                                        "rle": RLELossless, "jpeg2000": JPEG2000Lossless}

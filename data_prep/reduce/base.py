@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from data_prep.errors import UserError
-from ssl_core.registry import Registry
+from ctssl_base.errors import UserError
+from ctssl_base.registry import Registry
 
 
 @dataclass

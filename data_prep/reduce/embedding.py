@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.reduce.base import STRATEGIES, Selection, SliceSet
 from data_prep.reduce.progress import progress_bar
 from data_prep.reduce.sequential import LastKeptSimilarity, gather_features

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ctssl_base.errors import UserError
 from data_prep.dhash import dhash64_hu
-from data_prep.errors import UserError
 from data_prep.reduce.base import STRATEGIES, Selection, SliceSet, Strategy
 from data_prep.reduce.greedy import reference_greedy
 from data_prep.reduce.mih import global_reference_greedy

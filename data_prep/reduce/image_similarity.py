@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.reduce.base import STRATEGIES, SliceSet
 from data_prep.reduce.sequential import LastKeptSimilarity, gather_features
 from data_prep.reduce.similarity import nmi_pairs, ssim_pairs, thumbnails

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import storage
+from ctssl_base import storage
 from data_prep.dhash import hamming, minmax_uint8
 from data_prep.reduce.base import Selection, SliceSet
 

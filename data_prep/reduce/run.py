@@ -6,8 +6,8 @@ import logging
 import time
 from typing import Any
 
+from ctssl_base.errors import UserError
 from data_prep import shards
-from data_prep.errors import UserError
 from data_prep.reduce.base import Selection, Strategy, empty_selection, get_strategy
 from data_prep.reduce.load import base_url_of, load_slice_set
 from data_prep.reduce.report import example_pairs, per_series, render_examples_png, write_report

@@ -41,7 +41,7 @@ class LastKeptSimilarity(Strategy):
     def __init__(self, window: int = 8, **options: Any) -> None:
         super().__init__(window=window, **options)
         if window < 1:
-            from data_prep.errors import UserError
+            from ctssl_base.errors import UserError
 
             raise UserError(f"--window {window}: must be >= 1")
         self.window = window

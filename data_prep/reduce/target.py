@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.reduce.base import Selection, Strategy
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
+from ctssl_base.registry import Registry
 from data_prep.records import Reject, SeriesData, SeriesTask
-from ssl_core.registry import Registry
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.hu import hu_resized
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData

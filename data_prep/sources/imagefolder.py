@@ -19,7 +19,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.hu import resize_square
 from data_prep.labels import label_for, labels_for_input, normalise_key
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData

@@ -21,7 +21,7 @@ import zipfile
 
 import numpy as np
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.hu import resize_square
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
 from data_prep.sources.base import SOURCES, PrepOptions, Source

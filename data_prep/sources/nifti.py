@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from data_prep.errors import UserError
+from ctssl_base.errors import UserError
 from data_prep.hu import resize_square, to_hu
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData

@@ -86,7 +86,7 @@ def _tracking(study) -> str:
 
 
 def _clean(study) -> None:
-    from data_prep import storage
+    from ctssl_base import storage
     from ray_jobs.study.runner import MARKERS
 
     if storage.is_local(study.storage):

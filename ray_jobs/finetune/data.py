@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctssl_base.errors import ManifestError
 from data_prep import intensity, shards
-from data_prep.errors import ManifestError
 from ray_jobs.errors import CLIError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_prep import storage
+from ctssl_base import storage
 from ray_jobs.errors import CLIError
 from ray_jobs.pretrain.checkpoint import ENCODER_CONFIG_FILE, ENCODER_FILE
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from data_prep.progress import Progress
+from ctssl_base.progress import Progress
 
 
 class StudyProgress(Callback):

@@ -148,6 +148,7 @@ def _encoder_payload(specs, intensity: str, stats: dict[str, float] | None) -> d
 
 
 def run_study(cfg: FinetuneConfig) -> StudyResult:
+    from ctssl_base import ray_connect
     from ray_jobs import ray_cluster
 
     cfg.validate()
@@ -163,7 +164,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
     settings = cfg.to_dict()
     settings["encoder_tags"] = {k: tracking.check_tags(v, f"encoder_tags[{k!r}]") for k, v in cfg.encoder_tags.items()}
     settings["img_size"] = cfg.img_size or int(data.images.shape[-1])
-    ray_cluster.connect(cfg.address)
+    ray_connect.connect(cfg.address)
     ray_cluster.check_capacity(ray_cluster.WorkerRequest(1, cfg.cpus_per_trial, cfg.gpus_per_trial),
                                what="one trial:")
 
@@ -182,7 +183,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
     ctx = StudyContext(images=data.images, labels=data.labels, classes=data.classes, folds=folds,
                        encoders=_encoder_payload(encoders, data.intensity, data.intensity_stats), settings=settings,
                        tracking_uri=tracking_uri, experiment_id=exp_id, parent_run_id=parent_id,
-                       env=ray_cluster.forwarded_env(), patients=np.asarray(data.patients))
+                       env=ray_connect.forwarded_env(), patients=np.asarray(data.patients))
     try:
         names = [e.name for e in encoders]
         results = run_trials(plan_grid(names, cfg.sizes, cfg.folds, cfg.seeds), ctx, cfg, f"{cfg.experiment}-grid")

@@ -120,7 +120,7 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     import torch
     from ray import tune
 
-    from ray_jobs.ray_cluster import apply_env
+    from ctssl_base.ray_connect import apply_env
     from ssl_core.finetune import FineTuner, create_classifier
     from ssl_core.metrics import bootstrap_metrics
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import shards, storage
-from data_prep.errors import ManifestError
+from ctssl_base import storage
+from ctssl_base.errors import ManifestError
+from data_prep import shards
 from ray_jobs.errors import CLIError
 
 log = logging.getLogger(__name__)

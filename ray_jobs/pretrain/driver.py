@@ -251,6 +251,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ctssl_base import ray_connect
     from ray_jobs import ray_cluster
 
     cfg, info, img_size, spe, batch_note = prepare(cfg)
@@ -260,7 +261,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     check_method_builds(cfg, img_size, opts)
     ident = resume_guard.identity(cfg, img_size, spe, opts)
     resuming = resume_guard.check(cfg, ident)
-    ray_cluster.connect(cfg.address)
+    ray_connect.connect(cfg.address)
     ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
                                                           streams_data=True))
     storage_fs, storage_path = ray_cluster.arrow_filesystem(cfg.storage)
@@ -279,7 +280,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
              info.rows, info.height, info.width, img_size, cfg.workers, cfg.per_worker_batch, length)
     payload = {
         "config": cfg.to_dict(), "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
-        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_cluster.forwarded_env(),
+        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_connect.forwarded_env(),
         "method_options": opts, "torch_threads": torch_threads(cfg),
     }
     from ray_jobs.pretrain.loop import train_loop_per_worker
@@ -296,7 +297,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             name=cfg.experiment, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": ray_cluster.forwarded_env()},
+            worker_runtime_env={"env_vars": ray_connect.forwarded_env()},
         ),
         datasets={"train": build_dataset(info)},
     )

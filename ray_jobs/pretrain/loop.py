@@ -66,7 +66,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ray_jobs.ray_cluster import apply_env
+    from ctssl_base.ray_connect import apply_env
     from ssl_core.backbones import export_encoder_state_dict
     from ssl_core.methods import StepContext, create_method
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from data_prep import storage
+from ctssl_base import storage
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import json
 import logging
 from typing import Any
 
-from data_prep import storage
+from ctssl_base import storage
 from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import orphans
 from ray_jobs.pretrain.config import PretrainConfig

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from data_prep import storage
+from ctssl_base import storage
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.report.collect import load_study, unfinished_note

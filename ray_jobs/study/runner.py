@@ -36,19 +36,19 @@ class Markers:
     """The stage markers of one study under its storage root (local folder or object store)."""
 
     def __init__(self, root: str):
-        from data_prep import storage
+        from ctssl_base import storage
 
         self.fs, base = storage.open_fs(root)
         self.dir = storage.join(base, MARKERS)
         storage.ensure_dir(self.fs, self.dir)
 
     def _path(self, name: str) -> str:
-        from data_prep import storage
+        from ctssl_base import storage
 
         return storage.join(self.dir, f"{name}.json")
 
     def read(self, name: str) -> dict[str, Any] | None:
-        from data_prep import storage
+        from ctssl_base import storage
 
         try:
             return storage.read_json(self.fs, self._path(name))
@@ -59,7 +59,7 @@ class Markers:
             return None
 
     def write(self, name: str, marker: dict[str, Any]) -> None:
-        from data_prep import storage
+        from ctssl_base import storage
 
         storage.write_json_atomic(self.fs, self._path(name), marker)
 
@@ -112,13 +112,14 @@ def resolve_gpus(study: Study) -> float:
 
 def run(study: Study, address: str | None = None) -> dict[str, Any]:
     """Run every stage that is not already finished with the same settings; returns their results."""
-    from ray_jobs import ray_cluster, tracking
+    from ctssl_base import ray_connect
+    from ray_jobs import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(study.spec["tracking"]["uri"], study.storage)
     study.workdir.mkdir(parents=True, exist_ok=True)
     markers = Markers(study.storage)
     stages = plan(study)
-    ray_cluster.connect(address)
+    ray_connect.connect(address)
     ctx = Context(study=study, address=address, tracking_uri=tracking_uri, gpus_per_worker=resolve_gpus(study))
     print(f"study {study.name}: {len(stages)} stages, storage {study.storage}, MLflow {tracking_uri}, "
           f"{ctx.gpus_per_worker:g} GPU per worker", flush=True)

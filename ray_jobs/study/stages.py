@@ -32,7 +32,7 @@ class Context:
     fingerprint: str = ""  # of the stage being run: names its resumable Ray runs
 
     def url(self, *parts: str) -> str:
-        from data_prep import storage
+        from ctssl_base import storage
 
         return storage.join(self.study.storage, *parts)
 
@@ -49,8 +49,8 @@ class Stage:
 
 # ----------------------------------------------------------------------------------------- checks
 def _committed(url: str) -> bool:
+    from ctssl_base.errors import UserError
     from data_prep import shards
-    from data_prep.errors import UserError
 
     try:
         shards.read_manifest(url)
@@ -60,7 +60,7 @@ def _committed(url: str) -> bool:
 
 
 def _exists(url: str) -> bool:
-    from data_prep import storage
+    from ctssl_base import storage
 
     fs, path = storage.open_fs(url)
     return fs.exists(path)
@@ -75,8 +75,8 @@ def _phantom(role: str) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
         import shutil
 
+        from ctssl_base.progress import Progress
         from data_prep.phantom.cohort import write_cohort
-        from data_prep.progress import Progress
 
         src = ctx.study.spec["data"][role]
         dst = _phantom_dir(ctx.study, role)
@@ -202,13 +202,13 @@ def _finetune(ctx: Context) -> dict[str, Any]:
 
 def _report_done(ctx: Context, r: dict[str, Any]) -> bool:
     """The local report exists, and so does its upload when the storage is remote."""
-    from data_prep import storage
+    from ctssl_base import storage
 
     return Path(r["html"]).exists() and ("uploaded" not in r or _exists(storage.join(r["uploaded"], "report.html")))
 
 
 def _report(ctx: Context) -> dict[str, Any]:
-    from data_prep import storage
+    from ctssl_base import storage
     from ray_jobs.report.build import ReportConfig, build_report
 
     study = ctx.study

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ssl_core.registry import Registry
+from ctssl_base.registry import Registry
 
 if TYPE_CHECKING:
     from ssl_core.methods.base import OptimizerDefaults, SSLMethod, StepContext

@@ -26,7 +26,7 @@ SIZE = 256  # prep resolution for the pipeline benchmark (512 in production; hal
 def bench_ray(s3_server):
     import ray
 
-    from ray_jobs.ray_cluster import forwarded_env
+    from ctssl_base.ray_connect import forwarded_env
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {"CTSSL_S3_ENDPOINT_URL": s3_server, "AWS_ENDPOINT_URL": s3_server,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctssl_base.errors import UserError
 from data_prep import shards
 from data_prep.deid import KEY_ENV, Pseudonymizer, key_weakness, load_key
-from data_prep.errors import UserError
 from data_prep.prep import PrepConfig, run_prep
 from ray_jobs.cli import main
 from tests.conftest import TEST_DEID_KEY

@@ -111,7 +111,7 @@ def test_a_corrupt_npz_and_out_of_range_pixels_are_rejected_by_name(tmp_path):
 
 
 def test_a_labels_csv_is_refused_because_the_npz_has_labels(tmp_path):
-    from data_prep.errors import UserError
+    from ctssl_base.errors import UserError
 
     _organ_like(tmp_path / "o.npz", n=(1, 1, 1))
     with pytest.raises(UserError, match="carry their own labels"):

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from ctssl_base.errors import ManifestError, UserError
 from data_prep import shards
-from data_prep.errors import ManifestError, UserError
 from data_prep.prep import PrepConfig, RejectThresholdExceeded, run_prep
 from tests.conftest import TEST_DEID_KEY
 from tests.data_prep.dicom_factory import write_ct, write_series

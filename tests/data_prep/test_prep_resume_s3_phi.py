@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from ctssl_base.errors import UserError
 from data_prep import shards
-from data_prep.errors import UserError
 from data_prep.prep import PrepConfig, run_prep
 from tests.conftest import TEST_DEID_KEY
 from tests.data_prep.dicom_factory import FAKE_PHI, write_series

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctssl_base.errors import UserError
 from data_prep.dhash import dhash64_hu
-from data_prep.errors import UserError
 from data_prep.phantom.synth import render_volume
 from data_prep.reduce import STRATEGIES, SliceSet, build_strategy, search_threshold
 from data_prep.reduce.embedding import kcenter_greedy

@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from ctssl_base.errors import ManifestError, UserError
 from data_prep import prep as prep_module
 from data_prep import shards
-from data_prep.errors import ManifestError, UserError
 from data_prep.prep import PrepConfig, run_prep
 from data_prep.schema import SCHEMA_VERSION, VERSION_KEY
 from ray_jobs.cli import main

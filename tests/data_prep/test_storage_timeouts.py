@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import storage
+from ctssl_base import storage
 from ray_jobs.cli import main
 from tests.conftest import TEST_DEID_KEY
 

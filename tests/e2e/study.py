@@ -62,7 +62,7 @@ def _local_ray() -> bool:
     """Start a local Ray unless this process is already connected; True if we started it."""
     import ray
 
-    from ray_jobs.ray_cluster import forwarded_env
+    from ctssl_base.ray_connect import forwarded_env
 
     if ray.is_initialized():
         return False

@@ -76,7 +76,7 @@ def ray_cluster(ray_s3: S3Env, tmp_path_factory) -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from ray_jobs.ray_cluster import forwarded_env
+    from ctssl_base.ray_connect import forwarded_env
 
     if ray.is_initialized():
         ray.shutdown()

@@ -72,12 +72,13 @@ def listening():
     return sorted(out)
 
 report = {}
+os.environ["CTSSL_PROBE"] = "forwarded"
+from ctssl_base import ray_connect
 if sys.argv[1] == "ray_cluster":
-    from ray_jobs import ray_cluster
-    ray_cluster.connect(None)
-else:
-    from data_prep.ray_runtime import ensure_ray
-    ensure_ray(None, num_cpus=1)
+    ray_connect.connect(None)
+else:  # as data_prep.prep's Ray executor connects
+    ray_connect.connect(None, num_cpus=1, include_dashboard=False, configure_logging=False)
+report["env_vars"] = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
 ctx = ray.get_runtime_context()
 report["gcs"] = ctx.gcs_address
 report["node_ip"] = ray.util.get_node_ip_address()
@@ -116,6 +117,7 @@ def _check(report: dict, home: Path) -> None:
     # the single-node switch is undone once the instance runs (a later cluster connection needs it off)
     assert report["single_node_env_left"] is None and report["cluster_flag_restored"] is True
     assert not (home / ".ray" / "auth_token").exists()
+    assert report["env_vars"].get("CTSSL_PROBE") == "forwarded"  # the CTSSL_/AWS_/MLFLOW_ env reaches workers
 
 
 def test_ctssl_commands_start_ray_on_loopback_with_its_dashboard_there(tmp_path):

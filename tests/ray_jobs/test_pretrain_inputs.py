@@ -80,6 +80,7 @@ class _StopBeforeRay(Exception):
 
 def test_resume_with_settings_its_checkpoints_cannot_take_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     """Same --experiment, other backbone: one line naming the change, not a retried state_dict error."""
+    from ctssl_base import ray_connect
     from ray_jobs import ray_cluster
     from ray_jobs.pretrain import driver
     from ray_jobs.pretrain.resume_guard import SETTINGS_FILE
@@ -90,7 +91,7 @@ def test_resume_with_settings_its_checkpoints_cannot_take_is_refused_before_ray(
         raise _StopBeforeRay
 
     # Ray itself is not needed here: connecting is recorded, training is replaced by a stop
-    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: connected.append(1))
+    monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: connected.append(1))
     monkeypatch.setattr(ray_cluster, "check_capacity", lambda *a, **k: None)
     monkeypatch.setattr(driver, "_mlflow_run", stop)
     write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=32)
@@ -117,12 +118,12 @@ def test_resume_with_settings_its_checkpoints_cannot_take_is_refused_before_ray(
 
 def test_settings_the_method_cannot_take_fail_before_ray(tmp_path, capsys, monkeypatch):
     """SparK on a ResNet needs at least two 32-px patches per side: 32 px images are refused in one line."""
-    from ray_jobs import ray_cluster
+    from ctssl_base import ray_connect
 
     def stop(*_a, **_k):
         raise _StopBeforeRay
 
-    monkeypatch.setattr(ray_cluster, "connect", stop)
+    monkeypatch.setattr(ray_connect, "connect", stop)
     write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=32)
     rc = main(_pretrain(tmp_path, "--method", "spark", "--data", str(tmp_path / "data")))
     err = capsys.readouterr().err
@@ -135,12 +136,12 @@ def test_settings_the_method_cannot_take_fail_before_ray(tmp_path, capsys, monke
 def test_spark_at_a_size_whose_patch_grid_cannot_hold_its_mask_ratio_is_refused_before_ray(tmp_path, capsys,
                                                                                           monkeypatch):
     """64 px with a ResNet's 32-px patches is a 2x2 grid: 0.6 would silently mask 2 of 4 (0.5)."""
-    from ray_jobs import ray_cluster
+    from ctssl_base import ray_connect
 
     def stop(*_a, **_k):
         raise _StopBeforeRay
 
-    monkeypatch.setattr(ray_cluster, "connect", stop)
+    monkeypatch.setattr(ray_connect, "connect", stop)
     write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=64)
     rc = main(_pretrain(tmp_path, "--method", "spark", "--data", str(tmp_path / "data")))
     err = capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from data_prep.progress import format_rate
+from ctssl_base.progress import format_rate
 from ray_jobs.finetune.progress import StudyProgress
 
 

@@ -201,10 +201,10 @@ def test_encoder_tags_are_checked_and_unknown_encoders_are_refused_before_ray(tm
     with pytest.raises(CLIError, match=r"encoder_tags\['byol'\]"):
         FinetuneConfig(data="/d", storage="/s", experiment="e", encoder_tags={"byol": {"encoder": {"x": 1}}}
                        ).validate()
-    from ray_jobs import ray_cluster
+    from ctssl_base import ray_connect
     from ray_jobs.finetune.study import run_study
 
-    monkeypatch.setattr(ray_cluster, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: pytest.fail("Ray was started"))
     data = str(tmp_path / "labelled")
     write_tiny_dataset(data, patients=6, slices=2, size=32)
     cfg = FinetuneConfig(data=data, storage=str(tmp_path / "s"), experiment="e", encoders=["random"], folds=2,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ssl_core.registry import Registry
+from ctssl_base.registry import Registry
 
 #: plug-in modules written by the test below, looked up only after it has written them
 PLUGINS: Registry[type] = Registry("plugin", modules=["ctssl_test_plugin_ok", "ctssl_test_plugin_not_written_yet"])

@@ -21,8 +21,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from data_prep import failpoints
-from data_prep.errors import UserError
+from ctssl_base import failpoints
+from ctssl_base.errors import UserError
 
 _ENDPOINT_VARS = ("CTSSL_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 

@@ -14,8 +14,8 @@ its plug-ins when imported): importing the registry stays cheap, and a plug-in m
 written yet does not break the others. :meth:`Registry.names` is sorted; iterating, ``values()`` and
 ``items()`` follow the order of registration (the order of ``modules``).
 
-It lives here, in a module with no imports from the project, because both ``data_prep`` and
-``ssl_core`` use it and ``data_prep`` already depends on ``ssl_core`` (never the reverse).
+It imports nothing from the project: ``data_prep`` (sources, reduction strategies) and ``ssl_core``
+(methods) both use it, and neither depends on the other.
 """
 
 from __future__ import annotations
