@@ -133,3 +133,17 @@ def test_the_rules_see_module_level_imports_inside_if_and_try_but_not_in_functio
     found = [(name, top) for _node, name, top in _imports(ast.parse(src), path)]
     assert found == [("os", True), ("ray", True), ("torch", True), ("numpy", True), ("ssl_core", False),
                      ("data_prep", False)]
+
+
+def test_the_report_reads_trials_through_the_shared_record_not_the_fine_tuning_code():
+    """ray_jobs.finetune writes trials and may call the report (a study summarises itself at the end);
+    ray_jobs.report reads them back through ray_jobs.trial_record only, so the two never import each
+    other both ways."""
+    bad = []
+    for path in _modules("ray_jobs"):
+        if path.relative_to(REPO).parts[:2] != ("ray_jobs", "report"):
+            continue
+        for node, name, _top in _imports(ast.parse(path.read_text(), filename=str(path)), path):
+            if name == "ray_jobs.finetune" or name.startswith("ray_jobs.finetune."):
+                bad.append(_where(path, node))
+    assert not bad, "the report imports the fine-tuning code:\n" + "\n".join(bad)

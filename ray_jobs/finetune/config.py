@@ -13,6 +13,7 @@ from typing import Any
 
 from ray_jobs.errors import CLIError
 from ray_jobs.tracking import check_tags
+from ray_jobs.trial_record import SizeSpec
 
 DEFAULT_REDUCTIONS = (0, 25, 50, 75, 90)
 ALL = "all"
@@ -73,46 +74,6 @@ def parse_recipes(text: str | None) -> list[Recipe] | None:
     if not out:
         raise CLIError("--recipes: no recipe given")
     return out
-
-
-@dataclass(frozen=True, order=True)
-class SizeSpec:
-    """``kind`` "reduction" (value = % removed) or "per_class" (value = images per class, -1 = all)."""
-
-    kind: str
-    value: int
-
-    @property
-    def label(self) -> str:
-        if self.kind == "reduction":
-            return f"r{self.value}"
-        return "all" if self.value < 0 else f"n{self.value}"
-
-    @property
-    def is_full(self) -> bool:
-        return (self.kind == "reduction" and self.value == 0) or (self.kind == "per_class" and self.value < 0)
-
-    def per_class_count(self, available: int) -> int:
-        """How many of ``available`` images of one class this size keeps (at least one)."""
-        if self.kind == "reduction":
-            return max(1, int(round(available * (100 - self.value) / 100.0)))
-        return available if self.value < 0 else min(available, self.value)
-
-    def sort_key(self) -> float:
-        """Larger training set = larger key, across both kinds."""
-        if self.kind == "reduction":
-            return 100.0 - self.value
-        return float("inf") if self.value < 0 else float(self.value)
-
-    @classmethod
-    def from_label(cls, label: str) -> SizeSpec:
-        if label == "all":
-            return cls("per_class", -1)
-        if label[:1] == "r":
-            return cls("reduction", int(label[1:]))
-        if label[:1] == "n":
-            return cls("per_class", int(label[1:]))
-        raise ValueError(f"not a size label: {label!r}")
 
 
 def parse_sizes(reductions: str | None = None, samples_per_class: str | None = None) -> list[SizeSpec]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ray_jobs.errors import CLIError
-from ray_jobs.finetune.config import SizeSpec
+from ray_jobs.trial_record import SizeSpec
 
 
 @dataclass(frozen=True)

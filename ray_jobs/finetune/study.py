@@ -19,12 +19,13 @@ import numpy as np
 
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
-from ray_jobs.finetune.config import FinetuneConfig, SizeSpec
+from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.finetune.data import load_labelled
 from ray_jobs.finetune.encoders import resolve_encoders
 from ray_jobs.finetune.folds import make_folds
 from ray_jobs.finetune.search import SearchState, bisect_sizes, ladder, threshold_for
 from ray_jobs.finetune.trial import SELECT_METRIC, StudyContext, run_trial
+from ray_jobs.trial_record import SizeSpec
 
 log = logging.getLogger(__name__)
 

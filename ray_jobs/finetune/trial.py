@@ -20,8 +20,9 @@ import numpy as np
 
 from ray_jobs import tracking
 from ray_jobs.finetune.cell import SELECT_METRIC, fit_cell, late_best
-from ray_jobs.finetune.config import Recipe, SizeSpec
+from ray_jobs.finetune.config import Recipe
 from ray_jobs.finetune.folds import FoldSplit, nested_subset
+from ray_jobs.trial_record import PREDICTIONS_ARTIFACT, SizeSpec
 
 log = logging.getLogger("ctssl.finetune")
 
@@ -44,9 +45,6 @@ class StudyContext:
     parent_run_id: str
     env: dict[str, str]
     patients: np.ndarray | None = None  # pseudonym per row: the report bootstraps over test patients
-
-
-PREDICTIONS_ARTIFACT = "predictions/test.npz"
 
 
 def log_test_predictions(cl, run_id: str, y: np.ndarray, p: np.ndarray, rows: np.ndarray,

@@ -19,14 +19,30 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from ray_jobs.finetune.trial import PREDICTIONS_ARTIFACT
+from ray_jobs.trial_record import PREDICTIONS_ARTIFACT
 
 Predictions = dict[str, dict[str, np.ndarray]]  # run_id -> {y, p, rows, patients}
 
 
 def load_predictions(cl, run_ids: list[str]) -> Predictions:  # noqa: ANN001 - MlflowClient
     """Each run's logged test predictions; runs without the artifact (older studies) are left out."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
     out: Predictions = {}
+    # one small file per trial: MLflow's per-download progress bar would print a line for each
+    bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
+    try:
+        _download(cl, run_ids, out)
+    finally:
+        if bar is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
+    return out
+
+
+def _download(cl, run_ids: list[str], out: Predictions) -> None:  # noqa: ANN001 - MlflowClient
     with tempfile.TemporaryDirectory() as tmp:
         for rid in run_ids:
             try:
@@ -35,7 +51,6 @@ def load_predictions(cl, run_ids: list[str]) -> Predictions:  # noqa: ANN001 - M
                 continue
             with np.load(path, allow_pickle=False) as z:
                 out[rid] = {k: z[k] for k in ("y", "p", "rows", "patients")}
-    return out
 
 
 def macro_auc(y: np.ndarray, p: np.ndarray) -> float:

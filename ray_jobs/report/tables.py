@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ray_jobs.finetune.config import SizeSpec
+from ray_jobs.trial_record import SizeSpec
 
 METRICS = {"auc": "test_auc", "f1": "test_f1_macro", "acc": "test_accuracy"}
 

@@ -42,11 +42,11 @@ def _encoder_folder(path) -> str:
 def _peer(cfg) -> tuple[float, list[float]]:
     """The study's cells back to back in this process; returns (wall seconds, test AUCs)."""
     from ray_jobs.finetune.cell import fit_cell
-    from ray_jobs.finetune.config import SizeSpec
     from ray_jobs.finetune.data import load_labelled
     from ray_jobs.finetune.encoders import resolve_encoders
     from ray_jobs.finetune.folds import make_folds, nested_subset
     from ray_jobs.finetune.study import _encoder_payload, plan_grid
+    from ray_jobs.trial_record import SizeSpec
     from ssl_core.finetune import FineTuner, create_classifier
 
     t0 = time.perf_counter()

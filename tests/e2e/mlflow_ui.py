@@ -67,7 +67,14 @@ def open_runs_table(page, server: UiServer, experiment_id: str, parent_name: str
     page.goto(f"{server.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     page.get_by_role("link", name=parent_name, exact=True).wait_for()
     page.get_by_role("button", name="Model training").wait_for()
-    close = page.get_by_role("button", name="Close")  # the MLflow Assistant side panel narrows the table
+    close_side_panels(page)
+
+
+def close_side_panels(page) -> None:
+    """Close what MLflow 3 opens over a page: a "what's new" dialog (Escape) and the MLflow Assistant
+    side panel, which narrows the page's table."""
+    page.keyboard.press("Escape")
+    close = page.get_by_role("button", name="Close")
     try:
         close.first.wait_for(timeout=15_000)
     except PlaywrightTimeout:

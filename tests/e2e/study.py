@@ -21,6 +21,7 @@ from ray_jobs.report.build import ReportConfig, build_report
 from tests.ray_jobs.tiny_data import write_tiny_dataset
 
 EXPERIMENT = "e2e-ui-study"
+MODEL = f"{EXPERIMENT}-seeded"  # registered as a study registers its encoders: <study>-<encoder>
 ENCODERS = ("random", "seeded")
 SIZES = ("n2", "all")
 FOLDS = 2
@@ -44,6 +45,7 @@ class FinishedStudy:
     children: tuple[ChildRun, ...]
     report_html: Path
     seconds: float
+    model_version: str = ""  # version of MODEL registered from the encoder's run
 
 
 def _seeded_encoder(folder: Path) -> Path:
@@ -98,10 +100,26 @@ def make_finished_study(root: Path, db: Path) -> FinishedStudy:
 
             ray.shutdown()
     assert (res.trials, res.failed) == (len(ENCODERS) * len(SIZES) * FOLDS, 0), res
-    return describe_study(root, db, res.parent_run_id, seconds=time.time() - t0)
+    version = register_encoder(root, uri, root / "encoder")
+    return describe_study(root, db, res.parent_run_id, seconds=time.time() - t0, model_version=version)
 
 
-def describe_study(root: Path, db: Path, parent_run_id: str, seconds: float = 0.0) -> FinishedStudy:
+def register_encoder(root: Path, uri: str, folder: Path) -> str:
+    """The seeded encoder as pre-training leaves it in MLflow: a run holding the encoder folder as its
+    ``encoder`` artifact, registered as a model version (the same helper a pre-training run uses)."""
+    from ray_jobs import tracking
+
+    cl = tracking.client(uri)
+    exp = tracking.get_or_create_experiment(cl, f"{EXPERIMENT}-pretrain", (root / "artifacts").as_uri())
+    run_id = cl.create_run(exp, run_name="seeded-pretrain", tags={tracking.TAG_STAGE: "pretrain"}).info.run_id
+    tracking.log_artifacts(cl, run_id, [str(p) for p in sorted(folder.iterdir())], tracking.ENCODER_ARTIFACT)
+    version = tracking.register_artifact(cl, MODEL, run_id, description="seeded resnet18 encoder")
+    cl.set_terminated(run_id, status="FINISHED")
+    return str(version.version)
+
+
+def describe_study(root: Path, db: Path, parent_run_id: str, seconds: float = 0.0,
+                   model_version: str = "") -> FinishedStudy:
     """What the UI should show for a study in ``db``: its runs and tags; builds the report into ``root``."""
     import mlflow
 
@@ -115,4 +133,4 @@ def describe_study(root: Path, db: Path, parent_run_id: str, seconds: float = 0.
     paths = build_report(ReportConfig(experiment=EXPERIMENT, out=str(root / "report"), tracking_uri=uri))
     return FinishedStudy(db=db, experiment_id=parent.info.experiment_id, parent_run_id=parent_run_id,
                          parent_name=parent.info.run_name, children=children,
-                         report_html=Path(paths.html), seconds=seconds)
+                         report_html=Path(paths.html), seconds=seconds, model_version=model_version)

@@ -10,13 +10,14 @@ from __future__ import annotations
 from tests.e2e.browser import is_png
 from tests.e2e.mlflow_ui import (
     add_tag_columns,
+    close_side_panels,
     compare_row,
     expand_run,
     open_runs_table,
     read_runs_table,
     select_runs,
 )
-from tests.e2e.study import ENCODERS, EXPERIMENT, FOLDS, SIZES
+from tests.e2e.study import ENCODERS, EXPERIMENT, FOLDS, MODEL, SIZES
 
 
 def test_experiment_page_lists_parent_and_child_runs_with_their_method_size_fold_tags(page, study, ui, shots):
@@ -89,3 +90,23 @@ def test_report_html_renders_with_every_plot_loaded(page, study, shots):
     assert sorted(rows[1:]) == [["random", "all", "2"], ["random", "n2", "2"], ["seeded", "all", "2"],
                                 ["seeded", "n2", "2"]]
     assert is_png(shot)
+
+
+def test_the_registry_lists_the_encoder_and_its_version(page, study, ui, shots):
+    page.goto(f"{ui.url}/#/models")
+    page.get_by_role("link", name=MODEL, exact=True).wait_for()
+    close_side_panels(page)
+    row = page.get_by_role("row").filter(has=page.get_by_role("link", name=MODEL, exact=True))
+    shot = shots / "registered_models.png"
+    page.screenshot(path=str(shot))
+    listed = row.inner_text()
+
+    page.goto(f"{ui.url}/#/models/{MODEL}")
+    page.get_by_role("link", name=f"Version {study.model_version}", exact=True).wait_for()
+    close_side_panels(page)
+    version_shot = shots / "registered_model_versions.png"
+    page.screenshot(path=str(version_shot))
+
+    assert study.model_version == "1"  # one pre-training run, one version
+    assert MODEL in listed and f"Version {study.model_version}" in listed
+    assert is_png(shot) and is_png(version_shot)

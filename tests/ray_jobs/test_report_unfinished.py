@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 
 from ray_jobs import tracking
-from ray_jobs.finetune.config import FinetuneConfig, SizeSpec
+from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.finetune.study import asha_scheduler
 from ray_jobs.finetune.trial import trial_tags
 from ray_jobs.report.build import ReportConfig, build_report
 from ray_jobs.report.collect import load_study
+from ray_jobs.trial_record import SizeSpec
 
 EXPERIMENT = "unfinished-study"
 

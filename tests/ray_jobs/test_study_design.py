@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from ray_jobs.errors import CLIError
-from ray_jobs.finetune.config import SizeSpec, parse_sizes
+from ray_jobs.finetune.config import parse_sizes
 from ray_jobs.finetune.folds import make_folds, nested_subset
 from ray_jobs.finetune.search import SearchState, bisect_sizes, ladder, threshold_for
+from ray_jobs.trial_record import SizeSpec
 
 
 def _cohort(n_patients: int = 20, slices: int = 7, seed: int = 0):

@@ -17,13 +17,14 @@ import pytest
 from data_prep import shards
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
-from ray_jobs.finetune.config import FinetuneConfig, SizeSpec
+from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.finetune.trial import trial_tags
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import inspect_data
 from ray_jobs.pretrain.driver import _mlflow_run, register_encoder
 from ray_jobs.report.build import ReportConfig, build_report
 from ray_jobs.report.collect import load_study
+from ray_jobs.trial_record import SizeSpec
 from tests.ray_jobs.tiny_data import write_tiny_dataset
 
 
