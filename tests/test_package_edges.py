@@ -125,6 +125,14 @@ def test_the_layers_below_ray_jobs_never_import_the_layers_above_them():
     assert not bad, "imports up the layering:\n" + "\n".join(bad)
 
 
+def test_the_data_layer_never_imports_torch_or_the_model_code():
+    """Not even inside a function: a strategy that needs an encoder (embedding reduction) gets it
+    handed in by its caller, so data_prep runs without a GPU stack."""
+    bad = [_where(path, node) for package, path, node, name, _top in _all_imports()
+           if package == "data_prep" and name.split(".")[0] in {"torch", "ssl_core", "timm"}]
+    assert not bad, "the data layer imports torch or ssl_core:\n" + "\n".join(bad)
+
+
 def test_the_rules_see_module_level_imports_inside_if_and_try_but_not_in_functions():
     src = ("import os\nif True:\n    import ray\ntry:\n    from torch import nn\nexcept ImportError:\n"
            "    import numpy\nclass A:\n    def f(self):\n        import ssl_core\n"

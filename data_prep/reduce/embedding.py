@@ -1,14 +1,18 @@
 """Deep-embedding similarity: cosine similarity of encoder features (any timm CNN, or a ctssl
 pre-trained encoder state_dict), with the last-kept rule or k-center-greedy diversity selection.
 
-torch and timm are imported only when this strategy runs, so the other strategies stay light.
+The encoder is not built here: the caller loads it (``ssl_core.slice_embedder.SliceEmbedder``, which
+``ctssl reduce`` builds from the options below) and hands it in as ``embedder``. The data layer thus
+imports neither torch nor the model code, and the options recorded in the selection manifest stay
+plain values.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,6 +23,14 @@ from data_prep.reduce.sequential import LastKeptSimilarity, gather_features
 
 log = logging.getLogger(__name__)
 MODES = ("threshold", "kcenter")
+
+
+class Embedder(Protocol):
+    """What the strategy needs from an encoder: HU slices in, one unit vector per slice out."""
+
+    in_chans: int
+
+    def __call__(self, hu: np.ndarray, windows: Sequence[str]) -> np.ndarray: ...
 
 
 @STRATEGIES.register("embedding")
@@ -32,8 +44,10 @@ class EmbeddingStrategy(LastKeptSimilarity):
 
     def __init__(self, model: str = "resnet18", checkpoint: str | None = None, mode: str = "threshold",
                  size: int = 128, batch_size: int = 64, windows: list[str] | None = None,
-                 **options: Any) -> None:
-        super().__init__(**options)
+                 embedder: Embedder | None = None, **options: Any) -> None:
+        super().__init__(model=model, checkpoint=checkpoint, mode=mode, size=size, batch_size=batch_size,
+                         windows=windows, **options)
+        self.embedder = embedder
         if mode not in MODES:
             raise UserError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
         if size < 16:
@@ -70,52 +84,15 @@ class EmbeddingStrategy(LastKeptSimilarity):
                 "mode": args.mode, "size": args.size, "batch_size": args.batch_size, "windows": args.windows}
 
     # -- features
-    def _encoder(self):
-        import torch
-
-        from ssl_core.backbones import create_backbone, load_encoder_state_dict
-
-        in_chans = len(self.windows)
-        try:
-            if self.checkpoint:
-                sd = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-                if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                    sd = sd["state_dict"]
-                model = load_encoder_state_dict(self.model_name, sd, in_chans=in_chans, num_classes=0)
-            else:
-                log.warning("embedding: no --checkpoint, so %s has random weights", self.model_name)
-                model = create_backbone(self.model_name, in_chans=in_chans)
-        except FileNotFoundError:
-            raise UserError(f"--checkpoint {self.checkpoint}: no such file") from None
-        except (ValueError, RuntimeError) as e:
-            raise UserError(f"embedding encoder: {e}") from None
-        return model.eval()
-
     def compute_features(self, data: SliceSet, progress: bool) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
-        from ssl_core.ct_window import apply_window
-
+        if self.embedder is None:
+            raise UserError("strategy 'embedding' needs its encoder handed in (embedder=...): "
+                            "ctssl reduce builds it from --model/--checkpoint")
         if self.windows is None:
             self.windows = ["gray8"] if data.intensity == "gray8" else ["lung"]
-        model = self._encoder()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.to(device)
-
-        @torch.no_grad()
-        def embed(hu: np.ndarray) -> np.ndarray:
-            outs = []
-            for s in range(0, hu.shape[0], self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(hu[s:s + self.batch_size])).to(device).float()[:, None]
-                x = F.interpolate(x, size=(self.size, self.size), mode="area") if x.shape[-1] != self.size else x
-                x = apply_window(x, self.windows)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    z = model(x).float()
-                outs.append(F.normalize(z, dim=1).cpu().numpy())
-            return np.concatenate(outs).astype(np.float32)
-
-        return gather_features(data, embed, progress, self.name)
+            self.options["windows"] = self.windows  # the manifest records the windows used
+        windows, embedder = list(self.windows), self.embedder
+        return gather_features(data, lambda hu: embedder(hu, windows), progress, self.name)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))

@@ -22,7 +22,7 @@ def add_size_argument(parser: argparse._ArgumentGroup) -> None:
 
 class _ThumbnailStrategy(LastKeptSimilarity):
     def __init__(self, size: int = 128, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(size=size, **options)
         if size < 8:
             raise UserError(f"--size {size}: must be >= 8")
         self.size = size
@@ -61,7 +61,7 @@ class MutualInfoStrategy(_ThumbnailStrategy):
     upper = 1.0
 
     def __init__(self, bins: int = 32, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(bins=bins, **options)
         if not 2 <= bins <= 256:
             raise UserError(f"--bins {bins}: must be in [2, 256]")
         self.bins = bins

@@ -16,8 +16,11 @@ from data_prep.reduce.target import search_threshold
 log = logging.getLogger(__name__)
 
 
-def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
-    return get_strategy(name)(**(options or {}))
+def build_strategy(name: str, options: dict[str, Any] | None = None,
+                   inputs: dict[str, Any] | None = None) -> Strategy:
+    """``options`` are plain values recorded in the selection manifest; ``inputs`` are objects the
+    caller built for the strategy and hands in (the embedding strategy's encoder), never recorded."""
+    return get_strategy(name)(**(options or {}), **(inputs or {}))
 
 
 def _refuse_to_overwrite_prep_output(dst: str) -> None:
@@ -33,10 +36,12 @@ def _refuse_to_overwrite_prep_output(dst: str) -> None:
 
 def reduce_dataset(src: str, dst: str, strategy: str, *, threshold: float | None = None,
                    target_fraction: float | None = None, options: dict[str, Any] | None = None,
-                   tolerance: float = 0.01, progress: bool = True) -> dict[str, Any]:
+                   tolerance: float = 0.01, progress: bool = True,
+                   inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reduce ``src`` with ``strategy`` and commit the selection at ``dst``; returns the summary
-    (also stored in the selection manifest) with the report files' locations."""
-    strat = build_strategy(strategy, options)
+    (also stored in the selection manifest) with the report files' locations. ``inputs``: see
+    :func:`build_strategy`."""
+    strat = build_strategy(strategy, options, inputs)
     if threshold is not None and target_fraction is not None:
         raise UserError("give either --threshold or --target-fraction, not both")
     if target_fraction is not None and not (0.0 < target_fraction <= 1.0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:  # before the reduction runs, not after it
         check_tracking_uri(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI")
-    cls = get_strategy(args.strategy)
+    options = get_strategy(args.strategy).options_from_args(args)
     summary = reduce_dataset(args.src, args.dst, args.strategy, threshold=args.threshold,
-                             target_fraction=args.target_fraction, options=cls.options_from_args(args),
-                             tolerance=args.tolerance, progress=not args.no_progress)
+                             target_fraction=args.target_fraction, options=options,
+                             tolerance=args.tolerance, progress=not args.no_progress,
+                             inputs=strategy_inputs(args.strategy, options))
     if uri:
         run_id = log_to_mlflow(uri, args.experiment, summary)
         print(f"MLflow run {run_id} in experiment {args.experiment}")
@@ -79,6 +81,16 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['threshold_name']} = {summary['threshold']}; selection committed at {args.dst}; "
           f"report: {summary['report_files']['report.md']}")
     return 0
+
+
+def strategy_inputs(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What a strategy needs built outside the data layer: the embedding strategy's encoder, loaded
+    here from its recorded options (model, checkpoint, size, batch size, windows) and handed in."""
+    if strategy != "embedding":
+        return {}
+    from ssl_core.slice_embedder import SliceEmbedder
+
+    return {"embedder": SliceEmbedder.from_options(options)}
 
 
 def log_to_mlflow(tracking_uri: str, experiment: str, summary: dict) -> str:

@@ -117,6 +117,23 @@ def test_target_fraction_via_cli_and_mlflow_run_in_sqlite(prep, tmp_path):
     assert artifacts == {"reduce_report/report.md", "reduce_report/examples.png", "reduce_report/per_series.csv"}
 
 
+def test_embedding_kcenter_from_the_cli_records_every_option_it_ran_with(prep, tmp_path):
+    """ctssl reduce loads the encoder and hands it to the strategy; the manifest keeps the options
+    (model, mode, size, the windows chosen for HU data) as plain values, the encoder itself not."""
+    src, _ = prep
+    dst = str(tmp_path / "sel-kc")
+    assert main(["reduce", src, dst, "--strategy", "embedding", "--mode", "kcenter", "--size", "32",
+                 "--target-fraction", "0.25", "--no-progress"]) == 0
+    n = shards.read_table(dst, columns=["slice_id"]).num_rows
+    assert n == round(0.25 * N_SERIES * N_SLICES)
+    options = shards.read_manifest(dst)["config"]["options"]
+    assert options == {"model": "resnet18", "mode": "kcenter", "size": 32, "batch_size": 64,
+                       "windows": ["lung"], "window": 8}
+    ssim = str(tmp_path / "sel-ssim-opts")
+    assert main(["reduce", src, ssim, "--strategy", "ssim", "--size", "32", "--no-progress"]) == 0
+    assert shards.read_manifest(ssim)["config"]["options"] == {"size": 32, "window": 8}
+
+
 def test_reducing_a_selection_again_refers_to_the_original_prep_output(prep, tmp_path):
     src, cols = prep
     first, second = str(tmp_path / "every2"), str(tmp_path / "every2-hash")

@@ -12,6 +12,7 @@ from data_prep.reduce import STRATEGIES, SliceSet, build_strategy, search_thresh
 from data_prep.reduce.embedding import kcenter_greedy
 from data_prep.reduce.greedy import every_nth
 from data_prep.reduce.similarity import nmi_pairs, ssim_pairs, thumbnails
+from ray_jobs.commands.reduce import strategy_inputs
 
 N_SERIES, N_SLICES, SIZE = 4, 50, 64
 
@@ -49,7 +50,7 @@ def prepared(volumes):
     def get(name, options):
         key = (name, tuple(sorted(options.items())))
         if key not in cache:
-            s = build_strategy(name, dict(options))
+            s = build_strategy(name, dict(options), strategy_inputs(name, options))
             s.prepare(volumes)
             cache[key] = s
         return cache[key]
@@ -191,17 +192,29 @@ def test_embedding_loads_a_ctssl_encoder_checkpoint_and_rejects_a_wrong_one(volu
     encoder = create_backbone("resnet18", in_chans=1)
     path = tmp_path / "encoder.pt"
     torch.save(export_encoder_state_dict(encoder), path)
-    a = build_strategy("embedding", {"model": "resnet18", "checkpoint": str(path), "size": 32})
-    b = build_strategy("embedding", {"model": "resnet18", "checkpoint": str(path), "size": 32})
+    options = {"model": "resnet18", "checkpoint": str(path), "size": 32}
+    a = build_strategy("embedding", options, strategy_inputs("embedding", options))
+    b = build_strategy("embedding", options, strategy_inputs("embedding", options))
     a.prepare(volumes)
     b.prepare(volumes)
     # same weights -> same embeddings (unit length), hence the same selection
     assert np.allclose(a.feats, b.feats, atol=1e-5)
     assert np.allclose(np.linalg.norm(a.feats, axis=1), 1.0, atol=1e-4)
     assert np.array_equal(a.select(0.999).keep, b.select(0.999).keep)
-    wrong = build_strategy("embedding", {"model": "resnet34", "checkpoint": str(path), "size": 32})
+    assert a.options["windows"] == ["lung"]  # the default the strategy chose is what gets recorded
     with pytest.raises(UserError, match="does not fit timm model 'resnet34'"):
-        wrong.prepare(volumes)
-    missing = build_strategy("embedding", {"model": "resnet18", "checkpoint": str(tmp_path / "nope.pt")})
+        strategy_inputs("embedding", {**options, "model": "resnet34"})
     with pytest.raises(UserError, match="no such file"):
-        missing.prepare(volumes)
+        strategy_inputs("embedding", {**options, "checkpoint": str(tmp_path / "nope.pt")})
+
+
+def test_embedding_without_a_handed_in_encoder_or_with_the_wrong_channels_is_a_clear_error(volumes):
+    bare = build_strategy("embedding", {"size": 32})
+    with pytest.raises(UserError, match="needs its encoder handed in"):
+        bare.prepare(volumes)
+    two = {"size": 32, "windows": ["lung", "soft_tissue"]}
+    one_channel = strategy_inputs("embedding", {"size": 32})
+    with pytest.raises(UserError, match=r"2 window\(s\), but the encoder takes 1 input channel"):
+        build_strategy("embedding", two, one_channel).prepare(volumes)
+    assert strategy_inputs("embedding", two)["embedder"].in_chans == 2
+    assert strategy_inputs("hash", {}) == {}
