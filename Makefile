@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-real gpu-check lint clean
+.PHONY: setup demo test bench bench-real bench-pretrain gpu-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (the tested Python is 3.11; set PYTHON=...)"; exit 1; }
@@ -29,6 +29,10 @@ bench: $(STAMP)
 bench-real: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make bench-real DATA=<folder with labels.csv> [BUDGET=12m] [OUT=bench-real-out]"; exit 2; }
 	$(PY) tests/bench/bench_real.py "$(DATA)" --budget "$(or $(BUDGET),12m)" --out "$(or $(OUT),bench-real-out)" $(BENCH_REAL_ARGS)
+
+# ctssl pretrain end to end (start-up included) vs a plain peer loop on the same shards, per method
+bench-pretrain: $(STAMP)
+	$(PY) tests/bench/bench_pretrain_e2e.py --budget "$(or $(BUDGET),10m)" --out "$(or $(OUT),bench-pretrain-out)" $(if $(DATA),--data "$(DATA)") $(if $(METHODS),--methods "$(METHODS)")
 
 # on a machine with CUDA: each method's step at 224 px bf16 vs lightly, peak memory, CPU cores to feed a GPU
 gpu-check: $(STAMP)
