@@ -147,36 +147,17 @@ def run_peer(method: str, data: str, out: Path, budget_s: float, backbone: str, 
     return res
 
 
-def _lightly_transform(method: str, size: int):
-    from lightly.transforms import (
-        BYOLTransform,
-        BYOLView1Transform,
-        BYOLView2Transform,
-        MoCoV2Transform,
-        SwaVTransform,
-    )
-
-    from ssl_core.augment import swav_local_size
-
-    if method == "byol":
-        return BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size),
-                             view_2_transform=BYOLView2Transform(input_size=size))
-    if method == "mocov2":
-        return MoCoV2Transform(input_size=size)
-    return SwaVTransform(crop_sizes=(size, swav_local_size(size)), crop_counts=(2, 6))
-
-
 def _lightly_peer(method: str, images, backbone: str, batch: int):
     """lightly's example: its model (``lightly_peers``), transforms in the training process (on 2 cores a
     loader process would only compete with the training threads), its example optimiser."""
     import torch
-    from lightly_peers import PEERS
+    from lightly_peers import PEERS, lightly_transform
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
 
     from ssl_core.backbones import create_backbone
 
-    transform = _lightly_transform(method, images.shape[-1])
+    transform = lightly_transform(method, images.shape[-1])
 
     class Pool(Dataset):
         def __len__(self) -> int:

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (str(REPO), str(REPO / "tests" / "bench")):  # ctssl, and lightly_peers beside this file
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 log = logging.getLogger("bench-real")
 
@@ -123,15 +124,6 @@ def pretrain_ctssl(method: str, prep_url: str, pool_url: str, out: Path, budget:
     return res
 
 
-def _lightly_views(method: str, size: int):
-    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, MoCoV2Transform
-
-    if method == "byol":
-        return BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size),
-                             view_2_transform=BYOLView2Transform(input_size=size))
-    return MoCoV2Transform(input_size=size)
-
-
 def pretrain_lightly(method: str, images: np.ndarray, out: Path, budget_s: float, backbone: str,
                      batch: int) -> dict[str, Any]:
     """A plain lightly loop (lightly's example recipe) for ``budget_s`` seconds of training; the
@@ -151,7 +143,9 @@ def pretrain_lightly(method: str, images: np.ndarray, out: Path, budget_s: float
     if done.exists():
         return json.loads(done.read_text())
     torch.manual_seed(0)
-    transform = _lightly_views(method, images.shape[-1])
+    from lightly_peers import lightly_transform
+
+    transform = lightly_transform(method, images.shape[-1])
 
     class Pool(Dataset):
         def __len__(self) -> int:

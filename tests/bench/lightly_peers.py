@@ -127,5 +127,26 @@ def peer_views(method: str, batch: int, size: int, n_local: int = 0,
     return views
 
 
+def lightly_transform(method: str, size: int):
+    """The transform of lightly's example for ``method`` at ``size`` px (PIL image in, views out):
+    what a plain lightly loop augments with (SwAV: 2 global + 6 local crops, as ctssl's default)."""
+    from lightly.transforms import (
+        BYOLTransform,
+        BYOLView1Transform,
+        BYOLView2Transform,
+        MoCoV2Transform,
+        SwaVTransform,
+    )
+
+    if method == "byol":
+        return BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size),
+                             view_2_transform=BYOLView2Transform(input_size=size))
+    if method == "mocov2":
+        return MoCoV2Transform(input_size=size)
+    if method == "swav":
+        return SwaVTransform(crop_sizes=(size, swav_local_size(size)), crop_counts=(2, 6))
+    raise ValueError(f"lightly has no example for {method!r}")
+
+
 __all__ = ["PEERS", "PROTOTYPES", "QUEUE", "TOTAL_STEPS", "LightlyBYOL", "LightlyMoCo", "LightlySwAV",
-           "peer_views"]
+           "lightly_transform", "peer_views"]
