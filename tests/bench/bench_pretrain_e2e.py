@@ -147,17 +147,11 @@ def run_peer(method: str, data: str, out: Path, budget_s: float, backbone: str, 
     return res
 
 
-def _lightly_peer(method: str, images, backbone: str, batch: int):
-    """lightly's example: its model (``lightly_peers``), transforms in the training process (on 2 cores a
-    loader process would only compete with the training threads), its example optimiser."""
-    import torch
-    from lightly_peers import PEERS, lightly_transform
+def _loader(images, transform, batch: int):
+    """Batches of ``transform``ed PIL images (grey as RGB), shuffled, in the training process: on 2
+    cores a loader process would only compete with the training threads."""
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
-
-    from ssl_core.backbones import create_backbone
-
-    transform = lightly_transform(method, images.shape[-1])
 
     class Pool(Dataset):
         def __len__(self) -> int:
@@ -166,7 +160,17 @@ def _lightly_peer(method: str, images, backbone: str, batch: int):
         def __getitem__(self, i: int):
             return transform(Image.fromarray(images[i]).convert("RGB"))
 
-    loader = DataLoader(Pool(), batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    return DataLoader(Pool(), batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+
+
+def _lightly_peer(method: str, images, backbone: str, batch: int):
+    """lightly's example: its transforms, its model (``lightly_peers``), its example optimiser."""
+    import torch
+    from lightly_peers import PEERS, lightly_transform
+
+    from ssl_core.backbones import create_backbone
+
+    loader = _loader(images, lightly_transform(method, images.shape[-1]), batch)
     model = PEERS[method](create_backbone(backbone, in_chans=3)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.Adam(params, lr=1e-3) if method == "swav"  # lightly's SwAV example
@@ -184,51 +188,18 @@ def _lightly_peer(method: str, images, backbone: str, batch: int):
 
 def _spark_peer(images, backbone: str, batch: int, official_dir: Path):
     """The official SparK code as its ``main.py`` trains: RandomResizedCrop(0.67-1) + flip + ImageNet
-    normalisation, its sparse encoder / light decoder, LAMB and lr/wd annealing."""
-    from PIL import Image
-    from spark_step_runner import _official_imports
-    from torch.utils.data import DataLoader, Dataset
+    normalisation, its sparse encoder / light decoder (width 768), LAMB and lr/wd annealing."""
+    from spark_step_runner import _official_imports, official_trainer
     from torchvision import transforms
 
     _official_imports(str(official_dir))
-    import decoder
-    import encoder
-    import spark
-    import timm
-    from utils.lamb import TheSameAsTimmLAMB
-    from utils.lr_control import get_param_groups, lr_wd_annealing
-
     size = images.shape[-1]
     transform = transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(0.67, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-
-    class Pool(Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, i: int):
-            return transform(Image.fromarray(images[i]).convert("RGB"))
-
-    loader = DataLoader(Pool(), batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
-    cnn = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", in_chans=3)
-    enc = encoder.SparseEncoder(cnn, input_size=size, sbn=False)
-    dec = decoder.LightDecoder(enc.downsample_raito, width=768, sbn=False)
-    model = spark.SparK(enc, dec, mask_ratio=SPARK_MASK_RATIO, densify_norm="bn", sbn=False).train()
-    groups = get_param_groups(model, nowd_keys={"cls_token", "pos_embed", "mask_token", "gamma"})
-    lr = 2e-4 * batch / 256
-    opt = TheSameAsTimmLAMB(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), max_grad_norm=5.0)
-
-    def step(x, it: int) -> float:
-        lr_wd_annealing(opt, lr, 0.04, 0.2, it, 40, 1000)
-        loss = model(x, active_b1ff=None, vis=False)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return loader, step
+    step = official_trainer(backbone, size, batch, mask_ratio=SPARK_MASK_RATIO, warmup_iters=40)
+    return _loader(images, transform, batch), step
 
 
 def peer_main(args: argparse.Namespace) -> None:

@@ -40,7 +40,10 @@ def _official_imports(official_dir: str) -> None:
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def _official_step(args: argparse.Namespace, data: torch.Tensor):
+def official_trainer(backbone: str, size: int, batch: int, decoder_width: int = 768, mask_ratio: float = 0.6,
+                     warmup_iters: int = 1, total_iters: int = 1000):
+    """The official SparK model, LAMB and lr/wd annealing as its ``main.py`` sets them up (after
+    :func:`_official_imports`); returns ``step(x, it) -> loss`` for a batch of 3-channel images."""
     import decoder
     import encoder
     import spark
@@ -48,23 +51,28 @@ def _official_step(args: argparse.Namespace, data: torch.Tensor):
     from utils.lamb import TheSameAsTimmLAMB
     from utils.lr_control import get_param_groups, lr_wd_annealing
 
-    cnn = timm.create_model(args.backbone, pretrained=False, num_classes=0, global_pool="", in_chans=3)
-    enc = encoder.SparseEncoder(cnn, input_size=args.size, sbn=False)
-    dec = decoder.LightDecoder(enc.downsample_raito, width=args.decoder_width, sbn=False)
-    model = spark.SparK(enc, dec, mask_ratio=0.6, densify_norm="bn", sbn=False).train()
+    cnn = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", in_chans=3)
+    enc = encoder.SparseEncoder(cnn, input_size=size, sbn=False)
+    dec = decoder.LightDecoder(enc.downsample_raito, width=decoder_width, sbn=False)
+    model = spark.SparK(enc, dec, mask_ratio=mask_ratio, densify_norm="bn", sbn=False).train()
     groups = get_param_groups(model, nowd_keys={"cls_token", "pos_embed", "mask_token", "gamma"})
-    lr = 2e-4 * args.batch / 256
+    lr = 2e-4 * batch / 256
     opt = TheSameAsTimmLAMB(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), max_grad_norm=5.0)
 
-    def step(it: int) -> float:
-        lr_wd_annealing(opt, lr, 0.04, 0.2, it, 1, 1000)
-        loss = model(data, active_b1ff=None, vis=False)
+    def step(x: torch.Tensor, it: int) -> float:
+        lr_wd_annealing(opt, lr, 0.04, 0.2, it, warmup_iters, total_iters)
+        loss = model(x, active_b1ff=None, vis=False)
         opt.zero_grad()
         loss.backward()
         opt.step()
         return float(loss.detach())
 
     return step
+
+
+def _official_step(args: argparse.Namespace, data: torch.Tensor):
+    step = official_trainer(args.backbone, args.size, args.batch, args.decoder_width)
+    return lambda it: step(data, it)
 
 
 def _our_model(args: argparse.Namespace, hu: torch.Tensor):
