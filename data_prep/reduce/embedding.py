@@ -10,7 +10,6 @@ plain values.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -21,7 +20,6 @@ from data_prep.reduce.base import STRATEGIES, Selection, SliceSet
 from data_prep.reduce.progress import progress_bar
 from data_prep.reduce.sequential import LastKeptSimilarity, gather_features
 
-log = logging.getLogger(__name__)
 MODES = ("threshold", "kcenter")
 
 
