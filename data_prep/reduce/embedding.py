@@ -50,8 +50,9 @@ class EmbeddingStrategy(LastKeptSimilarity):
             raise UserError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
         if size < 16:
             raise UserError(f"--size {size}: must be >= 16 for a CNN encoder")
-        self.model_name, self.checkpoint, self.mode = model, checkpoint, mode
-        self.size, self.batch_size, self.windows = size, batch_size, windows
+        # model, checkpoint, size and batch size describe the encoder the caller builds (and are
+        # recorded in options); the strategy itself needs only the mode and the windows
+        self.mode, self.windows = mode, windows
         if mode == "kcenter":
             self.lower, self.upper = 0.0, 1.0
             self.threshold_name = "kept fraction (k-center greedy)"
