@@ -5,7 +5,8 @@ The chart is rendered with a tiny study; then what KubeRay and the cluster would
 - PostgreSQL: a real one (initdb / pg_ctl), with the user, database and generated password of the
   chart's PostgreSQL StatefulSet and Secret;
 - MLflow: the chart's MLflow container command with its rendered environment (the backend store URI
-  from the PostgreSQL Secret, artifacts proxied to S3), on moto S3;
+  from the PostgreSQL Secret, artifacts proxied to S3), on moto S3, behind its basic-auth app with
+  the config file the chart's init container writes; the jobs log in with the Secret's admin login;
 - the Ray cluster: `ray start` for the head and a second node, with the environment of the rendered
   head and worker containers (Secrets resolved, Service names mapped to 127.0.0.1 as cluster DNS
   would), the head offering no CPUs as `num-cpus: "0"` says;
@@ -29,6 +30,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from tests.charts.chart_support import render_objects, study_objects
@@ -57,7 +59,7 @@ def chart_values(bucket: str, endpoint: str, name: str) -> dict:
     study["spec"]["finetune"]["epochs"] = 1
     return {
         "storage": {"bucket": bucket, "endpoint": endpoint, "existingSecret": S3_SECRET},
-        "mlflow": {"workers": 1, "auth": {"enabled": False}},  # basic auth: see test_chart_security
+        "mlflow": {"workers": 1},  # the default basic-auth app: every job logs in
         "study": study,
         "rayJob": {"runtimeEnv": {"env_vars": {"CTSSL_E2E_RUN": name}}},
         "ray": {"cpuWorkers": {"maxReplicas": 1, "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
@@ -96,17 +98,28 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
     secrets[(S3_SECRET, "AWS_ACCESS_KEY_ID")] = secrets[(S3_SECRET, "AWS_SECRET_ACCESS_KEY")] = "testing"
     pg_pod = next(o for o in objs if o["metadata"]["name"] == "study-postgresql" and o["kind"] == "StatefulSet")
     pg_env = container_env(pg_pod["spec"]["template"]["spec"]["containers"][0], secrets, {})
-    mlflow = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    mlflow_pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    mlflow = mlflow_pod["containers"][0]
     workdir = Path(study["spec"]["workdir"])
 
     with start_postgres(pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"]) as pg:
-        services = {"study-postgresql:5432": f"{pg.host}:{pg.port}"}
-        server_env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))},
-                      **container_env(mlflow, secrets, services)}
+        # the auth-config emptyDir, here a folder
+        services = {"study-postgresql:5432": f"{pg.host}:{pg.port}", "/etc/mlflow-auth": str(tmp_path / "mlflow-auth")}
+        (tmp_path / "mlflow-auth").mkdir()
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+        [init] = mlflow_pod["initContainers"]  # writes basic_auth.ini (users live in PostgreSQL)
+        assert init["name"] == "auth-config"
+        subprocess.run(init["command"], env={**base_env, **container_env(init, secrets, services)}, check=True,
+                       executable=str(VENV_BIN / "python"))
+        server_env = {**base_env, **container_env(mlflow, secrets, services)}
         # the chart's URI (the image's driver named), its password from the chart's Secret
         assert server_env["MLFLOW_BACKEND_STORE_URI"] == pg.uri.replace("postgresql://", "postgresql+psycopg2://")
+        assert mlflow["command"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
         with start_mlflow_server(mlflow["command"], server_env) as server:
             services["http://study-mlflow:5000"] = server.uri
+            # without the login from the Secret the server answers nothing but /health
+            anonymous = requests.get(f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+            assert anonymous.status_code == 401
             rc = rj["spec"]["rayClusterSpec"]
             head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
             [group] = rc["workerGroupSpecs"]
@@ -114,6 +127,8 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
             head_env = container_env(head, secrets, services)
             worker_env = container_env(worker, secrets, services)
             assert head_env["MLFLOW_TRACKING_URI"] == server.uri and head_env["CTSSL_S3_ENDPOINT_URL"] == endpoint
+            # the jobs log in as the admin the server was started with (this test's client too, below)
+            assert head_env["MLFLOW_TRACKING_PASSWORD"] == server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
             # the study file, at the head's mount point here
             spec_file = tmp_path / "etc-ctssl" / "study.yaml"
             spec_file.parent.mkdir()
