@@ -32,7 +32,7 @@ bench-real: $(STAMP)
 
 # ctssl pretrain end to end (start-up included) vs a plain peer loop on the same shards, per method
 bench-pretrain: $(STAMP)
-	$(PY) tests/bench/bench_pretrain_e2e.py --budget "$(or $(BUDGET),10m)" --out "$(or $(OUT),bench-pretrain-out)" $(if $(DATA),--data "$(DATA)") $(if $(METHODS),--methods "$(METHODS)")
+	$(PY) tests/bench/bench_pretrain_e2e.py --budget "$(or $(BUDGET),10m)" --out "$(or $(OUT),bench-pretrain-out)" $(if $(DATA),--data "$(DATA)") $(if $(METHODS),--methods "$(METHODS)") $(if $(CTSSL_ARGS),--ctssl-args "$(CTSSL_ARGS)")
 
 # on a machine with CUDA: each method's step at 224 px bf16 vs lightly, peak memory, CPU cores to feed a GPU
 gpu-check: $(STAMP)

@@ -421,7 +421,9 @@ def _manifest_digest(m: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _read_shard(url: str, shard: dict[str, Any], columns: list[str] | None, verify: bool) -> pa.Table:
+def read_shard(url: str, shard: dict[str, Any], columns: list[str] | None, verify: bool = True) -> pa.Table:
+    """One committed shard (an entry of the manifest at ``url``) as a table, checked against the
+    manifest's size, row count and, with ``verify``, its checksum."""
     fs, root = storage.open_fs(url)
     path = storage.join(root, shard["path"])
     try:
@@ -442,7 +444,7 @@ def read_table(url: str, columns: list[str] | None = None, *, verify: bool = Tru
     r = resolve(url)
     ids = ["slice_id"] if r.keep_ids is not None else []
     cols = None if columns is None else list(dict.fromkeys([*columns, *ids]))
-    tables = [_read_shard(r.base_url, s, cols, verify) for s in r.files]
+    tables = [read_shard(r.base_url, s, cols, verify) for s in r.files]
     if not tables:
         t = SLICE_SCHEMA.empty_table()
         t = t.select(cols) if cols else t

@@ -1,4 +1,5 @@
-"""``ctssl pretrain``: self-supervised pre-training on Ray Train (DDP), data streamed from Parquet shards."""
+"""``ctssl pretrain``: self-supervised pre-training on Ray Train (DDP) or, for one local worker, in this
+process; data streamed from Parquet shards."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ NAME = "pretrain"
 HELP = "pre-train an encoder with BYOL / MoCo v2 / SwAV / SparK on Ray Train"
 DESCRIPTION = """\
 Pre-train a timm CNN with a self-supervised method on the slices of a prep output (or a selection of
-it), with N data-parallel Ray Train workers. Checkpoints go to --storage every --checkpoint-every steps
-and at the end; rerunning with the same --experiment resumes from the latest checkpoint. Metrics and
-the final encoder (timm layout) are logged to MLflow.
+it), with N data-parallel Ray Train workers; one worker on this machine (no --address, no
+$RAY_ADDRESS) trains in this process, without starting Ray (--runner). Checkpoints go to --storage
+every --checkpoint-every steps and at the end; rerunning with the same --experiment resumes from the
+latest checkpoint. Metrics and the final encoder (timm layout) are logged to MLflow.
 
 Example:
   ctssl pretrain --method byol --data s3://bucket/lidc --backbone resnet50 --workers 4 \\
@@ -22,6 +24,8 @@ Example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ray_jobs.pretrain.config import RUNNERS
+
     p.add_argument("--method", required=True, help="byol | mocov2 | swav | spark")
     p.add_argument("--data", required=True, metavar="URL", help="prep output folder (local path or s3://)")
     p.add_argument("--selection", metavar="URL", help="a selection (reduction output) of --data to train on")
@@ -29,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N", help="Ray Train workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per worker (default 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per worker (default 1)")
+    p.add_argument("--runner", default="auto", choices=RUNNERS,
+                   help="where training runs: in this process (one worker, no Ray Train start-up or "
+                        "background processes), on Ray Train workers, or auto (default: in this process "
+                        "for --workers 1 without --address / $RAY_ADDRESS, else Ray Train)")
     p.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="how workers are placed on nodes (default PACK)")
     p.add_argument("--epochs", type=int, metavar="E",
@@ -80,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
     return PretrainConfig(
         method=args.method, data=args.data, selection=args.selection, backbone=args.backbone,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        placement_strategy=args.placement_strategy,
+        placement_strategy=args.placement_strategy, runner=args.runner,
         epochs=args.epochs, batch_size=args.batch_size, storage=args.storage, experiment=args.experiment,
         address=args.address, tracking_uri=args.tracking_uri, img_size=args.img_size, in_chans=args.in_chans,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, lr=args.lr,

@@ -16,6 +16,7 @@ from typing import Any
 from ray_jobs.errors import CLIError
 from ray_jobs.tracking import check_tags
 
+RUNNERS = ("auto", "ray", "in-process")
 DEFAULT_EPOCHS = 100  # without a budget, as before budgets existed
 
 
@@ -31,6 +32,9 @@ class PretrainConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
+    #: where the loop runs: "ray" (Ray Train workers), "in-process" (this process, one worker) or
+    #: "auto" (in-process for one worker and no named cluster; see driver.runs_in_process)
+    runner: str = "auto"
     epochs: int | None = None  # None: 100 without a budget, unlimited with one (an upper bound then)
     batch_size: int | None = None  # global batch (all workers together); None: sized from the pool
     img_size: int | None = None  # None: the prep resolution of the shards
@@ -67,6 +71,8 @@ class PretrainConfig:
         """
         if self.workers < 1:
             raise CLIError(f"--workers must be >= 1, got {self.workers}")
+        if self.runner not in RUNNERS:
+            raise CLIError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.epochs is not None and self.epochs < 1:
             raise CLIError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size is not None:

@@ -113,20 +113,54 @@ def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None 
     return opts
 
 
-def torch_threads(cfg: PretrainConfig) -> int:
+def torch_threads(cfg: PretrainConfig, in_process: bool = False) -> int:
     """Threads each worker's PyTorch uses. Ray hands a worker OMP_NUM_THREADS = its CPUs, and the
     capacity check keeps one CPU of the cluster free for Ray Data's readers, so on a 2-core machine a
     1-CPU worker would train on one thread while the reader idles once the epoch is cached. On a
     single-node CPU cluster (a laptop, the embedded Ray) each worker therefore takes the node's CPUs
-    divided among the workers; elsewhere (several nodes, GPUs) exactly its --cpus-per-worker."""
+    divided among the workers; elsewhere (several nodes, GPUs) exactly its --cpus-per-worker. A run in
+    this process takes the machine's CPUs (this process's CPU affinity)."""
+    base = max(1, int(cfg.cpus_per_worker))
+    if in_process:
+        return base if cfg.use_gpu else max(base, len(os.sched_getaffinity(0)))
     import ray
 
-    base = max(1, int(cfg.cpus_per_worker))
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if cfg.use_gpu or len(nodes) != 1:
         return base
     cpus = int(float(nodes[0].get("Resources", {}).get("CPU", base)))
     return max(base, cpus // cfg.workers)
+
+
+def runs_in_process(cfg: PretrainConfig) -> bool:
+    """Whether the training loop runs in this process (``--runner in-process``) or on Ray Train workers.
+
+    ``auto`` trains in this process when there is one worker and no Ray was named (no --address, not
+    even ``local``, and no $RAY_ADDRESS: a laptop or a single machine). Ray Train's controller and worker
+    processes then buy nothing, and on a small machine they cost: their start-up is ~15 s, and their
+    background wake-ups (with Ray Data's) slow every step of a CPU run whose threads fill all cores
+    by about a tenth (docs/benchmarks.md). Several workers, or a cluster (``ray job submit``, the
+    Kubernetes RayJob), use Ray Train.
+    """
+    if cfg.runner == "in-process":
+        if cfg.workers != 1:
+            raise CLIError(f"--runner in-process trains one worker in this process; --workers {cfg.workers} "
+                           "needs --runner ray (or auto)")
+        return True
+    if cfg.runner == "ray":
+        return False
+    return cfg.workers == 1 and not cfg.address and not os.environ.get("RAY_ADDRESS")
+
+
+def check_local_device(cfg: PretrainConfig) -> None:
+    """A run in this process uses this machine's GPU: refuse GPUs it does not have, in one line."""
+    if cfg.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: this machine has no CUDA device, and a "
+                           "one-worker run trains here (--runner in-process); use --gpus-per-worker 0, or name "
+                           "a cluster with GPUs (--address, --runner ray)")
 
 
 #: the auto batch aims at this many steps per epoch at least: a pool of a few thousand slices at the
@@ -253,54 +287,77 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     from ctssl_base import ray_connect
     from ray_jobs import ray_cluster
+    from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 
     cfg, info, img_size, spe, batch_note = prepare(cfg)
+    in_process = runs_in_process(cfg)
     budget = Budget.plan(spe, cfg.epochs, cfg.max_steps, cfg.time_budget_s)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
     opts = method_options(cfg, info, None if budget.timed else budget.schedule_steps)
     check_method_builds(cfg, img_size, opts)
     ident = resume_guard.identity(cfg, img_size, spe, opts)
     resuming = resume_guard.check(cfg, ident)
-    ray_connect.connect(cfg.address)
-    ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
-                                                          streams_data=True))
+    if in_process:
+        check_local_device(cfg)
+    else:
+        ray_connect.connect(cfg.address)
+        ray_cluster.check_capacity(ray_cluster.WorkerRequest(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
+                                                              streams_data=True))
     storage_fs, storage_path = ray_cluster.arrow_filesystem(cfg.storage)
     if storage_fs is None:
         os.makedirs(storage_path, exist_ok=True)
     if not resuming:
         resume_guard.record(cfg, ident)
+    store = CheckpointStore(cfg.storage, cfg.experiment)
     extra = {"batch_size_auto": batch_note or "no (--batch-size)", "schedule_steps": budget.schedule_steps,
-             "budget": budget.describe() if cfg.budgeted else "none"}
+             "budget": budget.describe() if cfg.budgeted else "none",
+             "runner_effective": "in-process" if in_process else "ray"}
     run_id = _mlflow_run(cfg, info, tracking_uri, img_size, spe, opts, extra)
     length = (f"{spe} steps/epoch x {cfg.epochs} epochs" if not cfg.budgeted else
               f"{spe} steps/epoch until {budget.describe()}"
               + (", whichever comes first" if budget.timed and budget.step_cap else "")
-              + (" (training-loop time; Ray start-up not counted)" if budget.timed else ""))
-    log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %s", cfg.method, info.read_url,
-             info.rows, info.height, info.width, img_size, cfg.workers, cfg.per_worker_batch, length)
+              + (" (training-loop time; start-up not counted)" if budget.timed else ""))
+    log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %s, %s", cfg.method,
+             info.read_url, info.rows, info.height, info.width, img_size, cfg.workers, cfg.per_worker_batch, length,
+             "in this process" if in_process else "on Ray Train")
     payload = {
         "config": cfg.to_dict(), "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_connect.forwarded_env(),
-        "method_options": opts, "torch_threads": torch_threads(cfg),
+        "method_options": opts, "torch_threads": torch_threads(cfg, in_process),
+        # where a rerun continues from when Ray Train has no checkpoint of its own to hand the loop
+        # (the last run trained in this process, or its checkpoints were not registered)
+        "resume_from": store.latest() if resuming else None,
+        "in_process": in_process,
     }
     from ray_jobs.pretrain.loop import train_loop_per_worker
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.experiment, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": ray_connect.forwarded_env()},
-        ),
-        datasets={"train": build_dataset(info)},
-    )
+    if in_process:
+        from ray_jobs.pretrain.shard_stream import ShardStream
+
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=payload,
+            scaling_config=ray.train.ScalingConfig(num_workers=0),  # Ray Train's local mode: no actors
+            run_config=ray.train.RunConfig(name=cfg.experiment),
+            datasets={"train": ShardStream(info, seed=cfg.seed)},
+        )
+    else:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=payload,
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
+                resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                      **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=cfg.experiment, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": ray_connect.forwarded_env()},
+            ),
+            datasets={"train": build_dataset(info)},
+        )
     cl = tracking.client(tracking_uri)
     try:
         result = trainer.fit()
@@ -329,8 +386,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise
     cl.set_terminated(run_id, status="FINISHED")
     ckpt_path = result.checkpoint.path
-    registered = [c.path for c, _ in (result.best_checkpoints or [])] + [ckpt_path]
-    orphans.prune_unregistered(cfg.storage, cfg.experiment, registered)
+    registered = ([c.path for c, _ in (result.best_checkpoints or [])] if not in_process else store.complete())
+    orphans.prune_unregistered(cfg.storage, cfg.experiment, [*registered, ckpt_path])
     if storage_fs is not None:
         ckpt_path = f"{cfg.storage.split('://', 1)[0]}://{ckpt_path}"
     res = PretrainResult(run_id=run_id, tracking_uri=tracking_uri, checkpoint_path=ckpt_path,

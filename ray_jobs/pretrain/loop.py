@@ -25,6 +25,7 @@ import torch
 
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.budget import Budget
+from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import decode_batch, to_training_tensor
 from ray_jobs.pretrain.epoch_cache import EpochCache
@@ -62,6 +63,18 @@ def _scalar_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
     return res
 
 
+def _stored(cfg: PretrainConfig, path: str | None):  # noqa: ANN202 - ray.train.Checkpoint | None
+    """The checkpoint folder ``path`` of ``cfg.storage`` (a path in its filesystem) as a Ray Train
+    checkpoint; None for None."""
+    if not path:
+        return None
+    import ray.train
+
+    from ray_jobs.ray_cluster import arrow_filesystem
+
+    return ray.train.Checkpoint(path=path, filesystem=arrow_filesystem(cfg.storage)[0])
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -85,7 +98,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     total_epochs = epoch_limit or 0
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    in_process = bool(payload.get("in_process"))
+    # in this process the run's own settings pick the device (Ray Train's local mode would take any GPU)
+    device = (torch.device("cuda" if cfg.use_gpu else "cpu") if in_process else ray.train.torch.get_device())
     on_cuda = device.type == "cuda"
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -99,7 +114,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     optimizer, scheduler = build_optimizer(method, cfg, total_steps, steps_per_epoch, budget)
     clip = max_grad_norm(method)
     progress = ckpt_io.Progress(steps_per_epoch=steps_per_epoch, total_steps=budget.step_cap or 0)
-    resumed = ray.train.get_checkpoint()
+    store = CheckpointStore(cfg.storage, cfg.experiment) if in_process and rank == 0 else None
+    resumed = ray.train.get_checkpoint() or _stored(cfg, payload.get("resume_from"))
     if resumed is not None:
         with resumed.as_directory() as d:
             progress = ckpt_io.load(d, method=method, optimizer=optimizer)
@@ -113,7 +129,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + progress.step)  # different augmentations per rank and restart
 
     model = ray.train.torch.prepare_model(
-        method,  # its forward is training_step, so DDP's gradient hooks see every step
+        method, move_to_device=device,  # its forward is training_step, so DDP's gradient hooks see every step
         # SwAV freezes its prototypes for the first iterations and target networks get no gradient:
         # parameters without a gradient in a step must not stall DDP's reducer
         parallel_strategy_kwargs={"find_unused_parameters": True},
@@ -148,7 +164,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                                      encoder_config(cfg, img_size, payload.get("dataset", ""), progress,
                                                     payload.get("method_options", {}).get("windows"),
                                                     per_bs * world))
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # in this process nothing uploads a reported folder: it is stored here, then reported
+            ckpt = (ray.train.Checkpoint.from_directory(tmp) if store is None else _stored(cfg, store.save(tmp)))
+            ray.train.report(report, checkpoint=ckpt)
         log.info("checkpoint at step %d%s", progress.step, " (final)" if final else "")
 
     shard = ray.train.get_dataset_shard("train")

@@ -5,7 +5,8 @@
 on the same machine:
 
 * **ctssl**: ``ctssl pretrain --method M --time-budget BUDGET`` in a fresh process, CLI defaults
-  otherwise (batch sized from the pool, one worker, the local Ray instance the command starts).
+  otherwise (batch sized from the pool, one worker, which trains in the command's own process;
+  ``--ctssl-args "--runner ray"`` measures it on Ray Train instead).
 * **peer**: a plain loop in a fresh process, the way a user stitches one together: read the same
   shards with pyarrow into memory, then lightly's example recipe for BYOL / MoCo v2 / SwAV (lightly's
   transforms on PIL images in the training process, its heads and losses from
@@ -14,7 +15,7 @@ on the same machine:
   same backbone, input size, batch and training-loop budget.
 
 Reported per side: images/s **steady state** (after the first pass over the data: ctssl's first epoch
-runs through Ray Data, later ones from its in-memory epoch cache) and images/s **including
+streams the shards, later ones come from its in-memory epoch cache) and images/s **including
 start-up** (all images trained / the process's whole wall time: imports, Ray, data loading,
 checkpoint). The ratios are ctssl / peer. Results go to OUT/results.md and OUT/results.json.
 
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -85,7 +87,8 @@ def load_pool(url: str) -> tuple[Any, str]:
 
 
 # --------------------------------------------------------------------------- ctssl side
-def run_ctssl(method: str, data: str, out: Path, budget: str, backbone: str) -> dict[str, Any]:
+def run_ctssl(method: str, data: str, out: Path, budget: str, backbone: str,
+              extra: list[str] | None = None) -> dict[str, Any]:
     from data_prep import shards
 
     storage = out / "runs"
@@ -95,6 +98,7 @@ def run_ctssl(method: str, data: str, out: Path, budget: str, backbone: str) -> 
     cmd = [sys.executable, "-m", "ray_jobs.cli", "pretrain", "--method", method, *where,
            "--storage", str(storage), "--experiment", f"bench-{method}-{int(time.time())}",
            "--backbone", backbone, "--time-budget", budget, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"]
+    cmd += extra or []
     if method == "spark":  # at 64 px a ResNet's 32-px patches form a 2x2 grid: 0.5 is the ratio it can realise
         cmd += ["--method-option", f"mask_ratio={SPARK_MASK_RATIO}"]
     log.info("ctssl: %s", " ".join(cmd))
@@ -270,6 +274,7 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--size", type=int, default=64, help="prep size of the default phantom data")
     p.add_argument("--out", type=Path, default=Path("bench-pretrain-out"))
+    p.add_argument("--ctssl-args", default="", help='extra `ctssl pretrain` options, e.g. "--runner ray"')
     p.add_argument("--peer", choices=METHODS, help=argparse.SUPPRESS)  # internal: run one peer side
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--official-dir", type=Path, help=argparse.SUPPRESS)
@@ -287,7 +292,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as tmp:
         official = official_spark_dir(Path(tmp))
         for method in args.methods.split(","):
-            ctssl = run_ctssl(method, data, args.out, args.budget, args.backbone)
+            ctssl = run_ctssl(method, data, args.out, args.budget, args.backbone, shlex.split(args.ctssl_args))
             row: dict[str, Any] = {"method": method, "ctssl": ctssl,
                                    "peer_name": "official SparK" if method == "spark" else "lightly example"}
             if method == "spark" and official is None:
@@ -297,7 +302,8 @@ def main() -> None:
             rows.append(row)
             log.info("%s: steady %.1f img/s; %s", method, ctssl["steady_img_s"],
                      f"peer {row['peer']['steady_img_s']:.1f} img/s" if "peer" in row else row["peer_name"])
-    table = render(rows, args.budget, args.data or "the 64 px phantom")
+    table = render(rows, args.budget + (f" {args.ctssl_args}" if args.ctssl_args else ""),
+                   args.data or "the 64 px phantom")
     (args.out / "results.json").write_text(json.dumps({"budget": args.budget, "data": data, "rows": rows,
                                                        "load": os.getloadavg()}, indent=1))
     (args.out / "results.md").write_text(table)

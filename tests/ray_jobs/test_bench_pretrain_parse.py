@@ -6,6 +6,7 @@ through Ray Data), and a run too short to have a steady state is an error, not a
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_pretrain_e2e.py"
 
 LOG = """\
 12:09:53 INFO ray_jobs.pretrain.driver: pre-training mocov2 on /data/pool: 536 slices of 64x64 -> 64 px, \
-1 workers x 32, 16 steps/epoch until 2m time budget (training-loop time; Ray start-up not counted)
+1 workers x 32, 16 steps/epoch until 2m time budget (training-loop time; start-up not counted), on Ray Train
 \x1b[36m(RayTrainWorker pid=3345)\x1b[0m step 10 epoch 0 loss 4.7809 113.0 img/s 1.08 steps/s; 2m time budget \
 8 % spent (9 s of training) ETA 111s
 \x1b[36m(RayTrainWorker pid=3345)\x1b[0m step 20 epoch 1 loss 4.7645 112.1 img/s 3.48 steps/s; 2m time budget \
@@ -25,6 +26,11 @@ LOG = """\
 """
 
 
+# the same run trained in the CLI's process (--runner in-process, the default for one local worker)
+IN_PROCESS_LOG = re.sub(r"\x1b\[36m\(RayTrainWorker pid=3345\)\x1b\[0m ", "12:10:01 INFO ctssl.pretrain: ",
+                        LOG.replace("on Ray Train", "in this process"))
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_pretrain_e2e", SCRIPT)
@@ -33,8 +39,10 @@ def bench():
     return module
 
 
-def test_rates_count_the_whole_run_and_steady_state_after_the_first_epoch(bench):
-    res = bench.parse_ctssl_log(LOG, wall=151.8)
+@pytest.mark.parametrize("log", [LOG, IN_PROCESS_LOG], ids=["ray-train", "in-process"])
+def test_rates_count_the_whole_run_and_steady_state_after_the_first_epoch(bench, log):
+    assert "RayTrainWorker" not in IN_PROCESS_LOG and "ctssl.pretrain: step 380" in IN_PROCESS_LOG
+    res = bench.parse_ctssl_log(log, wall=151.8)
     assert (res["steps"], res["batch"], res["images"]) == (383, 32, 383 * 32)
     assert res["steady_img_s"] == pytest.approx((380 - 20) * 32 / (119 - 12))
     assert res["budget_img_s"] == pytest.approx(383 * 32 / 120.0)
