@@ -11,8 +11,9 @@ HELP = "run the whole study on this machine: phantom -> prep -> reduce -> 4 meth
 DESCRIPTION = """\
 Runs every stage of ctssl on one machine with no cluster, no GPU and no network: a synthetic CT
 phantom cohort (DICOM), prep to Parquet shards, dhash reduction, pre-training of BYOL, MoCo v2, SwAV
-and SparK on a local Ray, a fine-tuning study (4 encoders + random init x training-set sizes x
-patient-level folds) tracked in MLflow (SQLite), and the report. A second run reuses finished stages.
+and SparK (one worker each, in this process), a fine-tuning study on a local Ray (4 encoders + random
+init x training-set sizes x patient-level folds) tracked in MLflow (SQLite), and the report: about
+10 minutes on 2 CPU cores. A second run reuses finished stages.
 
 Scaling it up (same stages, bigger settings):
   ctssl demo --pretrain-patients 200 --labelled-patients 100 --slices 64 --size 128 \\
