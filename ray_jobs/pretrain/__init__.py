@@ -1,1 +1,2 @@
-"""Distributed self-supervised pre-training on Ray Train: config, data stream, worker loop, driver."""
+"""Self-supervised pre-training on Ray Train (or, for one local worker, in the driver process): config,
+data stream, worker loop, checkpoints, driver."""

@@ -1,5 +1,10 @@
 """The code every Ray Train worker runs: stream batches, step the method, checkpoint, log (rank 0).
 
+A one-worker run on a single machine runs this same function in the driver process (Ray Train's
+local mode, ``payload["in_process"]``): its batches then come from
+:class:`~ray_jobs.pretrain.shard_stream.ShardStream` and its checkpoints are written by
+:class:`~ray_jobs.pretrain.checkpoint_store.CheckpointStore`, since no controller uploads them.
+
 Restart semantics: on a worker failure Ray Train restarts the worker group and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint. Its ``progress.json`` says which epoch
 and how many of its steps were done; the resumed epoch then trains only the *remaining* steps (on a

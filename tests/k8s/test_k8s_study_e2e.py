@@ -177,6 +177,10 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
             cl = tracking.client(server.uri)
             assert name in [e.name for e in cl.search_experiments()]
             assert [m.name for m in cl.search_registered_models()] == [f"{name}-byol"]
+            # a submitted job (RAY_ADDRESS set by Ray) pre-trains on Ray Train workers, never in the driver
+            exp = cl.get_experiment_by_name(name).experiment_id
+            pretrain_runs = cl.search_runs([exp], "tags.`ctssl.stage` = 'pretrain'")
+            assert [r.data.params["runner_effective"] for r in pretrain_runs] == ["ray"]
 
         # every run is in PostgreSQL (the server is gone: read the database itself)
         with psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password,

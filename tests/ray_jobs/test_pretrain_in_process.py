@@ -175,9 +175,16 @@ def test_a_one_worker_run_trains_without_ray_and_a_rerun_after_a_crash_resumes(t
 
     from ctssl_base import ray_connect
     from ray_jobs import tracking
+    from ray_jobs.pretrain import driver
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    def no_ray(monkeypatch) -> None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+        monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+        monkeypatch.setattr(driver, "build_dataset", lambda *a, **k: pytest.fail("Ray Data was used"))
+
+    was_up = ray.is_initialized()  # an earlier test of the session may have left a Ray running
+    no_ray(monkeypatch)
     write_tiny_dataset(str(tmp_path / "data"), patients=4, slices=8, size=32)  # 32 slices
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["pretrain", "--method", "byol", "--data", str(tmp_path / "data"), "--backbone", "test_resnet",
@@ -195,12 +202,11 @@ def test_a_one_worker_run_trains_without_ray_and_a_rerun_after_a_crash_resumes(t
     store = CheckpointStore(str(tmp_path / "runs"), "local")
     assert [ckpt_io.load_progress(p).step for p in store.complete()] == [2, 4]
     monkeypatch.undo()
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    no_ray(monkeypatch)
 
     assert main(args) == 0
     assert "6 steps, 1 epochs, 1 restart(s)" in capsys.readouterr().out
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up
     final = store.latest()
     assert ckpt_io.load_progress(final).step == 6 and ckpt_io.load_progress(final).finished
     assert os.path.exists(os.path.join(final, ckpt_io.ENCODER_FILE))
