@@ -68,14 +68,13 @@ class CheckpointStore:
         checkpoints beyond the newest ``keep`` are then removed, as are incomplete ones."""
         name = f"{orphans.PREFIX}{dt.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
         dest = storage.join(self.run_dir, name)
-        files = sorted(os.listdir(local_dir), key=lambda n: n == PROGRESS_FILE)  # progress.json last
         if self.local:
             os.makedirs(self.run_dir, exist_ok=True)
             tmp = storage.join(self.run_dir, f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}")
             shutil.copytree(local_dir, tmp)
             os.replace(tmp, dest)
         else:
-            for n in files:
+            for n in sorted(os.listdir(local_dir), key=lambda n: n == PROGRESS_FILE):  # progress.json last
                 self.fs.put_file(os.path.join(local_dir, n), storage.join(dest, n))
         self._prune(keep_path=dest)
         return dest

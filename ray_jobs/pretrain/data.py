@@ -101,8 +101,9 @@ def _probe_size(url: str, manifest: dict[str, Any]) -> tuple[int, int]:
     return int(rb.column("height")[0].as_py()), int(rb.column("width")[0].as_py())
 
 
-class _KeepSelected:
-    """Row filter for a selection, applied inside Ray Data's read/map tasks (ids shipped once)."""
+class KeepSelected:
+    """Row filter for a selection: the selected rows' pixel columns. Applied inside Ray Data's
+    read/map tasks (ids shipped once) and by the in-process reader alike."""
 
     def __init__(self, keep_ids):
         self.keep_ids = keep_ids
@@ -126,7 +127,7 @@ def build_dataset(info: DataInfo):
     # select_columns is pushed down into the Parquet scan: only these columns are read
     ds = ray.data.read_parquet(files, filesystem=fs, file_extensions=None).select_columns(cols)
     if resolved.keep_ids is not None:
-        ds = ds.map_batches(_KeepSelected(resolved.keep_ids),
+        ds = ds.map_batches(KeepSelected(resolved.keep_ids),
                             batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     return ds
 

@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from data_prep import shards
-from ray_jobs.pretrain.data import PIXEL_COLUMNS, DataInfo
+from ray_jobs.pretrain.data import PIXEL_COLUMNS, DataInfo, KeepSelected
 
 
 class ShardStream:
@@ -33,15 +32,14 @@ class ShardStream:
         self.base_url = resolved.base_url
         self.files = [s for s in resolved.files if int(s["rows"]) > 0]
         self.keep_ids = resolved.keep_ids
+        self._keep = KeepSelected(resolved.keep_ids) if resolved.keep_ids is not None else None
         self.seed = seed
         self.epochs_started = 0
 
     def _read(self, shard: dict[str, Any]) -> pa.Table:
         cols = PIXEL_COLUMNS + (["slice_id"] if self.keep_ids is not None else [])
         t = shards.read_shard(self.base_url, shard, cols)
-        if self.keep_ids is not None:
-            t = t.filter(pc.is_in(t["slice_id"], value_set=self.keep_ids)).select(PIXEL_COLUMNS)
-        return t
+        return t if self._keep is None else self._keep(t)
 
     def _tables(self, order: np.ndarray) -> Iterator[pa.Table]:
         """The shards in ``order``, each read while the one before it is being consumed."""
