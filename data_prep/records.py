@@ -49,6 +49,11 @@ class SliceData:
     spacing_mm: tuple[float, float]  # (row, col) pixel spacing in mm after resampling
     label: str | None = None
     input: str = ""  # the file (or file#frame) the slice came from, for error messages
+    #: geometry of the slice as stored (DICOM sources), for the per-series volume checks; None where a
+    #: source has no such notion (2-D images) or the header lacks it
+    position_mm: tuple[float, float, float] | None = None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6 direction cosines)
+    native_size: tuple[int, int] | None = None  # (rows, cols) before resizing
 
 
 @dataclass
