@@ -32,7 +32,7 @@ import numpy as np
 
 from ctssl_base import storage
 from ctssl_base.errors import UserError
-from data_prep import intensity, shards
+from data_prep import intensity, shards, volume_qc
 from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
 from data_prep.labels import check_labels_csv
@@ -60,6 +60,9 @@ class PrepConfig:
     rows_per_shard: int = 1024
     max_reject_fraction: float | None = None
     progress: bool = True
+    #: what a series flagged by the volume checks gets (data_prep.volume_qc): written and listed
+    #: ("warn"), left out and listed as rejects ("skip"), or the run stops ("strict")
+    volume_check: str = volume_qc.DEFAULT_POLICY
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What must be equal for a rerun to continue an existing output."""
@@ -71,8 +74,13 @@ class PrepConfig:
                     labels_sha = hashlib.sha256(f.read()).hexdigest()
             except OSError as e:
                 raise UserError(f"{self.labels_csv}: labels CSV cannot be read ({e.strerror})") from None
+        # Only "skip" writes other shards than "warn": "strict" stops where "warn" would write a flagged
+        # series, so an output it completes is the output "warn" makes, and a rerun with either
+        # continues it (a strict rerun checks the committed series too). "skip" must not continue a
+        # "warn" output (it would hold flagged series of the first run) nor the other way round.
         return {"source": self.source, "size": self.size, "dataset": self.dataset, "labels_sha256": labels_sha,
-                "schema_version": SCHEMA_VERSION}
+                "schema_version": SCHEMA_VERSION,
+                **({"volume_check": "skip"} if self.volume_check == "skip" else {})}
 
 
 @dataclass
@@ -87,6 +95,8 @@ class PrepSummary:
     seconds: float = 0.0
     committed: bool = False
     rejects: list[dict[str, str]] = field(default_factory=list)
+    #: the volume checks: policy, counts per flag, the flagged series (as in the manifest)
+    volume_qc: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reject_fraction(self) -> float:
@@ -95,8 +105,12 @@ class PrepSummary:
 
 # ------------------------------------------------------------------------------------- worker side
 def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOptions,
-                  rows_per_shard: int, fingerprint: str, pseudo: Pseudonymizer) -> dict[str, Any]:
-    """Load the chunk's series, write its shard(s) and commit record; return the record."""
+                  rows_per_shard: int, fingerprint: str, pseudo: Pseudonymizer,
+                  volume_check: str = volume_qc.DEFAULT_POLICY) -> dict[str, Any]:
+    """Load the chunk's series, write its shard(s) and commit record; return the record.
+
+    Each series is checked as a volume (:mod:`data_prep.volume_qc`) before it is written: the flags
+    of the chunk go into its commit record, so that a resumed run reports the series of earlier runs."""
     source = get_source(tasks[0]["task"].source)
     writer: shards.ShardWriter | None = None
     shard_records: list[dict[str, Any]] = []
@@ -104,6 +118,7 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
     phi: set[str] = set()
     patients: set[str] = set()
     series_ids: set[str] = set()
+    flagged: list[dict[str, Any]] = []
     slices = 0
     inputs = 0
 
@@ -131,9 +146,20 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
             raw_rejects.extend((item, r) for r in data.rejects)
             if not data.slices:
                 continue
+            series_id = pseudo("series", f"{task.source}:{data.series}")
+            flags = volume_qc.check_volume(data.slices)
+            if flags:
+                entry = {"series_id": series_id, "slices": len(data.slices), "written": volume_check != "skip",
+                         "flags": [{"flag": f.flag, "reason": redact(f.reason, phi)} for f in flags]}
+                if volume_check == "strict":
+                    raise UserError(volume_qc.strict_message(series_id, entry["flags"]))
+                flagged.append(entry)
+                if volume_check == "skip":
+                    why = volume_qc.skip_reason(flags)
+                    raw_rejects.extend((item, Reject(s.input, why)) for s in data.slices)
+                    continue
             hu = np.stack([s.hu for s in data.slices])
             n = len(hu)
-            series_id = pseudo("series", f"{task.source}:{data.series}")
             patient_id = pseudo("patient", data.patient)
             patients.add(patient_id)
             series_ids.add(series_id)
@@ -169,7 +195,8 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
         rejects.append(_commit_reject(item["task_id"], inputs_of[item["task_id"]], r, phi, pseudo))
     record = {"tag": tag, "tasks": [t["task_id"] for t in tasks], "shards": shard_records,
               "rejects": rejects, "slices": slices, "inputs": inputs, "patients": sorted(patients),
-              "series": sorted(series_ids), "fingerprint": fingerprint, "phi": pseudo.phi_digests(phi)}
+              "series": sorted(series_ids), "fingerprint": fingerprint, "phi": pseudo.phi_digests(phi),
+              "volume_qc": sorted(flagged, key=lambda e: e["series_id"])}
     shards.write_commit(dst, tag, record)
     return record
 
@@ -281,6 +308,7 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
         raise UserError(f"--shard-index {cfg.shard_index} is outside 0..{cfg.num_shards - 1}")
     if cfg.workers < 1:
         raise UserError("--workers must be at least 1")
+    volume_qc.check_policy(cfg.volume_check)
     pseudo = Pseudonymizer(key)
     if cfg.labels_csv:
         check_labels_csv(cfg.labels_csv)
@@ -346,6 +374,11 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     summary.rejected = len(rejects)
     summary.ignored = len(source.ignored)
     summary.rejects = rejects
+    summary.volume_qc = _volume_qc(commits, index, cfg.volume_check)
+    if cfg.volume_check == "strict" and summary.volume_qc["series"]:
+        # series an earlier run (with "warn", which shares this output) committed: strict holds for them too
+        first = summary.volume_qc["series"][0]
+        raise UserError(volume_qc.strict_message(first["series_id"], first["flags"]))
     if committed:
         shard_list = sorted((s for c in commits for s in c["shards"]), key=lambda s: s["path"])
         shards.write_manifest(cfg.dst, {
@@ -360,7 +393,9 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
                        "patients": len({p for c in commits for p in c.get("patients", [])})},
             "rejects": rejects,
             "ignored": ignored,
-            "config": {**{k: v for k, v in asdict(cfg).items() if k in ("source", "size", "dataset", "rows_per_shard")},
+            "volume_qc": summary.volume_qc,
+            "config": {**{k: v for k, v in asdict(cfg).items()
+                          if k in ("source", "size", "dataset", "rows_per_shard", "volume_check")},
                        "labels": bool(cfg.labels_csv), "fingerprint": _fp_digest(fingerprint),
                        "deid_key_check": key_check},
         })
@@ -382,6 +417,14 @@ class RejectThresholdExceeded(UserError):
         self.summary = summary
 
 
+def _volume_qc(commits: list[dict[str, Any]], index: PhiIndex, policy: str) -> dict[str, Any]:
+    """The manifest's ``volume_qc``: every flagged series of the run (reasons redacted with the
+    identifiers of the whole run, like the rejects), the number of series per flag, the policy."""
+    series = sorted(({**e, "flags": [{"flag": f["flag"], "reason": index.redact(f["reason"])} for f in e["flags"]]}
+                     for c in commits for e in c.get("volume_qc", [])), key=lambda e: e["series_id"])
+    return {"policy": policy, "flagged": len(series), "counts": volume_qc.counts(series), "series": series}
+
+
 def _fp_digest(fp: dict[str, Any]) -> str:
     return hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:16]
 
@@ -396,7 +439,7 @@ def _check_existing(dst: str, fingerprint: dict[str, Any]) -> None:
     shards.refuse_other_format(dst, m)  # one output, one shard format
     if m.get("config", {}).get("fingerprint") != _fp_digest(fingerprint):
         raise UserError(f"{dst}: already holds a prep output made with other settings (source, size, dataset, "
-                        "labels or de-identification key differ); choose a new destination")
+                        "labels, --volume-check skip or de-identification key differ); choose a new destination")
 
 
 def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any]]], chunk_sizes: list[int],
@@ -411,7 +454,7 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
         if cfg.executor == "local" or (cfg.executor == "auto" and cfg.workers == 1):
             for ch, n in zip(chunks, chunk_sizes, strict=True):
                 records.append(process_chunk(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp,
-                                             pseudo))
+                                             pseudo, cfg.volume_check))
                 bar.update(n)
             return records
         import ray
@@ -430,7 +473,7 @@ def _execute(cfg: PrepConfig, opts: PrepOptions, chunks: list[list[dict[str, Any
             while queue and len(pending) < cfg.workers:
                 ch, n = queue.pop(0)
                 pending[remote.remote(cfg.dst, _chunk_tag(ch, cfg.shard_index), ch, opts, cfg.rows_per_shard, fp,
-                                      pseudo_ref)] = n
+                                      pseudo_ref, cfg.volume_check)] = n
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 n = pending.pop(ref)

@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deid-key-file", help="file holding the de-identification key (else $CTSSL_DEID_KEY)")
     p.add_argument("--max-reject-fraction", type=float,
                    help="fail (exit 3) when more than this fraction of inputs is rejected")
+    p.add_argument("--volume-check", choices=["warn", "skip", "strict"], default="warn",
+                   help="a series that is no regular volume (slices at one position, missing slices, gantry "
+                        "tilt, mixed orientation or size): warn = write it and list its flags (default), "
+                        "skip = leave it out and list it as rejects, strict = stop naming its series id")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                      dataset=args.dataset, labels_csv=args.labels_csv, workers=args.workers,
                      executor=args.executor, address=args.address, shard_index=args.shard_index,
                      num_shards=args.num_shards, rows_per_shard=args.rows_per_shard,
-                     max_reject_fraction=args.max_reject_fraction, progress=not args.no_progress)
+                     max_reject_fraction=args.max_reject_fraction, progress=not args.no_progress,
+                     volume_check=args.volume_check)
     key = load_key(args.deid_key_file)
     try:
         s = run_prep(cfg, key)
@@ -75,6 +80,10 @@ def print_summary(s, dst: str, as_json: bool = False) -> None:  # noqa: ANN001 -
           f"in {s.seconds:.1f}s; {s.rejected} of {s.inputs} inputs rejected"
           + (f", {s.ignored} non-image files ignored" if s.ignored else "")
           + (f", {s.resumed_series} series resumed from an earlier run" if s.resumed_series else ""))
+    from data_prep.volume_qc import summary_lines
+
+    for line in summary_lines(s.volume_qc):
+        print(line)
     for r in s.rejects[:20]:
         print(f"  rejected {r['input']}: {r['reason']}")
     if len(s.rejects) > 20:
