@@ -60,8 +60,10 @@ def test_the_document_covers_the_required_cases() -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ct/ (three PNG slices), empty/, unlabelled/ (the prep output of ct/), weak.key."""
+    """ct/ (three PNG slices), empty/, unlabelled/ (the prep output of ct/), weak.key, flat/ (a DICOM
+    series of four slices at one position)."""
     from data_prep.prep import PrepConfig, run_prep
+    from tests.data_prep.dicom_factory import write_ct
 
     root = tmp_path_factory.mktemp("bad-inputs")
     (root / "ct").mkdir()
@@ -69,6 +71,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray(np.full((8, 8), 40 * (i + 1), np.uint8)).save(root / "ct" / f"slice{i}.png")
     (root / "empty").mkdir()
     (root / "weak.key").write_text("password" * 4 + "\n")
+    for i in range(4):  # fixed UIDs: the error line names the series by its pseudonym
+        write_ct(root / "flat" / f"IM{i}", np.full((8, 8), -1000, np.int16), z=5.0, series_uid="1.2.3.4.5",
+                 study_uid="1.2.3.4", instance=i + 1)
     run_prep(PrepConfig(src=str(root / "ct"), dst=str(root / "unlabelled"), size=8, executor="local",
                         progress=False), TEST_DEID_KEY.encode())
     return root

@@ -39,6 +39,8 @@ from ray_jobs.report.tables import (
     wilcoxon_markdown,
     wilcoxon_vs_baseline,
 )
+from ray_jobs.report.volume_checks import SECTION as VOLUME_SECTION
+from ray_jobs.report.volume_checks import volume_checks_markdown
 
 DEFAULT_MARGIN = 0.02  # used when neither the study nor the report names a target
 
@@ -55,6 +57,8 @@ class ReportConfig:
     margin: float | None = None
     #: also log the report's files as artifacts of the study's parent run (folder "report")
     log_to_run: bool = False
+    #: data set (role) -> URL of the prep output it came from: the report lists their volume checks
+    prep_manifests: dict[str, str] | None = None
 
 
 #: the artifact folder of the study's parent run the report's files go to (``log_to_run``)
@@ -164,6 +168,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
          (BOOTSTRAP_NOTE + "\n\n" + bootstrap_markdown(boot, cfg.baseline)) if not boot.empty
          else "no logged test predictions to pool (trials from an older ctssl, or no baseline)"),
         (f"Minimal samples per class ({rule})", _minimal_markdown(minimal, searched)),
+        *([(VOLUME_SECTION, volume_checks_markdown(cfg.prep_manifests))] if cfg.prep_manifests else []),
     ]
     md_text = "\n\n".join(f"## {h}\n\n{b}" for h, b in sections) + "\n"
     md_path = os.path.join(out, "report.md")

@@ -105,22 +105,58 @@ def _prep(role: str) -> Callable[[Context], dict[str, Any]]:
 
         study = ctx.study
         src = study.spec["data"][role]
+        check = _volume_check(study)
         if src["type"] == "phantom":
             folder = _phantom_dir(study, role)
             labels = str(folder / f"labels_{src.get('task', 'region')}.csv") if role == "labelled" else None
             pc = PrepConfig(src=str(folder), dst=ctx.url("shards", role), source="dicom", size=src["size"],
                             dataset=src.get("dataset") or f"phantom-{role}", labels_csv=labels,
-                            executor="local")  # the phantom lies on the driver's disk only
+                            executor="local", volume_check=check)  # the phantom lies on the driver's disk only
         else:
             pc = PrepConfig(src=src["path"], dst=ctx.url("shards", role), source=src["type"], size=src["size"],
                             dataset=src.get("dataset"), labels_csv=src.get("labels"),
-                            workers=study.spec["resources"]["prepWorkers"], executor="ray", address=ctx.address)
+                            workers=study.spec["resources"]["prepWorkers"], executor="ray", address=ctx.address,
+                            volume_check=check)
         s = run_prep(pc, _deid_key(study))
         print(f"    {role}: {s.slices_written} slices from {s.series} series, {s.rejected} rejected -> {pc.dst}",
               flush=True)
-        return {"url": pc.dst, "slices": s.slices_written, "rejected": s.rejected}
+        from data_prep.volume_qc import summary_lines
+
+        for line in summary_lines(s.volume_qc):
+            print(f"    {line}", flush=True)
+        return {"url": pc.dst, "slices": s.slices_written, "rejected": s.rejected,
+                "volume_flagged": s.volume_qc.get("flagged", 0)}
 
     return run
+
+
+def _volume_check(study: Study) -> str:
+    return study.spec.get("prep", {}).get("volumeCheck", "warn")
+
+
+def _prep_settings(study: Study, src: dict[str, Any]) -> dict[str, Any]:
+    """The prep stage's settings: the source's keys, and the volume check where it changes the shards.
+
+    Only "skip" writes other shards than "warn" ("strict" stops where "warn" would write a flagged
+    series), so changing warn <-> strict redoes nothing downstream; a finished prep is checked against
+    strict by :func:`_prep_done` instead."""
+    out = {k: v for k, v in src.items() if k not in PHANTOM_KEYS}
+    if _volume_check(study) == "skip":
+        out["volumeCheck"] = "skip"
+    return out
+
+
+def _prep_done(ctx: Context, r: dict[str, Any]) -> bool:
+    """The prep output is committed, and under strict holds no flagged series (else prep runs again,
+    and stops naming one)."""
+    from ctssl_base.errors import UserError
+    from data_prep import shards
+
+    try:
+        m = shards.read_manifest(r["url"])
+    except UserError:
+        return False
+    return _volume_check(ctx.study) != "strict" or not m.get("volume_qc", {}).get("flagged")
 
 
 def data_url(ctx: Context, role: str) -> str:
@@ -216,7 +252,8 @@ def _report(ctx: Context) -> dict[str, Any]:
     local = study.workdir.resolve() / "report"
     paths = build_report(ReportConfig(experiment=study.name, out=str(local), tracking_uri=ctx.tracking_uri,
                                       study_run=ctx.results["finetune"]["parent_run_id"],
-                                      target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True))
+                                      target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True,
+                                      prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")}))
     res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local)}
     if not storage.is_local(study.storage):  # and beside the shards, where the cluster's users look
         fs, root = storage.open_fs(ctx.url("report"))
@@ -241,8 +278,7 @@ def plan(study: Study) -> list[Stage]:
                              lambda c, r: (Path(r["folder"]) / "phantom.json").exists()))
         if src["type"] != "shards":
             out.append(Stage(f"prep-{role}", f"prep of the {role} set to Parquet shards",
-                             {k: v for k, v in src.items() if k not in PHANTOM_KEYS}, _prep(role),
-                             lambda c, r: _committed(r["url"]),
+                             _prep_settings(study, src), _prep(role), _prep_done,
                              needs=[f"phantom-{role}"] if src["type"] == "phantom" else []))
     pool_needs = [] if spec["data"]["pretrain"]["type"] == "shards" else ["prep-pretrain"]
     for level in study.levels():
