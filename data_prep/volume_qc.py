@@ -179,8 +179,10 @@ def _orientation(slices: Sequence[SliceData]) -> tuple[VolumeFlag | None, np.nda
 def _positions_along_normal(slices: Sequence[SliceData], normal: np.ndarray | None) -> np.ndarray | None:
     """Each slice's position along the normal (mm): from the stored position when every slice has one
     and the normal is known, else the source's ``z_mm`` when every slice has one; None otherwise."""
-    if normal is not None and all(s.position_mm is not None for s in slices):
-        return np.asarray([s.position_mm for s in slices], float) @ normal
+    if normal is not None and all(s.position_mm is not None and len(s.position_mm) == 3 for s in slices):
+        z = np.asarray([s.position_mm for s in slices], float) @ normal
+        if np.all(np.isfinite(z)):
+            return z
     z = np.asarray([s.z_mm for s in slices], float)
     return z if np.all(np.isfinite(z)) else None
 
