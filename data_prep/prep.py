@@ -158,6 +158,10 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
                     why = volume_qc.skip_reason(flags)
                     raw_rejects.extend((item, Reject(s.input, why)) for s in data.slices)
                     continue
+            if series_id in series_ids:  # a series is written once: its slice ids would repeat
+                raise UserError(f"series {series_id}: loaded twice in one chunk; its slice ids would repeat "
+                                "(the source must give one series per id)")
+            _check_slice_index(series_id, [s.slice_index for s in data.slices])
             hu = np.stack([s.hu for s in data.slices])
             n = len(hu)
             patient_id = pseudo("patient", data.patient)
@@ -199,6 +203,15 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
               "volume_qc": sorted(flagged, key=lambda e: e["series_id"])}
     shards.write_commit(dst, tag, record)
     return record
+
+
+def _check_slice_index(series_id: str, index: list[int]) -> None:
+    """Refuse a series whose slice_index is not 0..n-1 once each: its slice ids (series id + index)
+    would repeat or leave holes, and the readers and reduction strategies rely on them being unique."""
+    if sorted(index) != list(range(len(index))):
+        dup = sorted({i for i in index if index.count(i) > 1})
+        raise UserError(f"series {series_id}: slice_index is not 0..{len(index) - 1} once each"
+                        + (f" (repeated: {dup[:5]})" if dup else "") + "; refusing to commit repeated slice ids")
 
 
 #: stands for the rejected file's own path in a reason stored in a commit record (exception messages
@@ -364,6 +377,14 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     index = PhiIndex(pseudo)
     for c in commits:
         index.add(c.get("phi", {}))
+    # the identifiers the source read while discovering (DICOM headers of every file, duplicates included)
+    index.add_values(getattr(source, "phi", ()))
+    seen: dict[str, str] = {}
+    for c in commits:
+        for sid in c.get("series", []):
+            if seen.setdefault(sid, c["tag"]) != c["tag"]:
+                raise UserError(f"{cfg.dst}: series {sid} is in two commits ({seen[sid]}, {c['tag']}); its slice "
+                                "ids repeat; remove the output and prep again")
     rejects = _manifest_rejects(discover_rejects, commits, items, index, pseudo)
     ignored = [index.redact(x) for x in source.ignored]
     n_inputs = sum(c["inputs"] for c in commits) + len(discover_rejects)

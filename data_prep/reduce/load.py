@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ctssl_base.errors import UserError
 from data_prep import shards
 from data_prep.reduce.base import SliceSet
 
@@ -37,6 +38,7 @@ def load_slice_set(src: str, batch_rows: int = 256) -> SliceSet:
         np.asarray(table.column("slice_id").to_pylist(), dtype=object),
         **({"dhash": dhash} if dhash is not None else {}),
     )
+    check_slice_ids(src, data)
     data.intensity = manifest.get("intensity", base.get("intensity", "hu"))
     position = {sid: i for i, sid in enumerate(data.slice_id.tolist())}
 
@@ -60,6 +62,25 @@ def load_slice_set(src: str, batch_rows: int = 256) -> SliceSet:
     data.iter_pixels = iter_pixels
     data.load_pixels = load_pixels
     return data
+
+
+def check_slice_ids(src: str, data: SliceSet) -> None:
+    """Refuse a slice set whose slice ids or (series, slice_index) pairs repeat, with one line.
+
+    Every strategy maps rows by slice id and walks a series in slice_index order, so a repeat would
+    keep or drop the wrong slice. Gaps in slice_index (a selection of a selection, a hand-made output)
+    are fine: strategies work on the rows' order within the series, not on the index values.
+    """
+    ids = data.slice_id
+    if len(ids) and len(np.unique(ids.astype(str))) != len(ids):
+        uniq, counts = np.unique(ids.astype(str), return_counts=True)
+        raise UserError(f"{src}: slice_id {uniq[counts > 1][0]} occurs {int(counts.max())} times; the output "
+                        "holds repeated slices (prep it again into a new folder)")
+    same = (np.diff(data.series) == 0) & (np.diff(data.slice_index) == 0) if len(ids) > 1 else np.zeros(0, bool)
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        raise UserError(f"{src}: series {data.series_name[data.series[i]]} has slice_index {data.slice_index[i]} "
+                        "twice; the output holds repeated slices (prep it again into a new folder)")
 
 
 def _column_names(manifest: dict) -> list[str]:

@@ -1,19 +1,28 @@
 """DICOM trees of any layout -> CT series.
 
-Discovery only lists files, so listing LIDC-IDRI's ~244k files costs a directory walk, not a header
-parse of every file twice (once to group, once to decode). One task is one top-level folder of the
-input (a patient folder in LIDC-style trees; single-child chains are descended first), so everything
-that can name a patient - headers of any of its series, its folder name - is seen by the same worker,
-which can then redact reject paths even for files that do not parse. A worker reads each file once
-and groups files into series by SeriesInstanceUID. Anonymised data often has that UID emptied (see
-tests/data/real_ct), so the fallback is folder + geometry (orientation, pixel spacing).
+Series are grouped over the whole input, not per folder: a series whose files sit in several folders
+(a split export, ``a/`` and ``b/``) is one series with one z order. Discovery therefore reads the
+header of every file once (only the handful of elements named in :data:`HEADER_TAGS`, never the pixel
+data; measured at a few per cent of prep time, see docs/benchmarks.md) and makes one task per series,
+keyed by its SeriesInstanceUID. Anonymised data often has that UID emptied (see tests/data/real_ct),
+so the fallback is folder + geometry (orientation, pixel spacing). The same pass finds duplicates: a
+repeated SOPInstanceUID, or (for files without one) a byte-identical file, is dropped and listed as a
+reject "duplicate of <kept file>"; the kept copy is the first in sorted path order, so reruns agree.
+
+Redaction: a task no longer holds everything that can name a patient, but the process that discovers
+holds more: the identifying values of every header it read. They redact the manifest's rejects
+together with the digests of every commit record (prep.py's docstring), so a folder named after a
+PatientName is redacted even where only another series' header holds that name. Files whose header
+does not parse are rejects of discovery, named by their path, which is only ever written redacted.
 
 Slices are ordered by position along the slice normal (ImagePositionPatient . (row x col)),
-never by file name or InstanceNumber, which scanners and anonymisers reorder freely.
+never by file name or InstanceNumber, which scanners and anonymisers reorder freely. Enhanced
+(multi-frame) CT is read by :mod:`data_prep.sources.dicom_enhanced`, one row per frame.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import Counter, defaultdict
@@ -29,6 +38,7 @@ from ctssl_base.errors import UserError
 from data_prep.hu import hu_resized
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
+from data_prep.sources import dicom_enhanced
 from data_prep.sources.base import SOURCES, PrepOptions, Source
 
 #: Files next to DICOMs that are not images: listed as "ignored", not rejected.
@@ -137,7 +147,7 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
 
 @dataclass
 class _Slice:
-    rel: str
+    rel: str  # the file (or file#frame) the slice came from
     series_key: str
     size: tuple[int, int]
     order: float
@@ -146,10 +156,96 @@ class _Slice:
     spacing: tuple[float, float]
     patient: str
     study: str
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+
+
+#: what discovery reads of each header: enough to group files into series, to find duplicates, to count
+#: an Enhanced file's frames and to know the identifying values (the pixel data is never read here)
+HEADER_TAGS = ("SeriesInstanceUID", "SOPInstanceUID", "ImageOrientationPatient", "PixelSpacing",
+               "ImagePositionPatient", "InstanceNumber", "NumberOfFrames", *PHI_TAGS)
+
+
+def series_key(ds: pydicom.Dataset, folder: str) -> str:
+    """The series a file belongs to: its SeriesInstanceUID, or (UID emptied by an anonymiser) its
+    folder + orientation + pixel spacing. Discovery and loading both call this, so they agree."""
+    uid = header_text(ds, "SeriesInstanceUID")
+    if uid:
+        return f"uid:{uid}"
+    try:
+        iop = header_floats(ds, "ImageOrientationPatient")
+        ps = header_floats(ds, "PixelSpacing")
+    except ValueError:
+        iop, ps = [], []
+    orient = tuple(round(float(x), 3) for x in iop) if iop else ()
+    spacing = (ps[0], ps[1]) if len(ps) >= 2 else (1.0, 1.0)
+    return f"dir:{folder}|{orient}|{tuple(round(x, 4) for x in spacing)}"
+
+
+@dataclass
+class _Header:
+    """What discovery keeps of one file's header."""
+
+    path: str
+    rel: str
+    sop: str  # SOPInstanceUID ("" when emptied)
+    ident: tuple  # (file size, position, instance number): files that may be byte-identical copies
+    series: str  # :func:`series_key`
+    frames: int
+
+
+def _read_error(e: Exception) -> str:
+    """The reject reason of a file pydicom cannot parse (the same in discovery and loading)."""
+    if isinstance(e, InvalidDicomError):
+        return "not a DICOM file (no DICM preamble and no parsable header)"
+    return f"unreadable DICOM file ({type(e).__name__}: {_short(e)})"
+
+
+def _duplicates(headers: list[_Header]) -> dict[str, tuple[str, str]]:
+    """The files to drop as copies of another (path -> (kept path, why)), decided the same on every run.
+
+    Files sharing a SOPInstanceUID are one instance: the largest copy is kept (a truncated copy is never
+    preferred to the whole file), ties going to the first path in sorted order. Files without the UID
+    (anonymised) are copies when byte-identical; only files that agree on size, position and instance
+    number are hashed, so a series without copies is not read twice.
+    """
+    dropped: dict[str, tuple[str, str]] = {}
+    by_sop: dict[str, list[str]] = defaultdict(list)
+    by_ident: dict[tuple, list[str]] = defaultdict(list)
+    for h in headers:
+        if h.sop:
+            by_sop[h.sop].append(h.path)
+        else:
+            by_ident[h.ident].append(h.path)
+    for paths in by_sop.values():
+        if len(paths) > 1:
+            kept = max(paths, key=lambda q: (os.path.getsize(q), -paths.index(q)))
+            dropped.update({q: (kept, "same SOPInstanceUID") for q in paths if q != kept})
+    for paths in by_ident.values():
+        if len(paths) > 1:
+            first_of: dict[str, str] = {}
+            for q in paths:
+                kept = first_of.setdefault(_file_digest(q), q)
+                if kept != q:
+                    dropped[q] = (kept, "byte-identical file")
+    return dropped
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @SOURCES.register("dicom")
 class DicomSource(Source):
+    def __init__(self) -> None:
+        super().__init__()
+        #: identifying values of every header discovery read (never written; prep redacts with them)
+        self.phi: list[str] = []
+
     @classmethod
     def detect(cls, root: str) -> bool:
         for i, p in enumerate(_walk(root)):
@@ -172,30 +268,64 @@ class DicomSource(Source):
         base = root if os.path.isdir(root) else os.path.dirname(root)
         rejects: list[Reject] = []
         self.ignored = []
-        top = _effective_root(base) if os.path.isdir(root) else base
-        by_dir: dict[str, list[str]] = defaultdict(list)
+        files: list[str] = []
         for p in _walk(root):
             if p.lower().endswith(NON_IMAGE_SUFFIXES):
                 self.ignored.append(os.path.relpath(p, base))
             else:
-                rel = os.path.relpath(p, top)
-                by_dir[os.path.join(top, rel.split(os.sep, 1)[0]) if os.sep in rel else top].append(p)
+                files.append(p)
+        files.sort(key=lambda p: os.path.relpath(p, base))  # the kept copy of a duplicate: first path
         labels = None
         if opts.labels_csv:
-            present = {os.path.relpath(p, base) for ps in by_dir.values() for p in ps}
+            present = {os.path.relpath(p, base) for p in files}
             labels = labels_for_input(opts.labels_csv, base, present, rejects)
+        phi: set[str] = set()
+        headers: list[_Header] = []  # what grouping needs of every parsed file (not the header: memory)
+        for p in files:
+            rel = os.path.relpath(p, base)
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+            except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
+                rejects.append(Reject(rel, _read_error(e)))
+                continue
+            phi.update(phi_values(ds))
+            try:
+                frames = max(1, int((header_floats(ds, "NumberOfFrames") or [1])[0]))
+            except ValueError:
+                frames = 1  # loading rejects the file with the element named
+            headers.append(_Header(p, rel, header_text(ds, "SOPInstanceUID"),
+                                   (os.path.getsize(p), header_text(ds, "ImagePositionPatient"),
+                                    header_text(ds, "InstanceNumber")),
+                                   series_key(ds, os.path.dirname(rel) or "."), frames))
+        dropped = _duplicates(headers)
+        by_series: dict[str, list[str]] = defaultdict(list)
+        frames_of: dict[str, int] = {}
+        for h in headers:
+            if h.path in dropped:
+                kept, why = dropped[h.path]
+                rejects.append(Reject(h.rel, f"duplicate of {os.path.relpath(kept, base)} ({why})"))
+                continue
+            by_series[h.series].append(h.path)
+            frames_of[h.path] = h.frames
+        self.phi = sorted(phi)
         tasks = []
-        for d in sorted(by_dir):
-            files = by_dir[d]
+        for key in sorted(by_series):
+            inputs = by_series[key]
             file_labels = {}
             if labels is not None:
-                for p in files:
+                for p in inputs:
                     lab = label_for(labels, os.path.relpath(p, base))
                     if lab is not None:
                         file_labels[p] = lab
-            tasks.append(SeriesTask(source=self.name, key=f"dir:{os.path.relpath(d, base)}", inputs=files,
-                                    options={"base": base, "labels": file_labels}))
+            tasks.append(SeriesTask(source=self.name, key=f"series:{key}", inputs=inputs,
+                                    options={"base": base, "labels": file_labels,
+                                             "slices": sum(frames_of[p] for p in inputs),
+                                             "multiframe": [p for p in inputs if frames_of[p] > 1]}))
         return tasks, rejects
+
+    def count_slices(self, task: SeriesTask) -> int:
+        """Frames, not files: an Enhanced CT file is one file of many slices."""
+        return int(task.options.get("slices", len(task.inputs)))
 
     def load(self, task: SeriesTask, opts: PrepOptions) -> SeriesData:
         series = self.load_many(task, opts)
@@ -210,23 +340,22 @@ class DicomSource(Source):
         phi: set[str] = set()
         slices: list[_Slice] = []
         label_of: dict[str, str | None] = {}
+        multiframe = set(task.options.get("multiframe", ()))
         for p in task.inputs:
             rel = os.path.relpath(p, base)
             folder = os.path.dirname(rel) or "."
             try:
-                ds = pydicom.dcmread(p)
-            except InvalidDicomError:
-                rejects.append(Reject(rel, "not a DICOM file (no DICM preamble and no parsable header)"))
-                continue
+                # a multi-frame file's pixel data is decoded frame by frame from the file, never held whole
+                ds = pydicom.dcmread(p, stop_before_pixels=p in multiframe)
             except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
-                rejects.append(Reject(rel, f"unreadable DICOM file ({type(e).__name__}: {_short(e)})"))
+                rejects.append(Reject(rel, _read_error(e)))
                 continue
             phi.update(phi_values(ds))
             modality = header_text(ds, "Modality")
             if modality and modality.upper() != "CT":
                 rejects.append(Reject(rel, f"modality {modality}, not CT"))
                 continue
-            if "PixelData" not in ds:
+            if p not in multiframe and "PixelData" not in ds:
                 rejects.append(Reject(rel, "DICOM object without pixel data"))
                 continue
             try:
@@ -234,8 +363,22 @@ class DicomSource(Source):
             except ValueError as e:
                 rejects.append(Reject(rel, f"malformed header: {e}"))
                 continue
-            if frames > 1:
-                rejects.append(Reject(rel, f"multi-frame object ({frames} frames) is not supported yet"))
+            key = series_key(ds, folder)
+            patient = header_text(ds, "PatientID") or f"dir:{folder}"
+            study = header_text(ds, "StudyInstanceUID") or f"dir:{folder}"
+            if frames > 1 or p in multiframe:
+                try:
+                    for fr in dicom_enhanced.iter_frames(ds, p):
+                        hu, factors = hu_resized(fr.stored, fr.slope, fr.intercept, padding_value=fr.padding,
+                                                 size=opts.size, pad_value=opts.pad_hu)
+                        name = f"{rel}#{fr.number}"
+                        slices.append(_Slice(name, key, fr.stored.shape, fr.order, fr.z, hu,
+                                             (fr.spacing[0] * factors[0], fr.spacing[1] * factors[1]),
+                                             patient, study, fr.position, fr.orientation))
+                        label_of[name] = labels.get(p)
+                except dicom_enhanced.FrameError as e:
+                    slices = [s for s in slices if not s.rel.startswith(f"{rel}#")]
+                    rejects.append(Reject(rel, str(e)))
                 continue
             try:
                 stored = stored_pixels(ds)
@@ -260,15 +403,12 @@ class DicomSource(Source):
             hu, factors = hu_resized(stored, slope, intercept, padding_value=None if pad is None else float(pad),
                                      size=opts.size, pad_value=opts.pad_hu)
             spacing = (ps[0], ps[1]) if len(ps) >= 2 else (1.0, 1.0)
-            uid = header_text(ds, "SeriesInstanceUID")
-            orient = tuple(round(float(x), 3) for x in iop) if iop else ()
-            key = f"uid:{uid}" if uid else f"dir:{folder}|{orient}|{tuple(round(x, 4) for x in spacing)}"
             z, has_pos = _position_along_normal(ipp, iop)
             order = z if has_pos else instance
             spacing = (spacing[0] * factors[0], spacing[1] * factors[1])
             slices.append(_Slice(rel, key, stored.shape, order, z if has_pos else math.nan, hu, spacing,
-                                 header_text(ds, "PatientID") or f"dir:{folder}",
-                                 header_text(ds, "StudyInstanceUID") or f"dir:{folder}"))
+                                 patient, study, tuple(ipp) if len(ipp) == 3 else None,
+                                 tuple(iop) if len(iop) == 6 else None))
             label_of[rel] = labels.get(p)
 
         groups: dict[str, list[_Slice]] = defaultdict(list)
@@ -290,7 +430,8 @@ class DicomSource(Source):
                               study=keep[0].study, series=key)
             for i, s in enumerate(keep):
                 data.slices.append(SliceData(hu=s.hu, slice_index=i, z_mm=s.z, spacing_mm=s.spacing,
-                                             label=label_of.get(s.rel), input=s.rel))
+                                             label=label_of.get(s.rel), input=s.rel, position_mm=s.position,
+                                             orientation=s.orientation, native_size=s.size))
             out.append(data)
         if not out:
             out.append(SeriesData(source=self.name, dataset=opts.dataset or self.name, patient="", study="",
@@ -299,21 +440,6 @@ class DicomSource(Source):
         for d in out:
             d.phi = sorted(phi)
         return out
-
-
-def _effective_root(base: str) -> str:
-    """Descend folders that hold nothing but one sub-folder (``/data`` -> ``/data/LIDC-IDRI``), so the
-    task unit is the patient level, not the whole data set."""
-    cur = base
-    while True:
-        try:
-            entries = [e for e in os.scandir(cur) if not e.name.startswith(".")]
-        except OSError:
-            return cur
-        if len(entries) == 1 and entries[0].is_dir():
-            cur = entries[0].path
-        else:
-            return cur
 
 
 def _position_along_normal(ipp: list[float], iop: list[float]) -> tuple[float, bool]:
