@@ -232,8 +232,8 @@ def _tilt(slices: Sequence[SliceData], reps: np.ndarray, normal: np.ndarray) -> 
     if angle <= TILT_TOLERANCE_DEG:
         return None
     return VolumeFlag("gantry_tilt",
-                      f"slices stack {angle:.1f} degrees off the slice normal (tolerance "
-                      f"{TILT_TOLERANCE_DEG:.1f} degrees); written as stored, not resampled to an upright grid")
+                      f"slices stack {angle:.1f} degrees off the slice normal (tolerance {TILT_TOLERANCE_DEG:.1f} "
+                      "degrees)")
 
 
 # ------------------------------------------------------------------------------------------ policy
