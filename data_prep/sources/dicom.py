@@ -25,14 +25,17 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ctssl_base.errors import UserError
 from data_prep.hu import hu_resized
@@ -166,6 +169,87 @@ HEADER_TAGS = ("SeriesInstanceUID", "SOPInstanceUID", "ImageOrientationPatient",
                "ImagePositionPatient", "InstanceNumber", "NumberOfFrames", *PHI_TAGS)
 
 
+_WANTED = {int(tag_for_keyword(k)): k for k in HEADER_TAGS}
+_LAST_WANTED = max(_WANTED)
+#: explicit-VR value representations with a 4-byte length (after two reserved bytes)
+_LONG_VR = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+#: bytes read for the fast header pass: a CT header before PixelSpacing is a few kB
+_HEAD_BYTES = 16384
+
+
+class _FastHeader:
+    """The wanted elements of a header as raw elements, read by :func:`fast_header` (the ``get_item``
+    that :func:`header_text` and :func:`header_floats` use; every value is ASCII, so nothing else)."""
+
+    def __init__(self, items: dict[str, RawDataElement]):
+        self._items = items
+
+    def get_item(self, keyword: str) -> RawDataElement | None:
+        return self._items.get(keyword)
+
+    def get(self, keyword: str, default: object = None) -> object:
+        el = self._items.get(keyword)
+        return default if el is None else el.value
+
+
+def fast_header(path: str) -> _FastHeader | None:
+    """The elements of :data:`HEADER_TAGS` of an explicit-VR little-endian data set, parsed from its first
+    bytes with a plain loop; None for anything else (implicit VR, no preamble, an undefined-length
+    sequence or a non-ASCII value before the last wanted element, a header longer than the bytes read),
+    which pydicom then reads.
+
+    Why not pydicom alone: discovery reads every header once more than loading does, and pydicom's
+    generic parse (~0.5 ms a file) costs a fifth of the time of prepping an uncompressed slice; this
+    loop costs a tenth of that. Elements are read as stored, as :func:`header_text` reads them anyway.
+    """
+    with open(path, "rb") as f:
+        buf = f.read(_HEAD_BYTES)
+    n = len(buf)
+    if n < 144 or buf[128:132] != b"DICM":
+        return None
+    pos, ts = 132, None
+    while pos + 8 <= n:  # file meta information: always explicit VR little endian
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if group != 2:
+            break
+        if buf[pos + 4:pos + 6] in _LONG_VR:
+            length, vpos = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        else:
+            length, vpos = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+        if elem == 0x0010:
+            ts = buf[vpos:vpos + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos = vpos + length
+    try:
+        uid = UID(ts or "")
+        if not uid.is_transfer_syntax or uid.is_implicit_VR or not uid.is_little_endian or uid.is_deflated:
+            return None  # the data set is not explicit VR little endian (encapsulated pixel data is fine)
+    except ValueError:  # a private transfer syntax pydicom does not know
+        return None
+    items: dict[str, RawDataElement] = {}
+    while True:
+        if pos + 12 > n:
+            return None
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        tag = group << 16 | elem
+        if tag > _LAST_WANTED:
+            return _FastHeader(items)
+        vr = buf[pos + 4:pos + 6]
+        if not (vr.isalpha() and vr.isupper()):
+            return None
+        if vr in _LONG_VR:
+            length, vpos = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        else:
+            length, vpos = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+        if length == 0xFFFFFFFF:
+            return None
+        if tag in _WANTED:
+            value = buf[vpos:vpos + length]
+            if vpos + length > n or not value.isascii():
+                return None
+            items[_WANTED[tag]] = RawDataElement(Tag(tag), vr.decode(), length, value, vpos, False, True, True, False)
+        pos = vpos + length
+
+
 def series_key(ds: pydicom.Dataset, folder: str) -> str:
     """The series a file belongs to: its SeriesInstanceUID, or (UID emptied by an anonymiser) its
     folder + orientation + pixel spacing. Discovery and loading both call this, so they agree."""
@@ -284,7 +368,7 @@ class DicomSource(Source):
         for p in files:
             rel = os.path.relpath(p, base)
             try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+                ds = fast_header(p) or pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
             except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
                 rejects.append(Reject(rel, _read_error(e)))
                 continue

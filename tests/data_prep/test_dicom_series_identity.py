@@ -325,3 +325,18 @@ def test_resume_after_a_crash_has_no_duplicates_and_phi_folder_names_never_appea
         for value in (f"Quirke^Philomena{k}", f"Philomena{k}", f"MRN-55{k}1234", "Quirke"):
             assert value not in text
     assert json.loads((dst / shards.MANIFEST).read_text())["rejects"]
+
+
+def test_fast_header_reads_the_same_values_as_pydicom(real_ct_dir, tmp_path):
+    from data_prep.sources.dicom import HEADER_TAGS, fast_header, header_text
+
+    files = [*write_series(tmp_path / "syn", 2, size=16), *sorted(real_ct_dir.iterdir())[:2],
+             _enhanced_from(sorted(real_ct_dir.iterdir())[:2], tmp_path / "enh.dcm")]
+    for f in files:
+        fast = fast_header(str(f))
+        assert fast is not None, f
+        ref = pydicom.dcmread(f, stop_before_pixels=True)
+        for k in HEADER_TAGS:
+            assert header_text(fast, k) == header_text(ref, k), (f, k)
+    (tmp_path / "short").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")
+    assert fast_header(str(tmp_path / "short")) is None  # too short: pydicom decides
