@@ -82,3 +82,30 @@ def hu_box_downsample(stored, k, slope, intercept, int_path, intercept_i, pad, h
                     acc[j] += s
         for j in range(ow):
             out[i, j] = np.int16(np.rint(np.float64(acc[j]) / kk))
+
+
+@numba.njit(cache=True, nogil=True)
+def area_downsample(src, ri, rw, ci, cw, out):  # pragma: no cover - compiled; tested via resize_square
+    """``out = Wr @ src @ Wc.T`` with the banded area-average weights of :func:`data_prep.hu._area_taps`
+    (``ri``/``rw`` for rows, ``ci``/``cw`` for columns), in float64; ``src`` is any native 2-D array.
+
+    Row by row: an output row is the weighted sum of the few input rows it covers (buffered in
+    float64), then each output pixel the weighted sum of the few buffered columns it covers.
+    """
+    nh, nw = out.shape
+    w = src.shape[1]
+    buf = np.empty(w, np.float64)
+    for i in range(nh):
+        buf[:] = 0.0
+        for t in range(ri.shape[1]):
+            wt = rw[i, t]
+            if wt == 0.0:
+                continue
+            row = src[ri[i, t]]
+            for c in range(w):
+                buf[c] += wt * np.float64(row[c])
+        for j in range(nw):
+            s = 0.0
+            for t in range(ci.shape[1]):
+                s += cw[j, t] * buf[ci[j, t]]
+            out[i, j] = s

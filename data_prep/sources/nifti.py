@@ -70,6 +70,31 @@ def _canonical_raw(img) -> tuple[np.ndarray, np.ndarray, float, float]:  # noqa:
     return raw, img.affine, slope, inter
 
 
+def _not_a_ct_volume(vol: np.ndarray) -> str | None:
+    """Why ``vol`` is not one scalar CT volume (a reject reason), or None when it is.
+
+    Accepted: a 3-D volume of integers, floats or booleans, a 2-D image (one slice) and 4-D/5-D files
+    whose axes after the third are all of length 1 (one volume saved with a time axis). Colour (RGB,
+    RGBA: structured voxels), complex voxels and several volumes in one file are not CT in HU; each is
+    one reject so that the run goes on with the other files.
+    """
+    dt = vol.dtype
+    if dt.fields is not None:
+        kind = {3: "RGB", 4: "RGBA"}.get(len(dt.fields), f"{len(dt.fields)}-channel")
+        return f"{kind} colour voxels ({', '.join(dt.names)}); expected one value per voxel (a CT volume in HU)"
+    if dt.kind == "c":
+        return f"complex voxels ({dt.name}); expected one real value per voxel (a CT volume in HU)"
+    if dt.kind not in "biuf":
+        return f"voxels of type {dt}; expected integer or float values (a CT volume in HU)"
+    if vol.ndim < 2:
+        return f"a {vol.ndim}-D image of shape {vol.shape}; expected one 3-D CT volume"
+    if vol.ndim > 3 and any(n != 1 for n in vol.shape[3:]):
+        volumes = int(np.prod(vol.shape[3:]))
+        return (f"a {vol.ndim}-D image of shape {vol.shape} ({volumes} volumes); expected one 3-D CT volume "
+                "(split it into one file per volume)")
+    return None
+
+
 def patient_of(rel: str) -> str:
     stem = _stem(rel)
     parent = os.path.dirname(rel)
@@ -133,13 +158,14 @@ class NiftiSource(Source):
             msg = str(e).replace("\n", " ")[:160]
             data.rejects.append(Reject(rel, f"unreadable NIfTI file ({type(e).__name__}: {msg})"))
             return data
-        if vol.ndim == 4 and vol.shape[3] == 1:
+        why = _not_a_ct_volume(vol)
+        if why:
+            data.rejects.append(Reject(rel, why))
+            return data
+        while vol.ndim > 3:  # 4-D/5-D with trailing axes of length 1: one volume (checked above)
             vol = vol[..., 0]
         if vol.ndim == 2:
             vol = vol[..., None]
-        if vol.ndim != 3:
-            data.rejects.append(Reject(rel, f"a {vol.ndim}-D image of shape {vol.shape}; expected one 3-D CT volume"))
-            return data
         if vol.dtype.kind not in "iub":
             bad = int(np.count_nonzero(~np.isfinite(vol)))
             if bad:
