@@ -80,7 +80,10 @@ class PrepConfig:
         # "warn" output (it would hold flagged series of the first run) nor the other way round.
         return {"source": self.source, "size": self.size, "dataset": self.dataset, "labels_sha256": labels_sha,
                 "schema_version": SCHEMA_VERSION,
-                **({"volume_check": "skip"} if self.volume_check == "skip" else {})}
+                **({"volume_check": "skip"} if self.volume_check == "skip" else {}),
+                # DICOM tasks are series of the whole input (they were top-level folders): an output
+                # made with folder tasks is not continued, which would write its series a second time
+                **({"series_grouping": "input"} if self.source == "dicom" else {})}
 
 
 @dataclass

@@ -126,7 +126,8 @@ def test_reduce_every_n_on_repeated_slices_is_one_line_not_a_key_error(tmp_path,
     p = _reduce_cli(src, str(tmp_path / "sel"))
     assert p.returncode != 0
     assert "KeyError" not in p.stderr and "Traceback" not in p.stderr
-    assert "repeated slices" in p.stderr.strip().splitlines()[-1]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("ctssl reduce: error:")]
+    assert len(errors) == 1 and "repeated slices" in errors[0]
 
 
 def test_reduce_every_n_copes_with_gaps_in_slice_index(tmp_path):
