@@ -450,7 +450,9 @@ class DicomSource(Source):
             key = series_key(ds, folder)
             patient = header_text(ds, "PatientID") or f"dir:{folder}"
             study = header_text(ds, "StudyInstanceUID") or f"dir:{folder}"
-            if frames > 1 or p in multiframe:
+            # Enhanced CT keeps its geometry in functional groups, even with a single frame
+            if frames > 1 or p in multiframe or "SharedFunctionalGroupsSequence" in ds \
+                    or "PerFrameFunctionalGroupsSequence" in ds:
                 try:
                     for fr in dicom_enhanced.iter_frames(ds, p):
                         hu, factors = hu_resized(fr.stored, fr.slope, fr.intercept, padding_value=fr.padding,

@@ -132,18 +132,21 @@ def iter_frames(ds: pydicom.Dataset, path: str) -> Iterator[Frame]:
     pad = ds.get("PixelPaddingValue")
     padding = None if pad is None else float(pad)
     frames = iter_pixels(path)
-    for i, g in enumerate(geo):
-        try:
-            stored = next(frames)
-        except StopIteration:
-            raise FrameError(f"multi-frame object: pixel data ends after {i} of {len(geo)} frames") from None
-        except Exception as e:  # noqa: BLE001 - decoder errors come in many types
-            raise FrameError(f"pixel data of frame {i + 1} could not be decoded ({type(e).__name__}: "
-                             f"{str(e)[:120]})") from None
-        if stored.ndim != 2:
-            raise FrameError(f"unexpected frame shape {stored.shape} (colour?)")
-        z = _along_normal(g.position, g.orientation)
-        yield Frame(i + 1, stored, g.slope, g.intercept, padding, g.spacing, g.position, g.orientation, z, z)
+    try:
+        for i, g in enumerate(geo):
+            try:
+                stored = next(frames)
+            except StopIteration:
+                raise FrameError(f"multi-frame object: pixel data ends after {i} of {len(geo)} frames") from None
+            except Exception as e:  # noqa: BLE001 - decoder errors come in many types
+                raise FrameError(f"pixel data of frame {i + 1} could not be decoded ({type(e).__name__}: "
+                                 f"{str(e)[:120]})") from None
+            if stored.ndim != 2:
+                raise FrameError(f"unexpected frame shape {stored.shape} (colour?)")
+            z = _along_normal(g.position, g.orientation)
+            yield Frame(i + 1, stored, g.slope, g.intercept, padding, g.spacing, g.position, g.orientation, z, z)
+    finally:
+        frames.close()  # closes the file at once, also when a frame is rejected
 
 
 def _along_normal(ipp: tuple[float, ...], iop: tuple[float, ...]) -> float:

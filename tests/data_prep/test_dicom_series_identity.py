@@ -266,6 +266,15 @@ def test_classic_slices_fill_position_orientation_and_native_size(tmp_path):
     assert {s.native_size for s in data.slices} == {(16, 16)}
 
 
+def test_single_frame_enhanced_ct_takes_its_geometry_from_the_functional_groups(real_ct_dir, tmp_path):
+    f = sorted(real_ct_dir.iterdir())[7]
+    _enhanced_from([f], tmp_path / "enh" / "one.dcm")
+    s = prep(tmp_path / "enh", tmp_path / "out", size=64)
+    assert s.slices_written == 1 and s.rejected == 0
+    z = float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+    assert rows(tmp_path / "out")["z_mm"] == [z]
+
+
 @pytest.mark.parametrize("kind, reason", [
     ({"mixed_orientation": True}, "frames have different orientations"),
     ({"drop_position": 2}, "frame 3 has no position"),
