@@ -6,13 +6,15 @@ header of every file once (only the handful of elements named in :data:`HEADER_T
 data; measured at a few per cent of prep time, see docs/benchmarks.md) and makes one task per series,
 keyed by its SeriesInstanceUID. Anonymised data often has that UID emptied (see tests/data/real_ct),
 so the fallback is folder + geometry (orientation, pixel spacing). The same pass finds duplicates: a
-repeated SOPInstanceUID, or (for files without one) a byte-identical file, is dropped and listed as a
-reject "duplicate of <kept file>"; the kept copy is the first in sorted path order, so reruns agree.
+repeated SOPInstanceUID (the largest copy is kept, then the first in sorted path order) or, for files
+without one, a byte-identical file (the first path is kept) is dropped and listed as a reject
+"duplicate of <kept file>"; the choice depends only on the input, so reruns agree.
 
-Redaction: a task no longer holds everything that can name a patient, but the process that discovers
-holds more: the identifying values of every header it read. They redact the manifest's rejects
-together with the digests of every commit record (prep.py's docstring), so a folder named after a
-PatientName is redacted even where only another series' header holds that name. Files whose header
+Redaction: a series task may span several patient-named folders, and a worker sees only its chunk's
+headers; it names rejected files in its commit record by keyed digests (prep.py's docstring). The
+process that discovers has read every header, so the identifying values of all of them (``phi``)
+redact the manifest's rejects together with the digests of every commit record: a folder named after
+a PatientName is redacted even where only another series' header holds that name. Files whose header
 does not parse are rejects of discovery, named by their path, which is only ever written redacted.
 
 Slices are ordered by position along the slice normal (ImagePositionPatient . (row x col)),
