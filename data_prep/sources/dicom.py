@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import struct
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -369,20 +370,24 @@ class DicomSource(Source):
         headers: list[_Header] = []  # what grouping needs of every parsed file (not the header: memory)
         for p in files:
             rel = os.path.relpath(p, base)
-            try:
-                ds = fast_header(p) or pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-            except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
-                rejects.append(Reject(rel, _read_error(e)))
-                continue
-            phi.update(phi_values(ds))
-            try:
-                frames = max(1, int((header_floats(ds, "NumberOfFrames") or [1])[0]))
-            except ValueError:
-                frames = 1  # loading rejects the file with the element named
-            headers.append(_Header(p, rel, header_text(ds, "SOPInstanceUID"),
-                                   (os.path.getsize(p), header_text(ds, "ImagePositionPatient"),
-                                    header_text(ds, "InstanceNumber")),
-                                   series_key(ds, os.path.dirname(rel) or "."), frames))
+            # pydicom's warnings may quote header values; loading reads the same file again and records
+            # them redacted, so here they are not shown
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    ds = fast_header(p) or pydicom.dcmread(p, stop_before_pixels=True,
+                                                           specific_tags=list(HEADER_TAGS))
+                    phi.update(phi_values(ds))
+                    try:
+                        frames = max(1, int((header_floats(ds, "NumberOfFrames") or [1])[0]))
+                    except ValueError:
+                        frames = 1  # loading rejects the file with the element named
+                    headers.append(_Header(p, rel, header_text(ds, "SOPInstanceUID"),
+                                           (os.path.getsize(p), header_text(ds, "ImagePositionPatient"),
+                                            header_text(ds, "InstanceNumber")),
+                                           series_key(ds, os.path.dirname(rel) or "."), frames))
+                except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
+                    rejects.append(Reject(rel, _read_error(e)))
         dropped = _duplicates(headers)
         by_series: dict[str, list[str]] = defaultdict(list)
         frames_of: dict[str, int] = {}

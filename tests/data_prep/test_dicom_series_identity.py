@@ -350,3 +350,23 @@ def test_fast_header_reads_the_same_values_as_pydicom(real_ct_dir, tmp_path):
             assert header_text(fast, k) == header_text(ref, k), (f, k)
     (tmp_path / "short").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")
     assert fast_header(str(tmp_path / "short")) is None  # too short: pydicom decides
+
+
+def test_discovery_shows_no_reader_warning(tmp_path):
+    """pydicom's warnings can quote header values: discovery (which prints nothing) keeps them quiet;
+    loading reads the file again, where prep records them redacted."""
+    import warnings
+
+    from data_prep.sources.base import PrepOptions
+    from data_prep.sources.dicom import DicomSource
+
+    p = write_series(tmp_path / "src", 1, size=8)[0]
+    ds = pydicom.dcmread(p)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.add_new(0x00100010, "PN", b"Doe\xff\xfeJanet")  # not UTF-8: pydicom warns when it decodes it
+    ds.save_as(p)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        tasks, rejects = DicomSource().discover(str(tmp_path / "src"), PrepOptions())
+    assert len(tasks) == 1 and not rejects
+    assert [str(w.message) for w in got] == []
