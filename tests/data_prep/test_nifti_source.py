@@ -125,3 +125,53 @@ def test_header_scaling_is_applied_so_stored_values_become_hu(tmp_path):
     assert int(np.median(series.slices[0].hu)) == 300 * 2 - 1024
     assert series.slices[1].hu.max() == 1000 * 2 - 1024 and series.slices[1].hu.dtype == np.int16
     assert [s.z_mm for s in series.slices] == [0.0, 3.0]
+
+
+def test_every_nifti_kind_that_is_no_scalar_volume_is_one_reject_and_the_run_goes_on(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    data, affine = _las_volume((8, 8, 3))
+    nib.save(nib.Nifti1Image(data, affine), src / "a_good.nii.gz")  # sorts first: its chunk commits first
+    rgb = np.zeros((8, 8, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, affine), src / "rgb.nii.gz")
+    rgba = np.zeros((8, 8, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    nib.save(nib.Nifti1Image(rgba, affine), src / "rgba.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.complex64), affine), src / "complex.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3, 2), np.int16), affine), src / "two_volumes.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3, 1, 4), np.int16), affine), src / "five_d.nii.gz")
+    summary = run_prep(PrepConfig(src=str(src), dst=str(dst), size=None, executor="local", progress=False,
+                                  rows_per_shard=1), TEST_DEID_KEY.encode())
+    assert summary.committed
+    reasons = {r["input"]: r["reason"] for r in summary.rejects}
+    assert set(reasons) == {"rgb.nii.gz", "rgba.nii.gz", "complex.nii.gz", "two_volumes.nii.gz", "five_d.nii.gz"}
+    assert reasons["rgb.nii.gz"].startswith("RGB colour voxels")
+    assert reasons["rgba.nii.gz"].startswith("RGBA colour voxels")
+    assert reasons["complex.nii.gz"].startswith("complex voxels")
+    assert "(8, 8, 3, 2)" in reasons["two_volumes.nii.gz"] and "2 volumes" in reasons["two_volumes.nii.gz"]
+    assert "4 volumes" in reasons["five_d.nii.gz"]
+    assert all("expected one" in r for r in reasons.values())
+    assert shards.read_table(str(dst)).num_rows == 3
+
+
+@pytest.mark.parametrize("trailing", [(1,), (1, 1)])  # a time axis of one volume (4-D or 5-D)
+@pytest.mark.parametrize("size", [None, 4, 6])  # native, an integer factor (8 -> 4), a non-integer one (8 -> 6)
+def test_big_endian_volume_with_trailing_axes_of_one_is_read_as_3d(tmp_path, size, trailing):
+    data, affine = _las_volume((8, 8, 3))
+    (tmp_path / "be").mkdir()
+    (tmp_path / "le").mkdir()
+    nib.save(nib.Nifti1Image(data.reshape(data.shape + trailing).astype(">i2"), affine, nib.Nifti1Header(endianness=">")),
+             tmp_path / "be" / "vol.nii")
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "le" / "vol.nii")
+    assert nib.load(tmp_path / "be" / "vol.nii").dataobj.get_unscaled().dtype.byteorder == ">"
+    src = get_source("nifti")
+    got = []
+    for folder in ("be", "le"):
+        tasks, _ = src.discover(str(tmp_path / folder), _opts())
+        got.append(src.load(tasks[0], _opts(size=size)))
+    be, le = got
+    assert be.rejects == [] and len(be.slices) == len(le.slices) == 3
+    for a, b in zip(be.slices, le.slices, strict=True):
+        assert a.hu.dtype == np.int16 and a.hu.dtype.isnative
+        assert a.hu.shape == ((8, 8) if size is None else (size, size))
+        np.testing.assert_array_equal(a.hu, b.hu)
+        assert a.spacing_mm == b.spacing_mm
