@@ -159,8 +159,8 @@ def test_big_endian_volume_with_trailing_axes_of_one_is_read_as_3d(tmp_path, siz
     data, affine = _las_volume((8, 8, 3))
     (tmp_path / "be").mkdir()
     (tmp_path / "le").mkdir()
-    nib.save(nib.Nifti1Image(data.reshape(data.shape + trailing).astype(">i2"), affine, nib.Nifti1Header(endianness=">")),
-             tmp_path / "be" / "vol.nii")
+    stored = data.reshape(data.shape + trailing).astype(">i2")
+    nib.save(nib.Nifti1Image(stored, affine, nib.Nifti1Header(endianness=">")), tmp_path / "be" / "vol.nii")
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "le" / "vol.nii")
     assert nib.load(tmp_path / "be" / "vol.nii").dataobj.get_unscaled().dtype.byteorder == ">"
     src = get_source("nifti")
