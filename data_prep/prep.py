@@ -32,7 +32,7 @@ import numpy as np
 
 from ctssl_base import storage
 from ctssl_base.errors import UserError
-from data_prep import intensity, shards, volume_qc
+from data_prep import intensity, reader_warnings, shards, volume_qc
 from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
 from data_prep.labels import check_labels_csv
@@ -100,6 +100,8 @@ class PrepSummary:
     rejects: list[dict[str, str]] = field(default_factory=list)
     #: the volume checks: policy, counts per flag, the flagged series (as in the manifest)
     volume_qc: dict[str, Any] = field(default_factory=dict)
+    #: warnings of the file readers while loading (total, counts per kind, redacted texts; as in the manifest)
+    reader_warnings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reject_fraction(self) -> float:
@@ -122,6 +124,7 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
     patients: set[str] = set()
     series_ids: set[str] = set()
     flagged: list[dict[str, Any]] = []
+    captured: list[tuple[str, str]] = []  # reader warnings while loading: recorded redacted, never printed
     slices = 0
     inputs = 0
 
@@ -135,11 +138,16 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
     for item in tasks:
         task: SeriesTask = item["task"]
         inputs += len(task.inputs)
-        try:
-            series_list = source.load_many(task, opts)
-        except UserError as e:
+        failed: UserError | None = None
+        with reader_warnings.capture() as got:
+            try:
+                series_list = source.load_many(task, opts)
+            except UserError as e:
+                failed = e
+        captured.extend(got)
+        if failed is not None:
             base = task.options.get("base", "/")
-            raw_rejects.extend((item, Reject(os.path.relpath(p, base), str(e))) for p in task.inputs)
+            raw_rejects.extend((item, Reject(os.path.relpath(p, base), str(failed))) for p in task.inputs)
             continue
         for data in series_list:
             # only what the source marks as identifying: patient/study/series of NIfTI, MedMNIST and
@@ -200,10 +208,23 @@ def process_chunk(dst: str, tag: str, tasks: list[dict[str, Any]], opts: PrepOpt
         if item["task_id"] not in inputs_of:
             inputs_of[item["task_id"]] = _inputs_by_rel(item["task"])
         rejects.append(_commit_reject(item["task_id"], inputs_of[item["task_id"]], r, phi, pseudo))
+    # The readers' warnings name the file they read: its path becomes <input> (its folders may be
+    # identifiers this chunk never read) and the chunk's identifiers are redacted; the manifest
+    # writer redacts again with the whole run's.
+    chunk_paths = [p for it in tasks for p in it["task"].inputs]
+    roots = [it["task"].options.get("base", "") for it in tasks]
+    clean_cache: dict[str, str] = {}
+
+    def clean(text: str) -> str:
+        if text not in clean_cache:
+            clean_cache[text] = redact(reader_warnings.scrub_paths(text, chunk_paths, roots), phi)
+        return clean_cache[text]
+
     record = {"tag": tag, "tasks": [t["task_id"] for t in tasks], "shards": shard_records,
               "rejects": rejects, "slices": slices, "inputs": inputs, "patients": sorted(patients),
               "series": sorted(series_ids), "fingerprint": fingerprint, "phi": pseudo.phi_digests(phi),
-              "volume_qc": sorted(flagged, key=lambda e: e["series_id"])}
+              "volume_qc": sorted(flagged, key=lambda e: e["series_id"]),
+              "reader_warnings": reader_warnings.summarize(captured, clean)}
     shards.write_commit(dst, tag, record)
     return record
 
@@ -334,7 +355,11 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     opts = PrepOptions(size=cfg.size, dataset=cfg.dataset, labels_csv=cfg.labels_csv)
 
     log.info("discovering %s inputs under the source folder", source.name)
-    tasks, discover_rejects = source.discover(cfg.src, opts)
+    # the readers' warnings of the driver (header pass, slice counts): captured like a worker's
+    driver_warnings: list[tuple[str, str]] = []
+    with reader_warnings.capture() as got:
+        tasks, discover_rejects = source.discover(cfg.src, opts)
+    driver_warnings.extend(got)
     if not tasks:
         # Committing an empty output would let the next stage go ahead on nothing; and the
         # destination is not even created. SRC is the user's own argument: no identifier to redact.
@@ -368,9 +393,11 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     if summary.resumed_series:
         log.info("resuming: %d of %d series already committed, %d to do", summary.resumed_series, len(mine), len(todo))
 
-    sizes = [source.count_slices(it["task"]) for it in todo]
-    chunks = _chunks(todo, sizes, cfg.rows_per_shard, min_chunks=cfg.workers * 4)
-    chunk_sizes = [sum(source.count_slices(c["task"]) for c in ch) for ch in chunks]
+    with reader_warnings.capture() as got:
+        sizes = [source.count_slices(it["task"]) for it in todo]
+        chunks = _chunks(todo, sizes, cfg.rows_per_shard, min_chunks=cfg.workers * 4)
+        chunk_sizes = [sum(source.count_slices(c["task"]) for c in ch) for ch in chunks]
+    driver_warnings.extend(got)
     _execute(cfg, opts, chunks, chunk_sizes, fp, pseudo)
 
     # Re-read: with --num-shards > 1 other indexes may have committed meanwhile.
@@ -399,6 +426,11 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     summary.ignored = len(source.ignored)
     summary.rejects = rejects
     summary.volume_qc = _volume_qc(commits, index, cfg.volume_check)
+    src_roots = [cfg.src, os.path.dirname(os.path.abspath(cfg.src))] if storage.is_local(cfg.src) else []
+    driver_entries = reader_warnings.summarize(
+        driver_warnings, lambda t: reader_warnings.scrub_paths(t, [], src_roots))
+    summary.reader_warnings = reader_warnings.merge(
+        [*driver_entries, *(e for c in commits for e in c.get("reader_warnings", []))], index.redact)
     if cfg.volume_check == "strict" and summary.volume_qc["series"]:
         # series an earlier run (with "warn", which shares this output) committed: strict holds for them too
         first = summary.volume_qc["series"][0]
@@ -418,6 +450,7 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
             "rejects": rejects,
             "ignored": ignored,
             "volume_qc": summary.volume_qc,
+            "reader_warnings": summary.reader_warnings,
             "config": {**{k: v for k, v in asdict(cfg).items()
                           if k in ("source", "size", "dataset", "rows_per_shard", "volume_check")},
                        "labels": bool(cfg.labels_csv), "fingerprint": _fp_digest(fingerprint),

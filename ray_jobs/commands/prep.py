@@ -84,6 +84,11 @@ def print_summary(s, dst: str, as_json: bool = False) -> None:  # noqa: ANN001 -
 
     for line in summary_lines(s.volume_qc):
         print(line)
+    from data_prep.reader_warnings import summary_line
+
+    line = summary_line(getattr(s, "reader_warnings", {}), dst)
+    if line:
+        print(line)
     for r in s.rejects[:20]:
         print(f"  rejected {r['input']}: {r['reason']}")
     if len(s.rejects) > 20:
