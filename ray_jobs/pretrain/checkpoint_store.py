@@ -7,8 +7,11 @@ same folder names, so either way of running can resume the other's checkpoints a
 pruning and the fine-tuning study read them alike.
 
 A folder appears complete or not at all: on a local disk it is written under a hidden name and
-renamed; on an object store ``progress.json`` is written last, and a folder without it is never
-taken as a checkpoint (and is removed by the next save).
+renamed; on an object store ``manifest.json`` (each file's name and size) is written last. A folder
+counts as a checkpoint only when every file its manifest lists is there with that size (one without a
+manifest, written by an older version, needs ``progress.json`` and ``state.pt``); any other folder is
+never taken as a checkpoint and is removed by the next save. Ray Train's own uploads (its files in
+parallel) are judged the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import uuid
 
 from ctssl_base import storage
 from ray_jobs.pretrain import orphans
-from ray_jobs.pretrain.checkpoint import PROGRESS_FILE
+from ray_jobs.pretrain.checkpoint import MANIFEST_FILE, PROGRESS_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,24 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
 
+    def _whole(self, folder: str) -> bool:
+        """Every file the folder's manifest lists is there with its size (no manifest: state + progress)."""
+        try:
+            sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+                     for e in self.fs.ls(folder, detail=True) if e.get("type") != "directory"}
+            if MANIFEST_FILE not in sizes:
+                return PROGRESS_FILE in sizes and bool(sizes.get(STATE_FILE))
+            with self.fs.open(storage.join(folder, MANIFEST_FILE), "rb") as f:
+                want = json.loads(f.read())["files"]
+            return all(n in sizes and int(sizes[n]) == int(size) for n, size in want.items())
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+
     def _step(self, folder: str) -> int | None:
-        """The step of a complete checkpoint folder; None when it has no readable ``progress.json``."""
+        """The step of a complete checkpoint folder; None when it is incomplete or has no readable
+        ``progress.json``."""
+        if not self._whole(folder):
+            return None
         try:
             with self.fs.open(storage.join(folder, PROGRESS_FILE), "rb") as f:
                 return int(json.loads(f.read())["step"])
@@ -57,6 +76,14 @@ class CheckpointStore:
         """Paths of the complete checkpoint folders, oldest (lowest step) first."""
         steps = [(s, f) for f in self._folders() if (s := self._step(f)) is not None]
         return [f for _, f in sorted(steps)]
+
+    def older(self, than: str) -> list[str]:
+        """The complete checkpoints before the folder named like ``than`` (a path in any form), newest
+        first: where a resume goes when ``than`` cannot be read."""
+        name = than.rstrip("/").rsplit("/", 1)[-1]
+        done = self.complete()
+        names = [f.rstrip("/").rsplit("/", 1)[-1] for f in done]
+        return list(reversed(done[:names.index(name)] if name in names else done))
 
     def latest(self) -> str | None:
         """Path (in the storage's filesystem) of the checkpoint with the highest step, or None."""
@@ -74,7 +101,8 @@ class CheckpointStore:
             shutil.copytree(local_dir, tmp)
             os.replace(tmp, dest)
         else:
-            for n in sorted(os.listdir(local_dir), key=lambda n: n == PROGRESS_FILE):  # progress.json last
+            # progress.json, then the manifest, last
+            for n in sorted(os.listdir(local_dir), key=lambda n: (n == MANIFEST_FILE, n == PROGRESS_FILE)):
                 self.fs.put_file(os.path.join(local_dir, n), storage.join(dest, n))
         self._prune(keep_path=dest)
         return dest

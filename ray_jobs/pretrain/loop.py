@@ -80,6 +80,26 @@ def _stored(cfg: PretrainConfig, path: str | None):  # noqa: ANN202 - ray.train.
     return ray.train.Checkpoint(path=path, filesystem=arrow_filesystem(cfg.storage)[0])
 
 
+def _resume(cfg: PretrainConfig, resumed, method, optimizer) -> ckpt_io.Progress | None:  # noqa: ANN001
+    """Load ``resumed``; when its state cannot be read (cut short, missing, not plain data), the
+    newest older complete checkpoint of the run instead, with one warning line; None: start afresh."""
+    try:
+        with resumed.as_directory() as d:
+            return ckpt_io.load(d, method=method, optimizer=optimizer)
+    except ckpt_io.UnreadableCheckpoint as e:
+        log.warning("checkpoint %s cannot be resumed from: %s; trying an older one", resumed.path, e)
+    for older in CheckpointStore(cfg.storage, cfg.experiment).older(resumed.path):
+        try:
+            with _stored(cfg, older).as_directory() as d:
+                progress = ckpt_io.load(d, method=method, optimizer=optimizer)
+            log.warning("resuming from the older checkpoint %s (step %d)", older, progress.step)
+            return progress
+        except ckpt_io.UnreadableCheckpoint as e:
+            log.warning("checkpoint %s cannot be resumed from either: %s", older, e)
+    log.warning("no readable checkpoint left in %s: training starts afresh", cfg.experiment)
+    return None
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -122,8 +142,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     store = CheckpointStore(cfg.storage, cfg.experiment) if in_process and rank == 0 else None
     resumed = ray.train.get_checkpoint() or _stored(cfg, payload.get("resume_from"))
     if resumed is not None:
-        with resumed.as_directory() as d:
-            progress = ckpt_io.load(d, method=method, optimizer=optimizer)
+        got = _resume(cfg, resumed, method, optimizer)
+        resumed = None if got is None else resumed
+        progress = got or progress
+    if resumed is not None:
         progress.restarts += 1
         if progress.steps_per_epoch != steps_per_epoch:
             raise RuntimeError(f"checkpoint was made with {progress.steps_per_epoch} steps per epoch, this run "
