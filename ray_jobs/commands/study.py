@@ -6,6 +6,8 @@ import argparse
 import json
 import shutil
 
+from ctssl_base.errors import UserError
+
 NAME = "study"
 HELP = "check or run a whole study (data -> reduction -> pre-training -> fine-tuning -> report) from one file"
 DESCRIPTION = """\
@@ -33,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("-f", "--file", required=True, help="the study file (YAML)")
     r.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--fresh", action="store_true",
-                   help="delete the study's stage markers and local folder first (a local storage root too)")
+                   help="first delete what earlier runs of this study wrote (only in roots holding its sentinel)")
     sch = sub.add_parser("schema", help="print the JSON Schema of study files")
     sch.add_argument("--reference", action="store_true", help="print the key table of docs/study-spec.md instead")
 
@@ -86,14 +88,28 @@ def _tracking(study) -> str:
 
 
 def _clean(study) -> None:
-    from ctssl_base import storage
-    from ray_jobs.study.runner import MARKERS
+    """Delete what the study's stages wrote, under its storage root and its workdir, and nothing else.
 
-    if storage.is_local(study.storage):
-        shutil.rmtree(storage.open_fs(study.storage)[1], ignore_errors=True)
-    else:
-        fs, root = storage.open_fs(study.storage)
-        path = storage.join(root, MARKERS)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    shutil.rmtree(study.workdir, ignore_errors=True)
+    A root is touched only when it holds the sentinel naming this study (written by its first run), so
+    ``storage: /data`` beside a DICOM archive or ``workdir: ~`` loses no file ctssl did not make.
+    """
+    from ctssl_base import storage
+    from ray_jobs.study.runner import SENTINEL, STORAGE_OUTPUTS, WORKDIR_OUTPUTS
+
+    for url, key in ((study.storage, "storage"), (str(study.workdir.resolve()), "workdir")):
+        fs, root = storage.open_fs(url)
+        if not fs.exists(root) or not fs.ls(root):
+            continue  # nothing there yet
+        try:
+            owner = storage.read_json(fs, storage.join(root, SENTINEL)).get("study")
+        except (FileNotFoundError, ValueError, AttributeError):
+            owner = None
+        if owner != study.name:
+            raise UserError(f"--fresh: {key} {url} has no {SENTINEL} naming study {study.name!r}: "
+                            "not a folder this study made; nothing deleted")
+    for url, outputs in ((study.storage, STORAGE_OUTPUTS), (str(study.workdir.resolve()), WORKDIR_OUTPUTS)):
+        fs, root = storage.open_fs(url)
+        for name in outputs:
+            path = storage.join(root, name)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)

@@ -26,6 +26,21 @@ from ray_jobs.study.stages import Context, Stage, plan
 log = logging.getLogger("ctssl.study")
 
 MARKERS = ".stages"
+SENTINEL = ".ctssl-study.json"  # names the study a storage root / workdir belongs to; `--fresh` needs it
+# what the stages write, relative to the storage root and to the workdir: all that `--fresh` deletes
+STORAGE_OUTPUTS = (MARKERS, "shards", "runs", "study", "report", "mlflow.db")
+WORKDIR_OUTPUTS = ("phantom", "report", "deid.key")
+
+
+def mark_root(url: str, name: str) -> None:
+    """Leave the sentinel naming study ``name`` in the root ``url`` (a folder or object-store prefix)."""
+    from ctssl_base import storage
+
+    fs, base = storage.open_fs(url)
+    path = storage.join(base, SENTINEL)
+    if not fs.exists(path):
+        storage.ensure_dir(fs, base)
+        storage.write_json_atomic(fs, path, {"study": name})
 
 
 def _digest(obj: Any) -> str:
@@ -118,6 +133,8 @@ def run(study: Study, address: str | None = None) -> dict[str, Any]:
     tracking_uri = tracking.resolve_tracking_uri(study.spec["tracking"]["uri"], study.storage)
     study.workdir.mkdir(parents=True, exist_ok=True)
     markers = Markers(study.storage)
+    mark_root(study.storage, study.name)
+    mark_root(str(study.workdir.resolve()), study.name)
     stages = plan(study)
     ray_connect.connect(address)
     ctx = Context(study=study, address=address, tracking_uri=tracking_uri, gpus_per_worker=resolve_gpus(study))
