@@ -126,7 +126,17 @@ def resolve_gpus(study: Study) -> float:
 
 
 def run(study: Study, address: str | None = None) -> dict[str, Any]:
-    """Run every stage that is not already finished with the same settings; returns their results."""
+    """Run every stage that is not already finished with the same settings; returns their results.
+
+    The driver holds the lease on the storage root meanwhile: a second driver of the study is refused
+    in one line naming the holder, and changes nothing."""
+    from ctssl_base.lease import Lease
+
+    with Lease(study.storage, f"study {study.name}"):
+        return _run(study, address)
+
+
+def _run(study: Study, address: str | None) -> dict[str, Any]:
     from ctssl_base import ray_connect
     from ray_jobs import tracking
 

@@ -50,3 +50,13 @@ def test_a_root_without_the_sentinel_is_refused_in_one_line_and_nothing_goes(tmp
     runner.mark_root(str(tmp_path / which), "another")  # a sentinel of another study is no better
     with pytest.raises(UserError, match="naming study 'tiny'"):
         _clean(study)
+
+
+def test_a_second_driver_on_a_leased_root_is_refused_and_changes_nothing(tmp_path):
+    from ctssl_base.lease import Lease, LeaseHeld
+
+    study = _study(tmp_path)
+    with Lease(study.storage, "study tiny"), pytest.raises(LeaseHeld, match="is in use by study tiny on host"):
+        runner.run(study)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == []  # no marker, no sentinel
+    assert not (tmp_path / "work").exists()

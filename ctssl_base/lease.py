@@ -1,0 +1,174 @@
+"""A lease on a storage root: one driver at a time writes (and prunes) a study's folder.
+
+Two drivers on one root would delete each other's checkpoints and orphans and overwrite each other's
+stage markers. The lease is ``<root>/.ctssl-lease.json`` (owner host/pid, since, expiry), created
+atomically: ``O_CREAT | O_EXCL`` on a local disk, a conditional put (``If-None-Match: *``) on S3. A
+heartbeat thread renews the expiry; the lease is removed on release. A lease whose expiry has passed
+(its driver died) is taken over: its file is deleted only when it still holds the expired content seen
+(``If-Match`` on its ETag on S3; locally a re-read just before the delete, a small documented race
+between that read and the delete), and then created again under the same atomic rule, so of two
+drivers taking over at once only one wins. The lease names no secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from ctssl_base import storage
+from ctssl_base.errors import UserError
+
+LEASE_FILE = ".ctssl-lease.json"
+
+
+class LeaseHeld(UserError):
+    """The root is leased by another live driver."""
+
+
+class Lease:
+    """Hold ``<root>/.ctssl-lease.json`` while the block runs (``with Lease(url, "study run"):``)."""
+
+    def __init__(self, url: str, what: str, ttl_s: float = 120.0):
+        self.url, self.what, self.ttl_s = url, what, ttl_s
+        self.local = storage.is_local(url)
+        self.fs, root = storage.open_fs(url)
+        self.root = root
+        self.path = storage.join(root, LEASE_FILE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "what": what,
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    # ------------------------------------------------------------------ primitives per backend
+    def _body(self) -> bytes:
+        return json.dumps({**self.owner, "expires": time.time() + self.ttl_s}).encode()
+
+    def _s3(self):  # noqa: ANN202 - a boto3 client
+        import boto3
+
+        return boto3.client("s3", endpoint_url=storage.s3_endpoint())
+
+    def _bucket_key(self) -> tuple[str, str]:
+        bucket, _, key = self.path.partition("/")
+        return bucket, key
+
+    def _create(self) -> bool:
+        """Create the lease file if absent; False when it exists."""
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._body())
+            return True
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._bucket_key()
+        try:
+            self._s3().put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The current lease (None when absent) and its version (ETag on S3, content locally)."""
+        if self.local:
+            try:
+                with open(self.path, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None, None
+            return _parse(raw), raw.decode(errors="replace")
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._bucket_key()
+        try:
+            obj = self._s3().get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return _parse(obj["Body"].read()), obj["ETag"]
+
+    def _delete_if(self, version: str) -> None:
+        """Delete the lease file when it is still ``version``."""
+        if self.local:
+            _, now = self._read()
+            if now == version:  # the race between this read and the unlink is documented above
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            return
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._bucket_key()
+        try:
+            self._s3().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "NoSuchKey", "404"):
+                raise
+
+    def _write(self) -> None:
+        """Renew the expiry of the lease this process holds."""
+        if self.local:
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(self._body())
+            os.replace(tmp, self.path)
+        else:
+            bucket, key = self._bucket_key()
+            self._s3().put_object(Bucket=bucket, Key=key, Body=self._body())
+
+    # ------------------------------------------------------------------ the lease
+    def acquire(self) -> Lease:
+        for _ in range(3):
+            if self._create():
+                break
+            held, version = self._read()
+            if held is None:
+                continue  # released in between: try again
+            if float(held.get("expires", 0)) > time.time():
+                raise LeaseHeld(f"{self.url} is in use by {held.get('what', 'a driver')} on host "
+                                f"{held.get('host', '?')} pid {held.get('pid', '?')} since {held.get('since', '?')} "
+                                f"(lease {LEASE_FILE}; it expires unless renewed): wait for it or stop it first")
+            self._delete_if(version)  # expired: its driver is gone
+        else:
+            raise LeaseHeld(f"{self.url}: could not take the lease {LEASE_FILE} (another driver is taking it)")
+        self._thread = threading.Thread(target=self._beat, name="ctssl-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            with contextlib.suppress(Exception):  # a failed renewal is retried at the next beat
+                self._write()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        held, version = self._read()
+        if held and held.get("pid") == self.owner["pid"] and held.get("host") == self.owner["host"]:
+            self._delete_if(version)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        out = json.loads(raw)
+        return out if isinstance(out, dict) else {}
+    except ValueError:
+        return {}  # unreadable: treated as expired
