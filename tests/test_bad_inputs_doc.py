@@ -58,6 +58,29 @@ def test_the_document_covers_the_required_cases() -> None:
         assert any(needle in c for c in commands), f"docs/bad-inputs.md has no case for {needle!r}"
 
 
+FRESH_STUDY = """\
+apiVersion: ctssl/v1
+kind: Study
+metadata:
+  name: tiny
+spec:
+  storage: ct
+  workdir: empty
+  tracking:
+    uri: sqlite:///mlflow.db
+  data:
+    pretrain: {type: phantom, patients: 6, slices: 8, renderSize: 64, size: 32}
+    labelled: {type: phantom, patients: 6, slices: 8, renderSize: 64, size: 32, task: region}
+  pretrain:
+    backbone: test_resnet
+    methods:
+      byol: {}
+  finetune:
+    samplesPerClass: [2]
+    folds: 2
+"""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ct/ (three PNG slices), empty/, unlabelled/ (the prep output of ct/), weak.key, flat/ (a DICOM
@@ -74,6 +97,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(4):  # fixed UIDs: the error line names the series by its pseudonym
         write_ct(root / "flat" / f"IM{i}", np.full((8, 8), -1000, np.int16), z=5.0, series_uid="1.2.3.4.5",
                  study_uid="1.2.3.4", instance=i + 1)
+    (root / "fresh.yaml").write_text(FRESH_STUDY)  # --fresh on ct/, which holds no study sentinel
     run_prep(PrepConfig(src=str(root / "ct"), dst=str(root / "unlabelled"), size=8, executor="local",
                         progress=False), TEST_DEID_KEY.encode())
     return root
