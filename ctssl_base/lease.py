@@ -4,7 +4,8 @@ Two drivers on one root would delete each other's checkpoints and orphans and ov
 stage markers. The lease is ``<root>/.ctssl-lease.json`` (owner host/pid, since, expiry), created
 atomically: ``O_CREAT | O_EXCL`` on a local disk, a conditional put (``If-None-Match: *``) on S3. A
 heartbeat thread renews the expiry; the lease is removed on release. A lease whose expiry has passed
-(its driver died) is taken over: its file is deleted only when it still holds the expired content seen
+(its driver died), or one held by a process of this host that no longer exists, is taken over: its
+file is deleted only when it still holds the expired content seen
 (``If-Match`` on its ETag on S3; locally a re-read just before the delete, a small documented race
 between that read and the delete), and then created again under the same atomic rule, so of two
 drivers taking over at once only one wins. The lease names no secret.
@@ -135,7 +136,7 @@ class Lease:
             held, version = self._read()
             if held is None:
                 continue  # released in between: try again
-            if float(held.get("expires", 0)) > time.time():
+            if float(held.get("expires", 0)) > time.time() and not self._dead_here(held):
                 raise LeaseHeld(f"{self.url} is in use by {held.get('what', 'a driver')} on host "
                                 f"{held.get('host', '?')} pid {held.get('pid', '?')} since {held.get('since', '?')} "
                                 f"(lease {LEASE_FILE}; it expires unless renewed): wait for it or stop it first")
@@ -145,6 +146,18 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name="ctssl-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _dead_here(self, held: dict[str, Any]) -> bool:
+        """The holder ran on this host and its process is gone (killed): no need to wait for the expiry."""
+        if held.get("host") != self.owner["host"] or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

@@ -35,3 +35,20 @@ def test_a_local_root_has_one_driver(tmp_path):
 
 def test_an_s3_root_has_one_driver(s3_bucket):
     _roundtrip(f"s3://{s3_bucket}/store")
+
+
+def test_a_lease_of_a_killed_process_on_this_host_is_taken_at_once(tmp_path):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    url = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    held = {"host": socket.gethostname(), "pid": gone.pid, "expires": time.time() + 600}
+    (tmp_path / "store" / LEASE_FILE).write_text(json.dumps(held))
+    with Lease(url, "study run") as lease:
+        assert json.loads((tmp_path / "store" / LEASE_FILE).read_text())["pid"] == lease.owner["pid"]
+    (tmp_path / "store" / LEASE_FILE).write_text(json.dumps({**held, "host": "elsewhere"}))
+    with pytest.raises(LeaseHeld, match="on host elsewhere"):  # another host's: its expiry is waited for
+        Lease(url, "study run").acquire()
