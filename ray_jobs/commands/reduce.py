@@ -62,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from data_prep.reduce import get_strategy, reduce_dataset
+    from ray_jobs.names import check_experiment_name
     from ray_jobs.tracking import check_tracking_uri
 
+    check_experiment_name(args.experiment)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:  # before the reduction runs, not after it
         check_tracking_uri(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI")

@@ -34,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ray_jobs import tracking
+    from ray_jobs.names import check_experiment_name
     from ray_jobs.report.build import ReportConfig, build_report
+
+    check_experiment_name(args.experiment)
 
     if args.tracking_uri:  # checked here to name the flag; $MLFLOW_TRACKING_URI is checked on use
         tracking.check_tracking_uri(args.tracking_uri)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ray_jobs.errors import CLIError
+from ray_jobs.names import check_experiment_name
 from ray_jobs.tracking import check_tags
 from ray_jobs.trial_record import SizeSpec
 
@@ -165,8 +166,7 @@ class FinetuneConfig:
             raise CLIError(f"--search-target-auc must be in [0.5, 1], got {self.search_target_auc}")
         if self.search_margin is not None and not 0.0 <= self.search_margin < 1.0:
             raise CLIError(f"--search-margin must be in [0, 1), got {self.search_margin}")
-        if not self.experiment:
-            raise CLIError("--experiment must not be empty")
+        check_experiment_name(self.experiment)  # names the Tune runs' folders under --storage
         if self.protocol not in PROTOCOLS:
             raise CLIError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.protocol == "fixed" and self.recipes:

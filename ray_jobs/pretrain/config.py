@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ray_jobs.errors import CLIError
+from ray_jobs.names import check_experiment_name
 from ray_jobs.tracking import check_tags
 
 RUNNERS = ("auto", "ray", "in-process")
@@ -97,8 +98,7 @@ class PretrainConfig:
             raise CLIError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.img_size is not None and self.img_size < 16:
             raise CLIError(f"--img-size must be >= 16, got {self.img_size}")
-        if not self.experiment or "/" in self.experiment:
-            raise CLIError(f"--experiment must be a non-empty name without '/', got {self.experiment!r}")
+        check_experiment_name(self.experiment)  # STORAGE/EXPERIMENT holds the checkpoints it prunes
         if self.mlflow_experiment is not None and not self.mlflow_experiment.strip():
             raise CLIError("mlflow_experiment must be a non-empty name (or None: the --experiment name)")
         if self.register_as is not None and (not self.register_as.strip() or any(c in self.register_as for c in "/:")):

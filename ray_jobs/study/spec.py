@@ -23,6 +23,8 @@ from ray_jobs.errors import CLIError
 SCHEMA_FILE = Path(__file__).with_name("study.schema.json")
 API_VERSION = "ctssl/v1"
 PHANTOM_KEYS = ("patients", "slices", "renderSize", "task")
+#: the longest pre-training budget a study may give (30 days; the schema's description says 720h)
+MAX_TIME_BUDGET_S = 30 * 24 * 3600
 
 
 class SpecError(CLIError):
@@ -43,6 +45,39 @@ def method_names() -> list[str]:
     methods registry, which would import torch here)."""
     return list(schema()["properties"]["spec"]["properties"]["pretrain"]["properties"]["methods"]
                 ["propertyNames"]["enum"])
+
+
+# ------------------------------------------------------------------------------ parsing
+class AliasRefused(yaml.MarkedYAMLError):
+    """A study file used a YAML anchor or alias (``&name`` / ``*name``, also the ``<<: *name`` merge)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """The safe loader, refusing anchors and aliases as it composes, before anything is expanded.
+
+    An alias makes a node appear again without its text: nine levels of nine references (a few hundred
+    bytes, "billion laughs") stand for 9**9 values that validating, defaulting or dumping the study
+    would walk one by one. A study file needs no sharing, so the first anchor or alias ends the parse.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise AliasRefused(problem=f"YAML anchors and aliases are not allowed in a study file "
+                                       f"(found {kind}{event.anchor}); write the value out",
+                               problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse(text: str) -> tuple[yaml.Node | None, Any]:
+    """(the composed document, its Python value) in one pass of the alias-refusing loader."""
+    loader = _NoAliasLoader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    finally:
+        loader.dispose()
 
 
 # ------------------------------------------------------------------------------ locations in the YAML
@@ -99,6 +134,9 @@ def _describe(err: Any) -> tuple[list[str | int], str]:
         allowed = err.schema.get("enum") or [err.schema.get("const")]
         return path, f"{err.instance!r} is not one of {', '.join(map(repr, allowed))}"
     if v == "oneOf" and isinstance(err.schema.get("oneOf"), list):
+        over = next((c for c in err.context if c.validator == "maximum"), None)
+        if over is not None:  # the right type, only too large: say that, not the list of choices
+            return path, f"{_short(err.instance)} is above the maximum of {over.validator_value}"
         choices = []
         for s in err.schema["oneOf"]:
             choices.append(repr(s["const"]) if "const" in s else s.get("type", "?"))
@@ -108,8 +146,21 @@ def _describe(err: Any) -> tuple[list[str | int], str]:
     if v == "type":
         want = err.validator_value
         want = " or ".join(want) if isinstance(want, list) else want
-        return path, f"{err.instance!r} is not of type {want}"
-    return path, err.message
+        return path, f"{_short(err.instance)} is not of type {want}"
+    if v == "maximum":  # the limits are far above any real study: this is a typo, caught before any work
+        return path, f"{_short(err.instance)} is above the maximum of {err.validator_value}"
+    if v == "exclusiveMaximum":
+        return path, f"{_short(err.instance)} must be less than {err.validator_value}"
+    if v in ("maxItems", "maxProperties", "maxLength"):
+        what = {"maxItems": "items", "maxProperties": "keys", "maxLength": "characters"}[v]
+        return path, f"{len(err.instance)} {what}, at most {err.validator_value} allowed"
+    return path, err.message if len(err.message) <= 200 else err.message[:197] + "..."
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a length that keeps an error on one readable line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _schema_problems(data: Any, source: str, root: yaml.Node | None) -> list[str]:
@@ -218,9 +269,12 @@ def check_semantics(study: Study, root: yaml.Node | None = None) -> list[str]:
     for path, text in budget_paths:
         if text is not None:
             try:
-                parse_duration(text, flag="timeBudget")
+                seconds = parse_duration(text, flag="timeBudget")
             except CLIError as e:
                 bad(path, str(e).replace("timeBudget ", "", 1))
+                continue
+            if seconds > MAX_TIME_BUDGET_S:
+                bad(path, f"{_short(text)} is above the maximum of {MAX_TIME_BUDGET_S // 3600}h")
     ft = spec["finetune"]
     if ft["recipes"] is not None:
         try:
@@ -263,8 +317,10 @@ def check_semantics(study: Study, root: yaml.Node | None = None) -> list[str]:
 def loads(text: str, source: str = "<study>") -> Study:
     """Parse, validate and complete a study document; :class:`SpecError` lists every problem."""
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        root, data = _parse(text)
+    except AliasRefused as e:
+        mark = e.problem_mark
+        raise SpecError([f"{source}:{mark.line + 1}:{mark.column + 1}: {e.problem}"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -307,11 +363,28 @@ def _type_text(sch: dict[str, Any]) -> str:
         return " \\| ".join(json.dumps(v) for v in sch["enum"])
     if "oneOf" in sch:
         return " \\| ".join(_type_text(s) for s in sch["oneOf"])
-    t = sch.get("type", "any")
-    t = " \\| ".join(t) if isinstance(t, list) else t
-    if t.startswith("array") and "items" in sch:
-        t = f"list of {_type_text(sch['items'])}" + t[len("array"):]
-    return t
+    types = sch.get("type", "any")
+    types = list(types) if isinstance(types, list) else [types]
+    limits = _range_text(sch)
+    for i, name in enumerate(types):
+        if name in ("integer", "number") and limits:
+            types[i] = f"{name} ({limits})"
+        elif name == "array" and "items" in sch:
+            most = f" (at most {sch['maxItems']})" if "maxItems" in sch else ""
+            types[i] = f"list{most} of {_type_text(sch['items'])}"
+    return " \\| ".join(types)
+
+
+def _range_text(sch: dict[str, Any]) -> str:
+    """``1 to 100000``, ``> 0, < 0.5`` or ``>= 0``: the bounds of a number, shown in the key table so that
+    the limits a value is checked against are where a user looks them up."""
+    if "minimum" in sch and "maximum" in sch:
+        return f"{sch['minimum']} to {sch['maximum']}"
+    low = (f">= {sch['minimum']}" if "minimum" in sch
+           else f"> {sch['exclusiveMinimum']}" if "exclusiveMinimum" in sch else "")
+    high = (f"<= {sch['maximum']}" if "maximum" in sch
+            else f"< {sch['exclusiveMaximum']}" if "exclusiveMaximum" in sch else "")
+    return ", ".join(b for b in (low, high) if b)
 
 
 def reference_rows(sch: dict[str, Any] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
