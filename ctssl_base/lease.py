@@ -1,14 +1,33 @@
-"""A lease on a storage root: one driver at a time writes (and prunes) a study's folder.
+"""A lease on an output folder: one driver at a time writes (and prunes) it.
 
-Two drivers on one root would delete each other's checkpoints and orphans and overwrite each other's
-stage markers. The lease is ``<root>/.ctssl-lease.json`` (owner host/pid, since, expiry), created
-atomically: ``O_CREAT | O_EXCL`` on a local disk, a conditional put (``If-None-Match: *``) on S3. A
-heartbeat thread renews the expiry; the lease is removed on release. A lease whose expiry has passed
-(its driver died), or one held by a process of this host that no longer exists, is taken over: its
-file is deleted only when it still holds the expired content seen
+Two drivers on one folder would delete each other's checkpoints and orphans and overwrite each other's
+stage markers, shards or selections. The lease is ``<root>/.ctssl-lease.json`` (owner host/pid, what,
+since, expiry), created atomically: ``O_CREAT | O_EXCL`` on a local disk, a conditional put
+(``If-None-Match: *``) on S3. A heartbeat thread renews the expiry; the lease is removed on release.
+A lease whose expiry has passed (its driver died), or one held by a process of this host that no
+longer exists, is taken over: its file is deleted only when it still holds the expired content seen
 (``If-Match`` on its ETag on S3; locally a re-read just before the delete, a small documented race
 between that read and the delete), and then created again under the same atomic rule, so of two
 drivers taking over at once only one wins. The lease names no secret.
+
+Which driver leases which folder (the rule that keeps them from waiting on each other):
+
+- a lease covers the one folder it lies in, not the folders below it: each driver leases the folder
+  it writes and prunes. ``ctssl study run`` leases its storage root; ``ctssl prep`` its DST (one
+  lease per ``--shard-index``, ``.ctssl-lease.i003.json``, because the indexes of a split prep write
+  one output side by side and each removes only its own orphans); ``ctssl reduce`` its DST;
+  ``ctssl pretrain`` its run folder ``STORAGE/EXPERIMENT``, where its checkpoints are pruned;
+- the stages of a study write below its root (``shards/<role>``, ``shards/pretrain-<level>``,
+  ``runs/<experiment>``), so a stage run by ``study run`` takes its own lease file next to nothing
+  the study holds, and a second driver of that stage output (say a manual ``ctssl prep`` into the
+  study's shards) is refused while the stage runs. No stage writes into the study root itself, so
+  ``study run`` never waits on its own lease; nothing is passed down and no lease is re-entrant (a
+  second ``Lease`` on a held folder is refused even in the same process, as a second driver is).
+
+A refused driver raises :class:`LeaseHeld` (one line naming the holder's host, pid and since) before
+it has written anything. With ``tidy=True`` (the stage drivers) a local folder that the lease had to
+create, and that is still empty when the lease ends, is removed again, so a driver stopped by a
+check under its lease leaves no empty output folder behind.
 """
 
 from __future__ import annotations
@@ -27,6 +46,12 @@ from ctssl_base.errors import UserError
 LEASE_FILE = ".ctssl-lease.json"
 
 
+def lease_file(part: str | None = None) -> str:
+    """The lease file's name: ``.ctssl-lease.json``, or ``.ctssl-lease.<part>.json`` for a lease on a
+    part of a folder (one ``--shard-index`` of a split prep)."""
+    return LEASE_FILE if part is None else f".ctssl-lease.{part}.json"
+
+
 class LeaseHeld(UserError):
     """The root is leased by another live driver."""
 
@@ -34,14 +59,17 @@ class LeaseHeld(UserError):
 class Lease:
     """Hold ``<root>/.ctssl-lease.json`` while the block runs (``with Lease(url, "study run"):``)."""
 
-    def __init__(self, url: str, what: str, ttl_s: float = 120.0):
-        self.url, self.what, self.ttl_s = url, what, ttl_s
+    def __init__(self, url: str, what: str, ttl_s: float = 120.0, part: str | None = None, tidy: bool = False):
+        self.url, self.what, self.ttl_s, self.tidy = url, what, ttl_s, tidy
         self.local = storage.is_local(url)
         self.fs, root = storage.open_fs(url)
         self.root = root
-        self.path = storage.join(root, LEASE_FILE)
+        self.file = lease_file(part)
+        self.path = storage.join(root, self.file)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made_dir: str | None = None  # the topmost local folder the lease created
+        self._client: Any = None
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "what": what,
                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -50,9 +78,13 @@ class Lease:
         return json.dumps({**self.owner, "expires": time.time() + self.ttl_s}).encode()
 
     def _s3(self):  # noqa: ANN202 - a boto3 client
-        import boto3
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=storage.s3_endpoint())
+            cfg = Config(**{**storage.S3_CLIENT_CONFIG, "retries": dict(storage.S3_CLIENT_CONFIG["retries"])})
+            self._client = boto3.client("s3", endpoint_url=storage.s3_endpoint(), config=cfg)
+        return self._client
 
     def _bucket_key(self) -> tuple[str, str]:
         bucket, _, key = self.path.partition("/")
@@ -61,6 +93,8 @@ class Lease:
     def _create(self) -> bool:
         """Create the lease file if absent; False when it exists."""
         if self.local:
+            if self.tidy and self._made_dir is None:
+                self._made_dir = _missing_top(self.root)
             os.makedirs(self.root, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -130,6 +164,20 @@ class Lease:
 
     # ------------------------------------------------------------------ the lease
     def acquire(self) -> Lease:
+        try:
+            self._take()
+        except UserError:
+            self._remove_made_dir()
+            raise
+        except Exception as e:  # noqa: BLE001 - a backend error, said in one line with the folder
+            self._remove_made_dir()
+            raise UserError(f"{self.url}: cannot take the lease {self.file} "
+                            f"({storage.describe_error(self.url, e)})") from e
+        self._thread = threading.Thread(target=self._beat, name="ctssl-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take(self) -> None:
         for _ in range(3):
             if self._create():
                 break
@@ -139,13 +187,10 @@ class Lease:
             if float(held.get("expires", 0)) > time.time() and not self._dead_here(held):
                 raise LeaseHeld(f"{self.url} is in use by {held.get('what', 'a driver')} on host "
                                 f"{held.get('host', '?')} pid {held.get('pid', '?')} since {held.get('since', '?')} "
-                                f"(lease {LEASE_FILE}; it expires unless renewed): wait for it or stop it first")
+                                f"(lease {self.file}; it expires unless renewed): wait for it or stop it first")
             self._delete_if(version)  # expired: its driver is gone
         else:
-            raise LeaseHeld(f"{self.url}: could not take the lease {LEASE_FILE} (another driver is taking it)")
-        self._thread = threading.Thread(target=self._beat, name="ctssl-lease", daemon=True)
-        self._thread.start()
-        return self
+            raise LeaseHeld(f"{self.url}: could not take the lease {self.file} (another driver is taking it)")
 
     def _dead_here(self, held: dict[str, Any]) -> bool:
         """The holder ran on this host and its process is gone (killed): no need to wait for the expiry."""
@@ -171,12 +216,38 @@ class Lease:
         held, version = self._read()
         if held and held.get("pid") == self.owner["pid"] and held.get("host") == self.owner["host"]:
             self._delete_if(version)
+        self._remove_made_dir()
+
+    def _remove_made_dir(self) -> None:
+        """Remove the local folders the lease created, from the root up, while they are empty."""
+        if not self._made_dir:
+            return
+        path = self.root
+        while True:
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (the driver wrote its output) or gone
+                return
+            if path == self._made_dir:
+                return
+            path = os.path.dirname(path)
 
     def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _missing_top(path: str) -> str | None:
+    """The topmost folder of ``path`` that does not exist yet (None when ``path`` exists)."""
+    top = None
+    while not os.path.isdir(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
 
 
 def _parse(raw: bytes) -> dict[str, Any]:

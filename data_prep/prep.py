@@ -20,6 +20,7 @@ another ``--shard-index`` read from a header still never reaches the manifest, a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -32,6 +33,7 @@ import numpy as np
 
 from ctssl_base import storage
 from ctssl_base.errors import UserError
+from ctssl_base.lease import Lease
 from data_prep import intensity, reader_warnings, shards, volume_qc
 from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
@@ -340,6 +342,14 @@ def _chunk_tag(chunk: list[dict[str, Any]], shard_index: int) -> str:
 
 
 def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
+    """Prep ``cfg.src`` into ``cfg.dst``. From its first write on, the run holds the lease of its
+    ``--shard-index`` of DST (:mod:`ctssl_base.lease`): a second prep of the same index, which would
+    delete this one's shards in flight as orphans, is refused in one line before it writes."""
+    with contextlib.ExitStack() as held:
+        return _run_prep(cfg, key, held)
+
+
+def _run_prep(cfg: PrepConfig, key: bytes, held: contextlib.ExitStack) -> PrepSummary:
     t0 = time.perf_counter()
     if not (0 <= cfg.shard_index < cfg.num_shards):
         raise UserError(f"--shard-index {cfg.shard_index} is outside 0..{cfg.num_shards - 1}")
@@ -371,6 +381,8 @@ def run_prep(cfg: PrepConfig, key: bytes) -> PrepSummary:
     all_task_ids = {it["task_id"] for it in items}
 
     storage.check_writable(cfg.dst)
+    held.enter_context(Lease(cfg.dst, f"prep (index {cfg.shard_index} of {cfg.num_shards})",
+                             part=f"i{cfg.shard_index:03d}", tidy=True))
     # the key enters only as a salted scrypt hash (salted by the source, which a resume must repeat)
     key_check = pseudo.key_check(os.path.abspath(cfg.src) if storage.is_local(cfg.src) else cfg.src)
     fingerprint = {**cfg.fingerprint_fields(), "key": key_check["hash"]}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 from ctssl_base.errors import UserError
+from ctssl_base.lease import Lease
 from data_prep import shards
 from data_prep.reduce.base import Selection, Strategy, empty_selection, get_strategy
 from data_prep.reduce.load import base_url_of, load_slice_set
@@ -40,7 +42,17 @@ def reduce_dataset(src: str, dst: str, strategy: str, *, threshold: float | None
                    inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reduce ``src`` with ``strategy`` and commit the selection at ``dst``; returns the summary
     (also stored in the selection manifest) with the report files' locations. ``inputs``: see
-    :func:`build_strategy`."""
+    :func:`build_strategy`. Once the arguments are checked the run holds the lease of ``dst``
+    (:mod:`ctssl_base.lease`): a second reduction into it, which would overwrite this one's report
+    and selection half-way, is refused in one line."""
+    with contextlib.ExitStack() as held:
+        return _reduce(src, dst, strategy, held, threshold=threshold, target_fraction=target_fraction,
+                       options=options, tolerance=tolerance, progress=progress, inputs=inputs)
+
+
+def _reduce(src: str, dst: str, strategy: str, held: contextlib.ExitStack, *, threshold: float | None,
+            target_fraction: float | None, options: dict[str, Any] | None, tolerance: float, progress: bool,
+            inputs: dict[str, Any] | None) -> dict[str, Any]:
     strat = build_strategy(strategy, options, inputs)
     if threshold is not None and target_fraction is not None:
         raise UserError("give either --threshold or --target-fraction, not both")
@@ -51,6 +63,7 @@ def reduce_dataset(src: str, dst: str, strategy: str, *, threshold: float | None
     if src.rstrip("/") == dst.rstrip("/"):
         raise UserError(f"DST {dst} is the same as SRC: write the selection to a new folder")
     _refuse_to_overwrite_prep_output(dst)
+    held.enter_context(Lease(dst, "reduce", tidy=True))
 
     t0 = time.perf_counter()
     data = load_slice_set(src)

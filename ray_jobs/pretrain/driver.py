@@ -7,6 +7,7 @@ worker starts, so a mistake costs seconds and prints one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -15,6 +16,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from ctssl_base import storage
+from ctssl_base.lease import Lease
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import checkpoint as ckpt_io
@@ -281,7 +284,16 @@ def register_encoder(cl, cfg: PretrainConfig, run_id: str) -> str | None:
 
 
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Pre-train as configured; returns where the final checkpoint and the MLflow run are."""
+    """Pre-train as configured; returns where the final checkpoint and the MLflow run are.
+
+    Once the settings are checked, the run holds the lease of its run folder ``STORAGE/EXPERIMENT``
+    (:mod:`ctssl_base.lease`) until it returns: a second driver of the same experiment, whose
+    checkpoint pruning would delete this one's checkpoints, is refused in one line before it writes."""
+    with contextlib.ExitStack() as held:
+        return _run_pretrain(cfg, held)
+
+
+def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -296,6 +308,8 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     opts = method_options(cfg, info, None if budget.timed else budget.schedule_steps)
     check_method_builds(cfg, img_size, opts)
     ident = resume_guard.identity(cfg, img_size, spe, opts)
+    held.enter_context(Lease(storage.join(cfg.storage, cfg.experiment), f"pretrain {cfg.experiment}",
+                             tidy=True))
     resuming = resume_guard.check(cfg, ident)
     if in_process:
         check_local_device(cfg)
