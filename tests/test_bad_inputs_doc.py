@@ -8,7 +8,6 @@ may start Ray: a case that would is a failure here, not a slow test.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import socket
@@ -82,12 +81,18 @@ spec:
 """
 
 
+#: fresh.yaml with a typo in the size of its phantom pool
+HUGE_STUDY = FRESH_STUDY.replace("pretrain: {type: phantom, patients: 6,",
+                                 "pretrain: {type: phantom, patients: 1000000000,")
+#: fresh.yaml with nine levels of nine YAML aliases (9**9 strings once expanded) in a method's options
+BOMB_STUDY = FRESH_STUDY.replace("      byol: {}\n", "      byol:\n        options:\n" + "".join(
+    f"          a{i}: &a{i} [{', '.join(['lol' if i == 0 else f'*a{i - 1}'] * 9)}]\n" for i in range(9)))
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ct/ (three PNG slices), empty/, unlabelled/ (the prep output of ct/), weak.key, flat/ (a DICOM
-    series of four slices at one position), leased/ (an output whose lease a prep on another host
-    holds: a lease file with a far expiry stands for that live driver, whose host, pid and start the
-    error line names, so the line is the same on every run)."""
+    series of four slices at one position)."""
     from data_prep.prep import PrepConfig, run_prep
     from tests.data_prep.dicom_factory import write_ct
 
@@ -101,10 +106,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_ct(root / "flat" / f"IM{i}", np.full((8, 8), -1000, np.int16), z=5.0, series_uid="1.2.3.4.5",
                  study_uid="1.2.3.4", instance=i + 1)
     (root / "fresh.yaml").write_text(FRESH_STUDY)  # --fresh on ct/, which holds no study sentinel
-    (root / "leased").mkdir()
-    (root / "leased" / ".ctssl-lease.i000.json").write_text(json.dumps(
-        {"host": "worker-2", "pid": 4242, "what": "prep (index 0 of 1)", "since": "2026-01-05T09:30:00+0000",
-         "expires": 4102444800}))  # 2100-01-01
+    (root / "huge.yaml").write_text(HUGE_STUDY)  # validate: a count above its maximum
+    (root / "bomb.yaml").write_text(BOMB_STUDY)  # run: refused as it is read
     run_prep(PrepConfig(src=str(root / "ct"), dst=str(root / "unlabelled"), size=8, executor="local",
                         progress=False), TEST_DEID_KEY.encode())
     return root

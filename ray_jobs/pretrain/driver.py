@@ -49,7 +49,7 @@ class PretrainResult:
     def summary(self) -> str:
         return (f"{self.steps} steps, {self.epochs} epochs, {self.restarts} restart(s), "
                 f"{self.train_time_s:.0f} s of training; checkpoint {self.checkpoint_path}; "
-                f"MLflow run {self.run_id} at {self.tracking_uri}"
+                f"MLflow run {self.run_id} at {tracking.redact_uri(self.tracking_uri)}"
                 + (f"; registered as {self.model_uri}" if self.model_uri else ""))
 
 
@@ -334,9 +334,11 @@ def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainRe
     log.info("pre-training %s on %s: %d slices of %dx%d -> %d px, %d workers x %d, %s, %s", cfg.method,
              info.read_url, info.rows, info.height, info.width, img_size, cfg.workers, cfg.per_worker_batch, length,
              "in this process" if in_process else "on Ray Train")
+    # what workers get goes through Ray's object store and Train's pickles: no password in it
+    worker_cfg = {**cfg.to_dict(), "tracking_uri": cfg.tracking_uri and tracking.worker_uri(cfg.tracking_uri)}
     payload = {
-        "config": cfg.to_dict(), "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
-        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "env": ray_connect.forwarded_env(),
+        "config": worker_cfg, "img_size": img_size, "steps_per_epoch": spe, "dataset": info.dataset,
+        "tracking_uri": tracking.worker_uri(tracking_uri), "mlflow_run_id": run_id, "env": ray_connect.forwarded_env(),
         "method_options": opts, "torch_threads": torch_threads(cfg, in_process),
         # where a rerun continues from when Ray Train has no checkpoint of its own to hand the loop
         # (the last run trained in this process, or its checkpoints were not registered)
