@@ -9,9 +9,9 @@ A local instance is this machine's alone (:func:`init_local`): every Ray process
 127.0.0.1 only, and the instance requires a token that only this process and its Ray processes
 know, so neither other hosts nor other users' processes can submit work to it.
 
-The environment that Ray workers need to reach object storage and MLflow (S3 endpoint, credentials,
-tracking URI) is forwarded explicitly (:func:`forwarded_env`), because worker processes of an already
-running cluster do not inherit the driver's environment.
+The settings that Ray workers need to reach object storage and MLflow (S3 endpoint, region, tracking
+URI) are forwarded explicitly (:func:`forwarded_env`), because worker processes of an already running
+cluster do not inherit the driver's environment; secrets are not (see :data:`FORWARDED_ENV`).
 
 ``ray`` is imported inside the functions: importing this module stays cheap.
 """
@@ -25,11 +25,23 @@ import secrets
 from typing import Any
 
 from ctssl_base.errors import UserError
+from ctssl_base.uri_secrets import redact_uri
 
 log = logging.getLogger("ctssl.ray")
 
-#: environment variables a worker needs to read shards / write checkpoints / log to MLflow
-FORWARDED_ENV_PREFIXES = ("CTSSL_", "AWS_", "MLFLOW_")
+#: the environment variables a worker needs to reach object storage and MLflow, and ctssl's own
+#: switches: settings, never secrets. Runtime envs are logged by Ray's runtime-env agent on every node
+#: (and served by its dashboard), so credentials (AWS keys, MLflow password/token) and the
+#: de-identification key are never put there: workers of the local instance inherit them from the
+#: driver, pods of a cluster get them from their own environment (Kubernetes secrets, an IAM role).
+FORWARDED_ENV = frozenset({
+    "CTSSL_S3_ENDPOINT_URL", "CTSSL_TORCH_THREADS", "CTSSL_SPARSE_BN_KERNEL", "CTSSL_FAILPOINT",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_CA_BUNDLE", "AWS_S3_ADDRESSING_STYLE",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_ALLOW_FILE_STORE",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_S3_IGNORE_TLS",
+})
 
 #: Ray's switch for single-node mode (the default on macOS and Windows): with it off, a node takes
 #: the loopback address as its IP and binds its GCS, raylet, agents and dashboard there
@@ -80,8 +92,36 @@ def init_local(**kwargs: Any) -> None:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's storage and tracking settings, to be set again inside Ray workers."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """The driver's storage and tracking settings (:data:`FORWARDED_ENV`), to be set again inside Ray
+    workers; a tracking URI holding a password is not forwarded."""
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV}
+    uri = env.get("MLFLOW_TRACKING_URI")
+    if uri and redact_uri(uri) != uri:
+        # not even stripped: a runtime env's variables replace the worker's own, and a local worker's
+        # own is the full URI, which its MLflow client needs (workers are handed the URI without it)
+        del env["MLFLOW_TRACKING_URI"]
+    return env
+
+
+#: credentials that Ray Tune copies from the driver's environment into every trial actor's runtime
+#: env (``ray.tune.execution.class_cache``), where the runtime-env agent logs them
+_TUNE_COPIED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_secrets_out_of_tune() -> None:
+    """Stop Ray Tune from putting the driver's AWS credentials into its trials' runtime envs.
+
+    Tune does so that trials on other nodes can reach S3; here they need not: a local instance's
+    workers inherit the driver's environment, a cluster's pods carry their own credentials. Its list
+    is a module-level set read whenever a trial actor class is made, so removing the names is enough;
+    a Ray without that list is left alone (the secrets test then says whether Tune copies them)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, set):
+        names.difference_update(_TUNE_COPIED_SECRETS)
 
 
 def job_env_vars() -> dict[str, str]:

@@ -57,6 +57,10 @@ def arrow_filesystem(url: str):
     S3 URLs get an explicit ``S3FileSystem`` with the configured endpoint (MinIO, moto), because
     Ray's own URL parsing knows nothing about ``CTSSL_S3_ENDPOINT_URL``. Local paths are made absolute
     (Ray requires it) and returned without a filesystem.
+
+    Credentials are never given to it: pyarrow keeps explicit keys in the filesystem's pickle, and Ray
+    Tune pickles the filesystem into ``tuner.pkl`` in the bucket itself. Without them each process that
+    unpickles it takes the keys from its own environment or instance role (AWS's default chain).
     """
     from ctssl_base import storage
 
@@ -77,11 +81,6 @@ def arrow_filesystem(url: str):
     if endpoint:
         kw["scheme"] = "https" if endpoint.startswith("https") else "http"
         kw["endpoint_override"] = endpoint.split("://", 1)[-1]
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kw["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         kw["region"] = region

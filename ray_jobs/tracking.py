@@ -12,8 +12,9 @@ import os
 import time
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
+from ctssl_base.uri_secrets import redact_text, redact_uri  # noqa: F401 - redact_uri: used by callers
 from ray_jobs.errors import CLIError
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,15 @@ def check_tracking_uri(uri: str, origin: str = "--tracking-uri") -> str:
     scheme = parsed.scheme.lower()  # how MLflow picks its store, too
     base = scheme.split("+", 1)[0]  # postgresql+psycopg2, mysql+pymysql ...
     if base in ("http", "https") and not parsed.netloc:
-        raise CLIError(f"{origin} {uri}: no host in the URI; e.g. http://mlflow:5000")
+        raise CLIError(f"{origin} {redact_uri(uri)}: no host in the URI; e.g. http://mlflow:5000")
     if base in DB_SCHEMES or base in SERVER_SCHEMES or scheme in _plugin_schemes():
         return uri
     if scheme in ("", "file"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes"):
             return uri
-        raise CLIError(f"{origin} {uri}: MLflow no longer opens a file store (file:// or a folder) unless "
+        raise CLIError(f"{origin} {redact_uri(uri)}: MLflow no longer opens a file store (file:// or a folder) unless "
                        f"MLFLOW_ALLOW_FILE_STORE=true; use one of {WORKING_SCHEMES}")
-    raise CLIError(f"{origin} {uri}: unknown tracking URI scheme {scheme!r}; use one of {WORKING_SCHEMES}")
+    raise CLIError(f"{origin} {redact_uri(uri)}: unknown tracking URI scheme {scheme!r}; use one of {WORKING_SCHEMES}")
 
 
 def _plugin_schemes() -> set[str]:
@@ -77,7 +78,12 @@ def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
     command starts Ray or reads data, so a typo costs one line, not a traceback minutes later.
     """
     if explicit:
-        return check_tracking_uri(explicit)
+        uri = check_tracking_uri(explicit)
+        if redact_uri(uri) != uri:
+            # the processes this one starts (a local Ray's workers) find the password here, never in a
+            # payload, a runtime env or a pickle (see worker_uri)
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+        return uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return check_tracking_uri(env, origin="MLFLOW_TRACKING_URI")
@@ -102,13 +108,45 @@ def default_artifact_location(tracking_uri: str, storage: str | None) -> str | N
     return None
 
 
+def worker_uri(tracking_uri: str) -> str:
+    """The form of ``tracking_uri`` handed to Ray workers and Tune trials (payloads, pickles): without
+    its password. :func:`client` puts the password back from the worker's own environment."""
+    return redact_uri(tracking_uri, keep_password_mark=False)
+
+
+def _with_password(tracking_uri: str) -> str:
+    """``tracking_uri`` stripped of its password (:func:`worker_uri`) is completed from
+    ``$MLFLOW_TRACKING_URI`` when that is the same URI with one; else unchanged (an HTTP server then
+    takes ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` from the environment)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env and env != tracking_uri and worker_uri(env) == tracking_uri:
+        return env
+    return tracking_uri
+
+
+def _http_login_to_env(tracking_uri: str) -> str:
+    """An HTTP(S) server URI's ``user:password@`` moved into ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``
+    (MLflow's basic-auth settings; values already set win), and the URI returned without it: MLflow
+    prints the client's URI in its "View run at" lines, which must not show the password."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme.lower() not in ("http", "https") or parts.password is None:
+        return tracking_uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
 def client(tracking_uri: str):
     """An MLflow client for ``tracking_uri``; the URI is checked first (see :func:`check_tracking_uri`)
-    so a command that takes a URI without :func:`resolve_tracking_uri` still fails in one line."""
+    so a command that takes a URI without :func:`resolve_tracking_uri` still fails in one line. A URI
+    without its password (what workers are handed, :func:`worker_uri`) gets it back from this process's
+    environment; an HTTP server's login goes to MLflow's basic-auth variables instead of the URI."""
+    tracking_uri = _with_password(tracking_uri)
     check_tracking_uri(tracking_uri, origin="tracking URI")
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=_http_login_to_env(tracking_uri))
 
 
 def get_or_create_experiment(cl, name: str, artifact_location: str | None = None) -> str:
@@ -135,10 +173,11 @@ def find_run(cl, experiment_id: str, tags: dict[str, str]) -> Any | None:
 
 
 def log_params(cl, run_id: str, params: dict[str, Any]) -> None:
-    """Params in batches (MLflow caps a batch at 100); values cut to MLflow's 6000-char limit."""
+    """Params in batches (MLflow caps a batch at 100); values cut to MLflow's 6000-char limit, with the
+    password of any URI in them masked (a tracking or database URI in a config)."""
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, redact_text(str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         cl.log_batch(run_id, params=items[i:i + 100])
 
@@ -175,7 +214,7 @@ class MetricLogger:
 def set_tags(cl, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    cl.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    cl.log_batch(run_id, tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()])
 
 
 def metric_history(cl, run_id: str, key: str) -> list[tuple[int, float]]:

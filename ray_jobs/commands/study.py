@@ -74,7 +74,9 @@ def run_study(study, address: str | None, *, fresh: bool = False) -> int:
     if rep.get("uploaded"):
         print(f"             {rep['uploaded']}/report.html")
     uri = study.spec["tracking"]["uri"] or _tracking(study)
-    print(f"  MLflow:    experiment {study.name!r} at {uri}")
+    from ray_jobs.tracking import redact_uri
+
+    print(f"  MLflow:    experiment {study.name!r} at {redact_uri(uri)}")
     if uri.startswith("sqlite:"):
         print(f"  MLflow UI: {shutil.which('mlflow') or 'mlflow'} ui --backend-store-uri {uri} "
               "--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")

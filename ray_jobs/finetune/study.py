@@ -45,8 +45,8 @@ class StudyResult:
         from ray_jobs.report.tables import summary_markdown
 
         lines = [f"study {self.experiment}: {self.trials} trials ({self.failed} failed, {self.stopped} stopped "
-                 f"early), MLflow parent run "
-                 f"{self.parent_run_id} at {self.tracking_uri}", "", summary_markdown(self.summary)]
+                 f"early), MLflow parent run {self.parent_run_id} at {tracking.redact_uri(self.tracking_uri)}",
+                 "", summary_markdown(self.summary)]
         if self.minimal:
             lines += ["", "minimal samples per class: " + ", ".join(f"{k}: {v}" for k, v in self.minimal.items())]
         return "\n".join(lines)
@@ -87,9 +87,11 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
     """Run ``grid`` as one Tune experiment; returns each trial's spec with its last result."""
     from ray import tune
 
+    from ctssl_base import ray_connect
     from ray_jobs.finetune.progress import StudyProgress
     from ray_jobs.ray_cluster import arrow_filesystem
 
+    ray_connect.keep_secrets_out_of_tune()
     fs, path = arrow_filesystem(cfg.storage)
     if fs is None:
         os.makedirs(path, exist_ok=True)
@@ -183,7 +185,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
                                         "img_size_effective": settings["img_size"]})
     ctx = StudyContext(images=data.images, labels=data.labels, classes=data.classes, folds=folds,
                        encoders=_encoder_payload(encoders, data.intensity, data.intensity_stats), settings=settings,
-                       tracking_uri=tracking_uri, experiment_id=exp_id, parent_run_id=parent_id,
+                       tracking_uri=tracking.worker_uri(tracking_uri), experiment_id=exp_id, parent_run_id=parent_id,
                        env=ray_connect.forwarded_env(), patients=np.asarray(data.patients))
     try:
         names = [e.name for e in encoders]

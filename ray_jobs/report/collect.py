@@ -36,7 +36,8 @@ class Study:
 def find_study_run(cl, experiment: str, study_run: str | None = None):
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
-        raise CLIError(f"--experiment {experiment!r}: no such MLflow experiment at {cl.tracking_uri}")
+        raise CLIError(f"--experiment {experiment!r}: no such MLflow experiment at "
+                       f"{tracking.redact_uri(cl.tracking_uri)}")
     if study_run:
         try:
             run = cl.get_run(study_run)

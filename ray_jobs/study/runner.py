@@ -148,7 +148,8 @@ def _run(study: Study, address: str | None) -> dict[str, Any]:
     stages = plan(study)
     ray_connect.connect(address)
     ctx = Context(study=study, address=address, tracking_uri=tracking_uri, gpus_per_worker=resolve_gpus(study))
-    print(f"study {study.name}: {len(stages)} stages, storage {study.storage}, MLflow {tracking_uri}, "
+    print(f"study {study.name}: {len(stages)} stages, storage {study.storage}, "
+          f"MLflow {tracking.redact_uri(tracking_uri)}, "
           f"{ctx.gpus_per_worker:g} GPU per worker", flush=True)
     tokens: dict[str, str] = {}
     t_all = time.perf_counter()
