@@ -44,7 +44,7 @@ from ctssl_base.errors import UserError
 from data_prep.hu import hu_resized
 from data_prep.labels import label_for, labels_for_input
 from data_prep.records import Reject, SeriesData, SeriesTask, SliceData
-from data_prep.sources import dicom_enhanced
+from data_prep.sources import dicom_enhanced, dicom_pixels
 from data_prep.sources.base import SOURCES, PrepOptions, Source
 
 #: Files next to DICOMs that are not images: listed as "ignored", not rejected.
@@ -131,7 +131,8 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
 
     Uncompressed little-endian data is viewed straight from the PixelData bytes (what pydicom's
     ``pixel_array`` does too, minus its generic handler overhead, which costs more than the copy);
-    compressed transfer syntaxes (JPEG 2000, JPEG lossless, RLE) go through pydicom's decoders.
+    every other transfer syntax goes through :func:`data_prep.sources.dicom_pixels.decode` (the plugin
+    of each syntax; a :class:`~data_prep.sources.dicom_pixels.PixelDecodeError` names syntax and plugin).
     """
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     bits, spp = header_int(ds, "BitsAllocated", 0), header_int(ds, "SamplesPerPixel", 1) or 1
@@ -148,7 +149,7 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
             shift = 16 - stored_bits
             arr = (arr.astype(np.int16) << shift) >> shift
         return arr
-    return ds.pixel_array
+    return dicom_pixels.decode(ds)
 
 
 @dataclass
@@ -475,6 +476,9 @@ class DicomSource(Source):
                 continue
             try:
                 stored = stored_pixels(ds)
+            except dicom_pixels.PixelDecodeError as e:  # names the transfer syntax and its plugin
+                rejects.append(Reject(rel, str(e)))
+                continue
             except Exception as e:  # noqa: BLE001 - decoder errors come in many types
                 rejects.append(Reject(rel, f"pixel data could not be decoded ({type(e).__name__}: {_short(e)})"))
                 continue

@@ -12,8 +12,9 @@ value is the per-frame one when present, else the shared one:
 
 Frames are then treated exactly as classic slices: ordered by position along the slice normal, with the
 same HU conversion, resizing and de-identification. Only this geometry lookup is written here: pydicom 3
-parses the sequences and decodes frames one at a time (:func:`pydicom.pixels.iter_pixels`, so memory is
-one frame, not the whole object), and ``highdicom`` would add a dependency (and its own validation of
+parses the sequences and decodes frames one at a time (:func:`data_prep.sources.dicom_pixels.iter_frames`:
+pydicom's ``iter_pixels`` with the plugin of the file's transfer syntax, so memory is one frame, not the
+whole object), and ``highdicom`` would add a dependency (and its own validation of
 every module) for four sequence look-ups. Geometry is checked for every frame before any pixel is
 decoded, so a file with frames of mixed orientation or without positions is one clear reject.
 """
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.pixels import iter_pixels
+
+from data_prep.sources import dicom_pixels
 
 #: SOP class of Enhanced CT Image Storage (other multi-frame CT objects are read the same way)
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -131,13 +133,15 @@ def iter_frames(ds: pydicom.Dataset, path: str) -> Iterator[Frame]:
     geo = frame_geometry(ds)
     pad = ds.get("PixelPaddingValue")
     padding = None if pad is None else float(pad)
-    frames = iter_pixels(path)
+    frames = dicom_pixels.iter_frames(ds, path)
     try:
         for i, g in enumerate(geo):
             try:
                 stored = next(frames)
             except StopIteration:
                 raise FrameError(f"multi-frame object: pixel data ends after {i} of {len(geo)} frames") from None
+            except dicom_pixels.PixelDecodeError as e:  # names the transfer syntax and its plugin, in full
+                raise FrameError(f"frame {i + 1}: {e}") from None
             except Exception as e:  # noqa: BLE001 - decoder errors come in many types
                 raise FrameError(f"pixel data of frame {i + 1} could not be decoded ({type(e).__name__}: "
                                  f"{str(e)[:120]})") from None
