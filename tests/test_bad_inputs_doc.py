@@ -8,6 +8,7 @@ may start Ray: a case that would is a failure here, not a slow test.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import socket
@@ -92,7 +93,9 @@ BOMB_STUDY = FRESH_STUDY.replace("      byol: {}\n", "      byol:\n        optio
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ct/ (three PNG slices), empty/, unlabelled/ (the prep output of ct/), weak.key, flat/ (a DICOM
-    series of four slices at one position)."""
+    series of four slices at one position), leased/ (an output whose lease a prep on another host
+    holds: a lease file with a far expiry stands for that live driver, whose host, pid and start the
+    error line names, so the line is the same on every run)."""
     from data_prep.prep import PrepConfig, run_prep
     from tests.data_prep.dicom_factory import write_ct
 
@@ -106,6 +109,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_ct(root / "flat" / f"IM{i}", np.full((8, 8), -1000, np.int16), z=5.0, series_uid="1.2.3.4.5",
                  study_uid="1.2.3.4", instance=i + 1)
     (root / "fresh.yaml").write_text(FRESH_STUDY)  # --fresh on ct/, which holds no study sentinel
+    (root / "leased").mkdir()
+    (root / "leased" / ".ctssl-lease.i000.json").write_text(json.dumps(
+        {"host": "worker-2", "pid": 4242, "what": "prep (index 0 of 1)", "since": "2026-01-05T09:30:00+0000",
+         "expires": 4102444800}))  # 2100-01-01
     (root / "huge.yaml").write_text(HUGE_STUDY)  # validate: a count above its maximum
     (root / "bomb.yaml").write_text(BOMB_STUDY)  # run: refused as it is read
     run_prep(PrepConfig(src=str(root / "ct"), dst=str(root / "unlabelled"), size=8, executor="local",
