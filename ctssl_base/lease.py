@@ -53,11 +53,14 @@ def lease_file(part: str | None = None) -> str:
 
 
 class LeaseHeld(UserError):
-    """The root is leased by another live driver."""
+    """The folder is leased by another live driver."""
 
 
 class Lease:
-    """Hold ``<root>/.ctssl-lease.json`` while the block runs (``with Lease(url, "study run"):``)."""
+    """Hold ``<root>/.ctssl-lease.json`` while the block runs (``with Lease(url, "study run"):``).
+
+    ``what`` names the driver in a refusal; ``part`` leases one part of the folder under its own file
+    (:func:`lease_file`); ``tidy`` removes the empty local folders the lease had to create."""
 
     def __init__(self, url: str, what: str, ttl_s: float = 120.0, part: str | None = None, tidy: bool = False):
         self.url, self.what, self.ttl_s, self.tidy = url, what, ttl_s, tidy
