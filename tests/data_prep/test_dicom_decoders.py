@@ -235,3 +235,22 @@ def test_enhanced_ct_frames_decode_through_the_table_and_a_missing_plugin_is_nam
     assert lines == ["rejected series.dcm: frame 1: pixel data could not be decoded: transfer syntax "
                      "1.2.840.10008.1.2.4.80 (JPEG-LS Lossless) needs the pyjpegls plugin (pip install pyjpegls), "
                      "which is not installed"]
+
+
+def test_the_docs_table_lists_every_syntax_with_its_first_plugin() -> None:
+    text = (REPO / "docs" / "data-format.md").read_text()
+    section = text.split("## Supported transfer syntaxes and SOP classes", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith(("| transfer syntax", "|---")):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        uids = cells[1].split(", ")
+        stem = uids[0].rsplit(".", 1)[0]
+        for uid in [uids[0], *(stem + u for u in uids[1:])]:  # "1.2.840.10008.1.2.4.201, .202, .203"
+            documented.setdefault(uid, []).append(cells[2])
+    assert set(documented) == set(dicom_pixels.BY_UID)
+    for uid, decoders in documented.items():
+        row = dicom_pixels.BY_UID[uid]
+        first = row.plugins[0] if row.plugins else "pydicom"
+        assert any(d.startswith(first) for d in decoders), (uid, first, decoders)
