@@ -112,7 +112,8 @@ def _raw_16(ds: pydicom.Dataset) -> np.ndarray:
     return np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns)
 
 
-def _gdcm(ds: pydicom.Dataset, syntax: str, out: Path) -> None:
+def gdcm_encode(ds: pydicom.Dataset, syntax: str, out: Path) -> None:
+    """Write ``ds`` (uncompressed) to ``out`` in ``syntax`` with GDCM's encoder (its header kept)."""
     import gdcm
 
     codes = {"1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
@@ -242,7 +243,7 @@ def build(dest: Path = HERE) -> list[Path]:
                             generate_instance_uid=False)
                 ds.save_as(out, enforce_file_format=True)
             else:
-                _gdcm(ds, syntax, out)
+                gdcm_encode(ds, syntax, out)
             check = pydicom.dcmread(out, stop_before_pixels=True)
             assert check.file_meta.TransferSyntaxUID == syntax, (out, check.file_meta.TransferSyntaxUID)
             written.append(out)
