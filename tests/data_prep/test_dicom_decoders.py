@@ -1,8 +1,8 @@
 """Every transfer syntax that data_prep/sources/dicom_pixels.py claims to decode goes through `ctssl prep`
 and gives the HU of the uncompressed original: exactly for lossless syntaxes, within the NEAR the
 JPEG-LS stream declares for near-lossless, within a stated error for lossy JPEG. A file whose plugin is
-missing, a 12-bit JPEG extended file and an unknown syntax give one reject line naming the syntax and
-the plugin.
+missing, a 12-bit JPEG extended file, an unknown syntax and a cut stream each give one reject line that
+names the syntax and the plugin (before any decoder text, which is cut at 160 characters).
 
 Files: tests/data/dicom_codecs/ (three slices of the real CT series re-encoded, see its README) and
 pydicom's bundled test files (MR ones written again with Modality CT and their own UIDs, so that each
@@ -254,3 +254,15 @@ def test_the_docs_table_lists_every_syntax_with_its_first_plugin() -> None:
         row = dicom_pixels.BY_UID[uid]
         first = row.plugins[0] if row.plugins else "pydicom"
         assert any(d.startswith(first) for d in decoders), (uid, first, decoders)
+
+
+def test_a_corrupt_stream_names_syntax_and_plugin_before_the_decoder_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CTSSL_DEID_KEY", TEST_DEID_KEY)
+    ds = pydicom.dcmread(CODECS / "jpeg_ls_lossless" / "CT00.dcm")
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 3]])  # cut inside the scan
+    ds.save_as(tmp_path / "cut.dcm")
+    lines = _prep_main(tmp_path / "cut.dcm", tmp_path / "out", capsys)
+    assert len(lines) == 1
+    assert lines[0].startswith("rejected cut.dcm: pixel data could not be decoded: transfer syntax "
+                               "1.2.840.10008.1.2.4.80 (JPEG-LS Lossless) with the pyjpegls plugin: "), lines[0]
