@@ -93,11 +93,13 @@ BOMB_STUDY = FRESH_STUDY.replace("      byol: {}\n", "      byol:\n        optio
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ct/ (three PNG slices), empty/, unlabelled/ (the prep output of ct/), weak.key, flat/ (a DICOM
-    series of four slices at one position), leased/ (an output whose lease a prep on another host
+    series of four slices at one position), repeated/ (a hand-made prep output whose series holds each
+    slice twice), leased/ (an output whose lease a prep on another host
     holds: a lease file with a far expiry stands for that live driver, whose host, pid and start the
     error line names, so the line is the same on every run)."""
     from data_prep.prep import PrepConfig, run_prep
     from tests.data_prep.dicom_factory import write_ct
+    from tests.data_prep.test_dicom_series_identity import _hand_made_output
 
     root = tmp_path_factory.mktemp("bad-inputs")
     (root / "ct").mkdir()
@@ -113,6 +115,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "leased" / ".ctssl-lease.i000.json").write_text(json.dumps(
         {"host": "worker-2", "pid": 4242, "what": "prep (index 0 of 1)", "since": "2026-01-05T09:30:00+0000",
          "expires": 4102444800}))  # 2100-01-01
+    _hand_made_output(str(root / "repeated"), [0, 1, 2, 0, 1, 2], [f"ser-{i:05d}" for i in (0, 1, 2, 0, 1, 2)])
     (root / "huge.yaml").write_text(HUGE_STUDY)  # validate: a count above its maximum
     (root / "bomb.yaml").write_text(BOMB_STUDY)  # run: refused as it is read
     run_prep(PrepConfig(src=str(root / "ct"), dst=str(root / "unlabelled"), size=8, executor="local",

@@ -80,6 +80,10 @@ def print_summary(s, dst: str, as_json: bool = False) -> None:  # noqa: ANN001 -
           f"in {s.seconds:.1f}s; {s.rejected} of {s.inputs} inputs rejected"
           + (f", {s.ignored} non-image files ignored" if s.ignored else "")
           + (f", {s.resumed_series} series resumed from an earlier run" if s.resumed_series else ""))
+    from data_prep.reject_kinds import summary_line as kinds_line
+
+    if s.rejects:
+        print(kinds_line(s.rejects))
     from data_prep.volume_qc import summary_lines
 
     for line in summary_lines(s.volume_qc):
