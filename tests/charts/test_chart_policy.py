@@ -67,7 +67,8 @@ def test_no_secret_value_appears_outside_a_secret(stem: str) -> None:
         assert o["kind"] != "Secret" or "stringData" not in o
     # the only Secrets are the generated credentials of bundled services (random, see render test)
     secrets = {o["metadata"]["name"] for o in objs if o["kind"] == "Secret"}
-    assert secrets <= {"study-s3", "study-minio-root", "study-postgresql", "study-mlflow-auth"}
+    assert secrets <= {"study-s3", "study-minio-root", "study-postgresql", "study-mlflow-auth", "study-mlflow-jobs",
+                       "study-mlflow-s3"}
 
 
 def test_values_yaml_defaults_hold_no_secret_values() -> None:

@@ -6,7 +6,8 @@ The chart is rendered with a tiny study; then what KubeRay and the cluster would
   chart's PostgreSQL StatefulSet and Secret;
 - MLflow: the chart's MLflow container command with its rendered environment (the backend store URI
   from the PostgreSQL Secret, artifacts proxied to S3), on moto S3, behind its basic-auth app with
-  the config file the chart's init container writes; the jobs log in with the Secret's admin login;
+  the config file the chart's init container writes, which also makes the jobs' own (non-admin) user;
+  the jobs log in as that user;
 - the Ray cluster: `ray start` for the head and a second node, with the environment of the rendered
   head and worker containers (Secrets resolved, Service names mapped to 127.0.0.1 as cluster DNS
   would), the head offering no CPUs as `num-cpus: "0"` says;
@@ -109,8 +110,9 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
         [init] = mlflow_pod["initContainers"]  # writes basic_auth.ini (users live in PostgreSQL)
         assert init["name"] == "auth-config"
-        subprocess.run(init["command"], env={**base_env, **container_env(init, secrets, services)}, check=True,
-                       executable=str(VENV_BIN / "python"))
+        # the image's python is this venv's (it imports MLflow's auth store to make the jobs' user)
+        subprocess.run([str(VENV_BIN / "python"), *init["command"][1:]], check=True,
+                       env={**base_env, **container_env(init, secrets, services)})
         server_env = {**base_env, **container_env(mlflow, secrets, services)}
         # the chart's URI (the image's driver named), its password from the chart's Secret
         assert server_env["MLFLOW_BACKEND_STORE_URI"] == pg.uri.replace("postgresql://", "postgresql+psycopg2://")
@@ -127,8 +129,10 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
             head_env = container_env(head, secrets, services)
             worker_env = container_env(worker, secrets, services)
             assert head_env["MLFLOW_TRACKING_URI"] == server.uri and head_env["CTSSL_S3_ENDPOINT_URL"] == endpoint
-            # the jobs log in as the admin the server was started with (this test's client too, below)
-            assert head_env["MLFLOW_TRACKING_PASSWORD"] == server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+            # the jobs log in as their own user, not as the admin the server was started with (this
+            # test's client too, below)
+            assert head_env["MLFLOW_TRACKING_USERNAME"] != server_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+            assert head_env["MLFLOW_TRACKING_PASSWORD"] == secrets[("study-mlflow-jobs", "password")]
             # the study file, at the head's mount point here
             spec_file = tmp_path / "etc-ctssl" / "study.yaml"
             spec_file.parent.mkdir()

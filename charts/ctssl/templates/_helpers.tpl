@@ -31,8 +31,18 @@ app.kubernetes.io/component: {{ .component | quote }}
 app.kubernetes.io/part-of: ctssl
 {{- end -}}
 
+{{/* The folder of the release inside the bucket (no slash at either end). */}}
+{{- define "ctssl.storagePrefix" -}}
+{{- .Values.storage.prefix | default (include "ctssl.fullname" .) | trimAll "/" -}}
+{{- end -}}
+
 {{- define "ctssl.storageRoot" -}}
-{{- printf "s3://%s/%s" .Values.storage.bucket (.Values.storage.prefix | default (include "ctssl.fullname" .) | trimAll "/") -}}
+{{- printf "s3://%s/%s" .Values.storage.bucket (include "ctssl.storagePrefix" .) -}}
+{{- end -}}
+
+{{/* The folder of MLflow's artifacts inside the bucket (the only one MLflow's own S3 user may use). */}}
+{{- define "ctssl.mlflowArtifactsPrefix" -}}
+{{- printf "%s/%s" (include "ctssl.storagePrefix" .) (.Values.mlflow.artifactsPrefix | trimAll "/") -}}
 {{- end -}}
 
 {{- define "ctssl.s3Endpoint" -}}
@@ -52,12 +62,26 @@ app.kubernetes.io/part-of: ctssl
 {{- end -}}
 {{- end -}}
 
+{{/*
+The S3 keys of MLflow's server (its artifacts): with the bundled MinIO, a user of its own limited to
+the artifacts folder; otherwise the workloads' keys (or none: IAM roles).
+*/}}
+{{- define "ctssl.mlflowS3Secret" -}}
+{{- if .Values.mlflow.artifactsExistingSecret -}}
+{{- .Values.mlflow.artifactsExistingSecret -}}
+{{- else if .Values.minio.enabled -}}
+{{- printf "%s-mlflow-s3" (include "ctssl.fullname" .) -}}
+{{- else -}}
+{{- include "ctssl.s3Secret" . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* MinIO's root login: only MinIO and its bucket Job read it. */}}
 {{- define "ctssl.minioRootSecret" -}}
 {{- .Values.minio.existingSecret | default (printf "%s-minio-root" (include "ctssl.fullname" .)) -}}
 {{- end -}}
 
-{{/* The MLflow login of the jobs (empty: the server needs none). */}}
+{{/* The MLflow server's admin login (empty: the server needs none). Never given to a workload. */}}
 {{- define "ctssl.mlflowAuthSecret" -}}
 {{- $a := .Values.mlflow.auth -}}
 {{- if $a.enabled -}}
@@ -66,6 +90,36 @@ app.kubernetes.io/part-of: ctssl
 {{- else if .Values.mlflow.enabled -}}
 {{- printf "%s-mlflow-auth" (include "ctssl.fullname" .) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The jobs' own MLflow login (empty: the server needs none): a user without admin rights that the
+server's auth-config init container creates. For an external server (mlflow.enabled=false) the
+login named for the jobs, or else auth.existingSecret.
+*/}}
+{{- define "ctssl.mlflowJobsSecret" -}}
+{{- $a := .Values.mlflow.auth -}}
+{{- $jobs := $a.jobs | default dict -}}
+{{- if $a.enabled -}}
+{{- if $jobs.existingSecret -}}
+{{- $jobs.existingSecret -}}
+{{- else if .Values.mlflow.enabled -}}
+{{- printf "%s-mlflow-jobs" (include "ctssl.fullname" .) -}}
+{{- else -}}
+{{- $a.existingSecret -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Refuses a URI with a login in it (scheme://user:password@host): what the chart renders from it (the
+study's ConfigMap, the pods' environment, NOTES) is readable by everyone who can read the release.
+The message names the key, never the URI. ctx = dict "uri" U "key" "mlflow.trackingUri"
+*/}}
+{{- define "ctssl.refuseLogin" -}}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" (toString .uri) -}}
+{{- fail (printf "%s holds a login (user:password@ in the URI), which would be written into the study's ConfigMap and the pods' environment: remove it from the URI and put the login into the Secret named by mlflow.auth.jobs.existingSecret (keys mlflow.auth.usernameKey / mlflow.auth.passwordKey)" .key) -}}
 {{- end -}}
 {{- end -}}
 
@@ -98,6 +152,7 @@ the digest alone decides what runs). ctx = dict "image" "repo:tag" "digest" "sha
 
 {{- define "ctssl.trackingUri" -}}
 {{- if .Values.mlflow.trackingUri -}}
+{{- include "ctssl.refuseLogin" (dict "uri" .Values.mlflow.trackingUri "key" "mlflow.trackingUri") -}}
 {{- .Values.mlflow.trackingUri -}}
 {{- else -}}
 {{- printf "http://%s-mlflow:%d" (include "ctssl.fullname" .) (.Values.mlflow.port | int) -}}
@@ -149,12 +204,11 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* S3 credentials (Secret refs only), endpoint and MLflow location and login. */}}
-{{- define "ctssl.storageEnv" -}}
-{{- $s := .Values.storage -}}
-{{- $secret := include "ctssl.s3Secret" . -}}
-{{- $endpoint := include "ctssl.s3Endpoint" . -}}
-{{- $login := include "ctssl.mlflowAuthSecret" . -}}
+{{/* S3 credentials (Secret refs only) and endpoint: ctx = dict "root" $ "secret" S (empty: none, IAM) */}}
+{{- define "ctssl.s3Env" -}}
+{{- $s := .root.Values.storage -}}
+{{- $secret := .secret -}}
+{{- $endpoint := include "ctssl.s3Endpoint" .root -}}
 {{- if $secret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -177,6 +231,12 @@ seccompProfile:
 - name: MLFLOW_S3_ENDPOINT_URL
   value: {{ $endpoint | toJson }}
 {{- end }}
+{{- end -}}
+
+{{/* The workloads' S3 credentials and endpoint, MLflow's location and the jobs' own (non-admin) login. */}}
+{{- define "ctssl.storageEnv" -}}
+{{- $login := include "ctssl.mlflowJobsSecret" . -}}
+{{- include "ctssl.s3Env" (dict "root" . "secret" (include "ctssl.s3Secret" .)) }}
 - name: MLFLOW_TRACKING_URI
   value: {{ include "ctssl.trackingUri" . | toJson }}
 {{- if $login }}
@@ -274,10 +334,14 @@ every kernel fail to load; the copy keeps the compiled code (no 10-15 s compile 
 command: ["sh", "-c", {{ printf "cp -a %s/. /seed/ 2>/dev/null || true" (include "ctssl.cacheDir" .) | toJson }}]
 {{- end -}}
 
-{{/* The emptyDirs behind the writable mounts of ctssl.containerCommon: ctx = dict "cache" bool */}}
+{{/*
+The emptyDirs behind the writable mounts of ctssl.containerCommon: ctx = dict "tmpSize" S ["cache" bool].
+/tmp has a size limit, so a runaway writer gets its pod evicted instead of filling the node's disk.
+*/}}
 {{- define "ctssl.writableVolumes" -}}
 - name: tmp
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ required "a /tmp size limit (tmpSize)" .tmpSize | toJson }}
 {{- if .cache }}
 - name: cache
   emptyDir: {}

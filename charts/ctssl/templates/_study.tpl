@@ -39,7 +39,11 @@ study leaves it out). Only ctssl itself interprets the study: the chart adds no 
 {{/*
 The study file the RayJob runs, as YAML: the study as written, with the cluster's choices filled in
 where it says nothing. Fails, naming the values to change, when a pre-training run cannot fit the
-worker groups (Ray would otherwise wait for resources the autoscaler can never add).
+worker groups (Ray would otherwise wait for resources the autoscaler can never add). The head's
+driver skips ctssl's own capacity check (CTSSL_SKIP_CAPACITY_CHECK: the groups start empty), so this
+is the whole check: its GPUs, each worker's CPUs on one pod, the group's pods at maxReplicas holding
+every worker, and one CPU of the cluster left for the data reads beside them, as ctssl's check
+asks. The head offers Ray no CPUs (num-cpus 0), so it counts for nothing here.
 */}}
 {{- define "ctssl.studyFile" -}}
 {{- $study := deepCopy .Values.study -}}
@@ -47,6 +51,7 @@ worker groups (Ray would otherwise wait for resources the autoscaler can never a
 {{- $spec := $study.spec -}}
 {{- $_ := set $spec "storage" (include "ctssl.studyStorage" .) -}}
 {{- $tracking := $spec.tracking | default dict -}}
+{{- with $tracking.uri }}{{ include "ctssl.refuseLogin" (dict "uri" . "key" "study.spec.tracking.uri") }}{{ end -}}
 {{- if not $tracking.uri }}{{ $_ := set $tracking "uri" (include "ctssl.trackingUri" .) }}{{ end -}}
 {{- $_ := set $spec "tracking" $tracking -}}
 {{- if not $spec.workdir }}{{ $_ := set $spec "workdir" (printf "/tmp/ctssl/%s" $name) }}{{ end -}}
@@ -85,6 +90,23 @@ worker groups (Ray would otherwise wait for resources the autoscaler can never a
 {{- if gt $cpw (float64 $podCpus) -}}
 {{- fail (printf "study.spec.resources.cpusPerWorker %v exceeds the %d CPUs of a ray.%s pod (its cpu limit)" $cpw $podCpus $groupName) -}}
 {{- end -}}
+{{- /* a worker's CPUs (and GPUs) are on one pod: how many workers one pod holds, and the group */ -}}
+{{- $perPod := floor (addf (divf $podCpus $cpw) 0.000001) | int -}}
+{{- if $usesGpu -}}
+{{- $gpwNum := ternary 1.0 (float64 $gpw) (eq (toString $gpw) "auto") -}}
+{{- $byGpu := floor (addf (divf ($gpu.gpus | int) $gpwNum) 0.000001) | int -}}
+{{- $perPod = min $perPod $byGpu -}}
+{{- end -}}
+{{- $maxWorkers := mul ($group.maxReplicas | int) $perPod -}}
+{{- if gt $workers $maxWorkers -}}
+{{- fail (printf "study.spec.resources: %d worker(s) x %v CPUs cannot all be placed: ray.%s holds %d at most (maxReplicas %d pods x %d per pod; a pod has %d CPUs, its cpu limit%s); raise ray.%s.maxReplicas or its resources.limits.cpu, or lower study.spec.resources.workers or cpusPerWorker" $workers $cpw $groupName $maxWorkers ($group.maxReplicas | int) $perPod $podCpus (ternary (printf ", and %d GPU(s)" ($gpu.gpus | int)) "" $usesGpu) $groupName) -}}
+{{- end -}}
+{{- /* ctssl's check: pre-training streams its data with Ray Data, whose read tasks need a CPU too */ -}}
+{{- $clusterCpus := add (mul ($cpu.maxReplicas | int) (include "ctssl.podCpus" $cpu.resources | int)) (mul ($gpu.maxReplicas | int) (include "ctssl.podCpus" $gpu.resources | int)) -}}
+{{- $needCpus := mulf $workers $cpw -}}
+{{- if gt (addf $needCpus 1.0) (addf (float64 $clusterCpus) 0.000001) -}}
+{{- fail (printf "study.spec.resources: %d worker(s) x %v CPUs take %v of the %d CPUs the worker groups hold at their largest (ray.cpuWorkers and ray.gpuWorkers: maxReplicas x cpu limit) and leave none for pre-training's data reads, which need 1; raise ray.%s.maxReplicas or its resources.limits.cpu, or lower study.spec.resources.workers or cpusPerWorker" $workers $cpw $needCpus $clusterCpus $groupName) -}}
+{{- end -}}
 {{- toYaml $study -}}
 {{- end -}}
 
@@ -95,4 +117,39 @@ ctssl.io/study: {{ include "ctssl.studyName" .root | quote }}
 {{- with .node }}
 ctssl.io/ray-node: {{ . | quote }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The `ray start` flags of every Ray pod that fix the ports Ray would otherwise pick at random, so that
+the Ray NetworkPolicy can admit exactly these (networkpolicies.yaml, ctssl.rayPorts).
+*/}}
+{{- define "ctssl.rayPortParams" -}}
+{{- $p := .Values.ray.ports -}}
+node-manager-port: {{ $p.nodeManager | int | quote }}
+object-manager-port: {{ $p.objectManager | int | quote }}
+runtime-env-agent-port: {{ $p.runtimeEnvAgent | int | quote }}
+dashboard-agent-grpc-port: {{ $p.dashboardAgentGrpc | int | quote }}
+dashboard-agent-listen-port: {{ $p.dashboardAgentListen | int | quote }}
+metrics-export-port: {{ $p.metricsExport | int | quote }}
+min-worker-port: {{ $p.minWorker | int | quote }}
+max-worker-port: {{ $p.maxWorker | int | quote }}
+{{- end -}}
+
+{{/*
+Every port a study's Ray pod listens on for the others, as NetworkPolicy `ports` entries: GCS, the
+dashboard / job API and the client server (fixed, as KubeRay's head Service names them) and the
+ports of ray.ports, the worker processes' range as one entry.
+*/}}
+{{- define "ctssl.rayPorts" -}}
+{{- $p := .Values.ray.ports -}}
+{{- if lt ($p.maxWorker | int) ($p.minWorker | int) -}}
+{{- fail (printf "ray.ports.maxWorker %d is below ray.ports.minWorker %d" ($p.maxWorker | int) ($p.minWorker | int)) -}}
+{{- end -}}
+{{- range $port := list 6379 8265 10001 $p.nodeManager $p.objectManager $p.runtimeEnvAgent $p.dashboardAgentGrpc $p.dashboardAgentListen $p.metricsExport }}
+- port: {{ $port | int }}
+  protocol: TCP
+{{- end }}
+- port: {{ $p.minWorker | int }}
+  endPort: {{ $p.maxWorker | int }}
+  protocol: TCP
 {{- end -}}
