@@ -110,7 +110,7 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
         [init] = mlflow_pod["initContainers"]  # writes basic_auth.ini (users live in PostgreSQL)
         assert init["name"] == "auth-config"
-        # the image's python is this venv's (it imports MLflow's auth store to make the jobs' user)
+        # `python` is the image's, here this venv's: the script loads MLflow's auth store for the jobs' user
         subprocess.run([str(VENV_BIN / "python"), *init["command"][1:]], check=True,
                        env={**base_env, **container_env(init, secrets, services)})
         server_env = {**base_env, **container_env(mlflow, secrets, services)}
