@@ -47,6 +47,8 @@ class Syntax:
     max_bits: int = 16
     #: the plugin that would read samples above max_bits, and why it is not there
     beyond: str = ""
+    #: that plugin's pydicom name: used when the user installed it (ctssl does not, for its licence)
+    beyond_plugin: str = ""
     #: a file of this syntax is decoded through `ctssl prep` by the test suite
     tested: bool = True
 
@@ -69,7 +71,8 @@ SYNTAXES: tuple[Syntax, ...] = (
     Syntax("1.2.840.10008.1.2.4.50", "JPEG Baseline, 8-bit", ("pillow", "gdcm"), "pillow", "MIT-CMU", False,
            max_bits=8),
     Syntax("1.2.840.10008.1.2.4.51", "JPEG Extended, 8/12-bit", ("pillow", "gdcm"), "pillow", "MIT-CMU", False,
-           max_bits=8, beyond="the pylibjpeg plugin with pylibjpeg-libjpeg (GPL-3.0), which ctssl does not install"),
+           max_bits=8, beyond="the pylibjpeg plugin with pylibjpeg-libjpeg (GPL-3.0), which ctssl does not install",
+           beyond_plugin="pylibjpeg"),
     Syntax("1.2.840.10008.1.2.4.57", "JPEG Lossless, Process 14", ("gdcm",), _GDCM, _GDCM_LICENCE, True),
     Syntax("1.2.840.10008.1.2.4.70", "JPEG Lossless SV1, first-order prediction", ("gdcm",), _GDCM,
            _GDCM_LICENCE, True),
@@ -136,6 +139,8 @@ def plugin_for(uid: str, bits_stored: int = 16) -> str:
     if not row.plugins:
         return ""
     if bits_stored > row.max_bits and row.beyond:
+        if row.beyond_plugin and row.beyond_plugin in available_plugins(uid):
+            return row.beyond_plugin
         raise PixelDecodeError(f"{PREFIX}: transfer syntax {describe(uid)} with {bits_stored}-bit samples "
                                f"needs {row.beyond}")
     have = available_plugins(uid)

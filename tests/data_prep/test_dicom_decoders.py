@@ -266,3 +266,13 @@ def test_a_corrupt_stream_names_syntax_and_plugin_before_the_decoder_error(tmp_p
     assert len(lines) == 1
     assert lines[0].startswith("rejected cut.dcm: pixel data could not be decoded: transfer syntax "
                                "1.2.840.10008.1.2.4.80 (JPEG-LS Lossless) with the pyjpegls plugin: "), lines[0]
+
+
+def test_a_12_bit_jpeg_extended_file_uses_pylibjpeg_libjpeg_when_the_user_installed_it(monkeypatch):
+    uid = "1.2.840.10008.1.2.4.51"
+    monkeypatch.setattr(dicom_pixels, "available_plugins", lambda u: ("pillow", "gdcm"))
+    with pytest.raises(dicom_pixels.PixelDecodeError, match="pylibjpeg-libjpeg"):
+        dicom_pixels.plugin_for(uid, bits_stored=12)
+    assert dicom_pixels.plugin_for(uid, bits_stored=8) == "pillow"
+    monkeypatch.setattr(dicom_pixels, "available_plugins", lambda u: ("pylibjpeg", "pillow", "gdcm"))
+    assert dicom_pixels.plugin_for(uid, bits_stored=12) == "pylibjpeg"
