@@ -1,4 +1,4 @@
-"""``ctssl study validate|run -f study.yaml``: a whole study from one spec file, as one Ray driver."""
+"""``ctssl study validate|plan|run -f study.yaml``: a whole study from one spec file, as one Ray driver."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ Examples: examples/*.yaml; every key: docs/study-spec.md.
 
   ctssl study validate -f study.yaml            # check it (errors name the line and the key)
   ctssl study validate -f study.yaml --print    # ... and show it with every default filled in
+  ctssl study plan -f study.yaml                # what it will cost: work, time, GPU-hours, storage
   ctssl study run -f study.yaml                 # on this machine (a private local Ray)
   ctssl study run -f study.yaml --address ray://head:10001
   ray job submit --working-dir . -- ctssl study run -f study.yaml   # on a Ray cluster
@@ -36,6 +37,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a private local Ray)")
     r.add_argument("--fresh", action="store_true",
                    help="first delete what earlier runs of this study wrote (only in roots holding its sentinel)")
+    pl = sub.add_parser("plan", help="what the study will cost before it runs: work, wall time, GPU-hours, "
+                                     "peak GPUs and storage per stage")
+    pl.add_argument("-f", "--file", required=True, help="the study file (YAML)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                    help="plan on CPUs or GPUs (default: as resources.gpusPerWorker says; auto -> CPU unless "
+                         "--max-gpus or $CTSSL_AUTOSCALER_MAX_GPUS says the cluster may add GPUs)")
+    pl.add_argument("--gpu-type", help="the calibrated GPU type to plan on (default: the first measured, h200)")
+    pl.add_argument("--max-gpus", type=int, help="GPUs the autoscaler may add at most (default "
+                                                 "$CTSSL_AUTOSCALER_MAX_GPUS)")
+    pl.add_argument("--cpus", type=int, help="CPUs for in-process pre-training and CPU trials (default 2, the "
+                                             "calibration machine)")
+    pl.add_argument("--slices", action="append", metavar="ROLE=N",
+                    help="slices of a source the plan cannot count (pretrain=N, labelled=N; committed shards "
+                         "are counted instead)")
+    pl.add_argument("--classes", type=int, help="classes of the labelled set, where they cannot be read")
+    pl.add_argument("--no-storage", action="store_true",
+                    help="plan from the file alone: do not read shards or stage markers under the storage root")
     sch = sub.add_parser("schema", help="print the JSON Schema of study files")
     sch.add_argument("--reference", action="store_true", help="print the key table of docs/study-spec.md instead")
 
@@ -47,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
         print(spec.reference_markdown() if args.reference else json.dumps(spec.schema(), indent=2))
         return 0
     study = spec.load(args.file)
+    if args.study_command == "plan":
+        from ray_jobs.study import plan
+
+        opts = plan.Options(device=args.device, gpu_type=args.gpu_type, max_gpus=args.max_gpus, cpus=args.cpus,
+                            slices=plan.parse_slices(args.slices), classes=args.classes, look=not args.no_storage)
+        result = plan.make_plan(study, opts)
+        print(json.dumps(result.to_json(), indent=2) if args.json else result.text())
+        return 0
     if args.study_command == "validate":
         if args.print:
             print(json.dumps({"apiVersion": spec.API_VERSION, "kind": "Study", "metadata": {"name": study.name},

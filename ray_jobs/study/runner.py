@@ -50,12 +50,13 @@ def _digest(obj: Any) -> str:
 class Markers:
     """The stage markers of one study under its storage root (local folder or object store)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, *, create: bool = True):
         from ctssl_base import storage
 
         self.fs, base = storage.open_fs(root)
         self.dir = storage.join(base, MARKERS)
-        storage.ensure_dir(self.fs, self.dir)
+        if create:  # `ctssl study plan` only reads: it leaves the storage root as it found it
+            storage.ensure_dir(self.fs, self.dir)
 
     def _path(self, name: str) -> str:
         from ctssl_base import storage
@@ -155,12 +156,7 @@ def _run(study: Study, address: str | None) -> dict[str, Any]:
     t_all = time.perf_counter()
     for i, st in enumerate(stages, 1):
         head = f"[{i}/{len(stages)}] {st.name}: {st.title}"
-        settings_json = json.loads(json.dumps(st.settings, default=str))
-        inputs = {n: tokens[n] for n in st.needs if n in tokens}
-        fingerprint = _digest({"settings": settings_json, "inputs": inputs})
-        marker = markers.read(st.name)
-        output_ok = bool(marker) and _safe_done(st, ctx, marker.get("result", {}))
-        why = _why(marker, settings_json, inputs, output_ok)
+        settings_json, inputs, fingerprint, marker, why = check_stage(st, ctx, markers, tokens)
         if not why:
             print(f"{head} - reusing the finished stage from {marker['finished']} ({marker['seconds']:.0f}s then)",
                   flush=True)
@@ -180,6 +176,20 @@ def _run(study: Study, address: str | None) -> dict[str, Any]:
         tokens[st.name] = token
         print(f"{head} done in {dt:.0f}s (total {(time.perf_counter() - t_all) / 60:.1f} min)", flush=True)
     return ctx.results
+
+
+def check_stage(st: Stage, ctx: Context, markers: Markers, tokens: dict[str, str]
+                ) -> tuple[Any, dict[str, str], str, dict[str, Any] | None, str]:
+    """(settings as JSON, input tokens, fingerprint, marker, why it runs: "" to reuse) for one stage.
+
+    The one rule of reuse, shared by the run and by `ctssl study plan`, which asks it of every stage
+    before anything runs; ``tokens`` holds the tokens of the stages before this one."""
+    settings_json = json.loads(json.dumps(st.settings, default=str))
+    inputs = {n: tokens[n] for n in st.needs if n in tokens}
+    fingerprint = _digest({"settings": settings_json, "inputs": inputs})
+    marker = markers.read(st.name)
+    output_ok = bool(marker) and _safe_done(st, ctx, marker.get("result", {}))
+    return settings_json, inputs, fingerprint, marker, _why(marker, settings_json, inputs, output_ok)
 
 
 def _safe_done(st: Stage, ctx: Context, result: dict[str, Any]) -> bool:
