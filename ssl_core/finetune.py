@@ -2,9 +2,12 @@
 
 The recipe: Adam, lr 1e-4, weight decay 5e-4, batch 64, 70 epochs, with the backbone frozen for the
 first 10 so the new, randomly initialised classifier settles before its gradients reach (and disturb)
-the pre-trained features. While frozen, the backbone's batch-norm layers also stay in eval mode by
-default: their running statistics are part of the pre-trained encoder, and letting them drift would
-change the frozen features under the classifier's feet.
+the pre-trained features. With ``patience`` set, ``epochs`` is a maximum instead: training stops once
+validation has not improved for ``patience`` epochs after the backbone unfreezes (:func:`should_stop`),
+and a run still improving at the maximum can be continued once (``extend_epochs``), so the answer does
+not depend on an epoch count chosen for speed. While frozen, the backbone's batch-norm layers also
+stay in eval mode by default: their running statistics are part of the pre-trained encoder, and
+letting them drift would change the frozen features under the classifier's feet.
 
 Pure PyTorch: batches are any re-iterable of ``(images, labels)`` — in-memory tensors via
 :class:`TensorBatches`, a DataLoader, a list — so Ray Tune trials, tests and notebooks all call the
@@ -63,11 +66,26 @@ class FinetuneConfig:
     #: the encoder's statistics to the labelled data, as AdaBN does).
     bn_recalibrate: bool = False
     bn_recalibrate_max_images: int = 2048
+    #: None: train exactly ``epochs`` (the papers' protocol). A number: ``epochs`` is the maximum and
+    #: training stops after this many epochs without a validation improvement above ``min_delta``,
+    #: counted from the first epoch with the backbone unfrozen (a frozen head-only phase often
+    #: plateaus before unfreezing lifts it again)
+    patience: int | None = None
+    min_delta: float = 0.0
+    #: with ``patience``: a run that reaches ``epochs`` while still improving continues once, for at
+    #: most this many more epochs (0: never). Adam at a constant learning rate has no schedule tied to
+    #: the maximum, so continuing equals re-running with the larger maximum, at half the cost
+    extend_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or not 0 <= self.frozen_epochs <= self.epochs:
             raise ValueError(f"need epochs >= 1 and 0 <= frozen_epochs <= epochs, got "
                              f"epochs={self.epochs}, frozen_epochs={self.frozen_epochs}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (or None for a fixed epoch count), got {self.patience}")
+        if not self.min_delta >= 0 or self.extend_epochs < 0:
+            raise ValueError(f"need min_delta >= 0 and extend_epochs >= 0, got min_delta={self.min_delta}, "
+                             f"extend_epochs={self.extend_epochs}")
         if self.lr <= 0 or self.batch_size < 1:
             raise ValueError(f"invalid lr={self.lr} or batch_size={self.batch_size}")
 
@@ -111,12 +129,64 @@ class TensorBatches:
             yield self.images[idx], self.labels[idx]
 
 
+def last_improvement(values: Sequence[float], min_delta: float = 0.0, lower_better: bool = False) -> int | None:
+    """Epoch (index) of the last value that beat the reference by more than ``min_delta``; the
+    reference is the value at the previous such improvement (the first finite value is one). NaN
+    never improves; None when no value is finite. Small gains below ``min_delta`` do not move the
+    reference, so a slow creep of noise-sized steps does not count as progress."""
+    last, ref = None, math.nan
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            continue
+        gain = (ref - v) if lower_better else (v - ref)
+        if not math.isfinite(ref) or gain > min_delta:
+            last, ref = i, v
+    return last
+
+
+def should_stop(values: Sequence[float], patience: int, min_delta: float = 0.0, frozen_epochs: int = 0,
+                lower_better: bool = False) -> bool:
+    """The early-stopping rule on the validation curve so far (one value per epoch): stop once
+    ``patience`` epochs have passed without an improvement above ``min_delta``, counting from the
+    later of the last improvement and the first unfrozen epoch. A flat curve from the start stops
+    after ``frozen_epochs + patience`` epochs."""
+    last = last_improvement(values, min_delta, lower_better)
+    ref = max(-1 if last is None else last, frozen_epochs - 1)
+    return len(values) - 1 - ref >= patience
+
+
+def still_improving(values: Sequence[float], window: int, min_delta: float = 0.0,
+                    lower_better: bool = False) -> bool:
+    """True when the curve improved by more than ``min_delta`` within its last ``window`` epochs:
+    a run ending like that was cut off by its maximum, not finished."""
+    last = last_improvement(values, min_delta, lower_better)
+    return last is not None and len(values) - 1 - last < window
+
+
+def late_window(epochs: int) -> int:
+    """The last 10 % of a fixed-length run (at least one epoch): where a best epoch means the run
+    was still improving when it ended."""
+    return max(1, math.ceil(epochs * 0.1))
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]]  # one entry per epoch: train and validation metrics
     best_epoch: int
     best_metrics: dict[str, float]
     best_state: dict[str, torch.Tensor] = field(repr=False)
+    #: the early-stopping rule fired (validation stopped improving) rather than the maximum ending the run
+    stopped_early: bool = False
+    #: the run reached its maximum while still improving and was continued once (``extend_epochs``)
+    extended: bool = False
+    #: False when the run ended at its (extended) maximum with validation still improving: its best
+    #: epoch is a lower bound on what more training gives, so comparisons resting on it are unsafe
+    converged: bool = True
+    max_epochs: int = 0  # the maximum in force when the run ended (config.epochs, plus any extension)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
 
 
 class FineTuner:
@@ -291,16 +361,24 @@ class FineTuner:
         The best epoch maximises ``val_<select_metric>`` (minimises for ``loss``; the earliest wins a
         tie, and a NaN never wins); its weights are kept on CPU in :attr:`FitResult.best_state`.
         ``on_epoch`` receives each epoch's record (e.g. to report to Ray Tune or MLflow).
+        With ``config.patience`` the run stops early on validation (:func:`should_stop`) and, still
+        improving at the maximum, continues once by up to ``config.extend_epochs``; without it exactly
+        ``epochs`` are trained. :attr:`FitResult.converged` says whether the run ended improving.
         """
         self._check_reiterable(train, "training")
         self._check_reiterable(val, "validation")
-        epochs = epochs or self.config.epochs
-        key = f"val_{self.config.select_metric}"
-        lower_better = self.config.select_metric == "loss"
+        cfg = self.config
+        epochs = epochs or cfg.epochs
+        key = f"val_{cfg.select_metric}"
+        lower_better = cfg.select_metric == "loss"
         history: list[dict[str, float]] = []
+        curve: list[float] = []
         best_epoch, best_val, best_state = -1, math.nan, None
+        stopped, extended, limit = False, False, epochs
         t_start = time.perf_counter()
-        for epoch in range(epochs):
+        epoch = -1
+        while epoch + 1 < limit:
+            epoch += 1
             rec = {"epoch": float(epoch), **self.train_one_epoch(train, epoch)}
             if self.config.bn_recalibrate:
                 self.recalibrate_bn(train)
@@ -315,15 +393,33 @@ class FineTuner:
             if better or best_state is None:
                 best_epoch, best_val = epoch, v
                 best_state = {k: t.detach().to("cpu", copy=True) for k, t in self.model.state_dict().items()}
+            curve.append(v)
             elapsed = time.perf_counter() - t_start
-            eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+            eta = elapsed / (epoch + 1) * (limit - epoch - 1)
             log.info("fine-tune epoch %d/%d%s: train_loss %.4f, %s %.4f (best %.4f @ %d), "
-                     "%.1f img/s, ETA %.0fs", epoch + 1, epochs, " [frozen]" if rec["frozen"] else "",
-                     rec["train_loss"], key, v, best_val, best_epoch, rec["train_images_per_s"], eta)
+                     "%.1f img/s, ETA %.0fs%s", epoch + 1, limit, " [frozen]" if rec["frozen"] else "",
+                     rec["train_loss"], key, v, best_val, best_epoch, rec["train_images_per_s"], eta,
+                     "" if cfg.patience is None else " at most")
             if on_epoch is not None:
                 on_epoch(rec)
+            if cfg.patience is None:
+                continue
+            if should_stop(curve, cfg.patience, cfg.min_delta, cfg.frozen_epochs, lower_better):
+                stopped = True
+                log.info("fine-tuning stopped after %d epochs: no %s gain above %g in %d epochs", epoch + 1,
+                         key, cfg.min_delta, cfg.patience)
+                break
+            if (epoch + 1 == limit and not extended and cfg.extend_epochs > 0
+                    and still_improving(curve, cfg.patience, cfg.min_delta, lower_better)):
+                extended, limit = True, limit + cfg.extend_epochs
+                log.info("still improving at the maximum of %d epochs: continuing once, to at most %d",
+                         epochs, limit)
         assert best_state is not None
-        return FitResult(history, best_epoch, history[best_epoch], best_state)
+        window = cfg.patience if cfg.patience is not None else late_window(limit)
+        converged = stopped or not still_improving(curve, window, cfg.min_delta, lower_better)
+        return FitResult(history, best_epoch, history[best_epoch], best_state, stopped_early=stopped,
+                         extended=extended, converged=converged, max_epochs=limit)
 
 
-__all__ = ["FineTuner", "FinetuneConfig", "FitResult", "TensorBatches", "create_classifier"]
+__all__ = ["FineTuner", "FinetuneConfig", "FitResult", "TensorBatches", "create_classifier", "last_improvement",
+           "late_window", "should_stop", "still_improving"]

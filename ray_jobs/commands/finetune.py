@@ -14,9 +14,13 @@ random baseline included, gets its recipe chosen on the validation split: each t
 recipe of a small grid (Adam lr 1e-3 and 1e-4, each with the backbone trained from the start or frozen
 for the first 1/7 of the epochs) and keeps the one with the best validation AUC. --protocol fixed
 trains one recipe for all (--lr, --frozen-epochs; defaults are Wolf et al. 2023's: lr 1e-4, 10 of 70
-epochs frozen), which can handicap whichever encoder it does not suit. Best epoch chosen on
-validation; batch-norm statistics re-estimated on the training images before each evaluation. MLflow
-gets one parent run per study and one child run per trial.
+epochs frozen), which can handicap whichever encoder it does not suit. Each recipe trains until
+validation stops improving (--stopping early, the default: --epochs is the maximum, --patience epochs
+without a validation AUC gain above --min-delta end it, and a recipe still improving at the maximum
+continues once, by up to --extend-epochs); the rule is the same for every encoder and the baseline, and
+the report leaves cells that ended still improving out of its verdict. --stopping fixed trains exactly
+--epochs. Best epoch chosen on validation; batch-norm statistics re-estimated on the training images
+before each evaluation. MLflow gets one parent run per study and one child run per trial.
 
 Encoders (--encoder, repeatable): "random", a pre-training checkpoint or encoder folder (local or s3://),
 or runs:/<mlflow-run-id> of a pre-training run; prefix NAME= to choose the label, e.g. byol=s3://b/runs/byol.
@@ -57,7 +61,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_int_list, default=[0], metavar="S1,S2", help="subset/initialisation seeds")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each fold's training patients held out for choosing the best epoch")
-    p.add_argument("--epochs", type=int, default=70)
+    p.add_argument("--epochs", type=int, default=70,
+                   help="per recipe: the maximum with --stopping early, the exact count with --stopping fixed "
+                        "(default 70)")
+    p.add_argument("--stopping", choices=("early", "fixed"), default="early",
+                   help="early (default): stop each recipe when validation AUC stops improving; fixed: train "
+                        "exactly --epochs, as in the papers")
+    p.add_argument("--patience", type=int, default=10, metavar="N",
+                   help="--stopping early: epochs without a validation AUC gain (counted once the backbone is "
+                        "unfrozen) that end a recipe (default 10)")
+    p.add_argument("--min-delta", type=float, default=0.001, metavar="AUC",
+                   help="--stopping early: the smallest validation AUC gain that counts (default 0.001)")
+    p.add_argument("--extend-epochs", type=int, metavar="N",
+                   help="--stopping early: a recipe still improving at --epochs continues once by up to N more "
+                        "epochs (default: --epochs, i.e. the maximum doubles once; 0: never)")
     p.add_argument("--protocol", choices=("tuned", "fixed"), default="tuned",
                    help="tuned (default): each trial picks its recipe from --recipes on the validation split; "
                         "fixed: one recipe (--lr, --frozen-epochs) for every encoder, as in the papers")
@@ -110,7 +127,8 @@ def config_from_args(args: argparse.Namespace):
         experiment=args.experiment, address=args.address, tracking_uri=args.tracking_uri,
         metrics_ci=args.metrics_ci, protocol=args.protocol,
         recipes=[r.to_text() for r in parse_recipes(args.recipes)] if args.recipes else None,
-        bn_recalibrate=args.bn_recalibrate,
+        bn_recalibrate=args.bn_recalibrate, stopping=args.stopping, patience=args.patience,
+        min_delta=args.min_delta, extend_epochs=args.extend_epochs,
     )
 
 

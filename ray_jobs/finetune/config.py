@@ -24,6 +24,13 @@ ALL = "all"
 #: random baseline), or one given recipe for every encoder ("fixed": the papers' protocol)
 PROTOCOLS = ("tuned", "fixed")
 DEFAULT_LRS = (1e-3, 1e-4)
+#: how long each recipe trains: until validation stops improving ("early", the default: ``epochs`` is
+#: the maximum), or exactly ``epochs`` ("fixed": the papers' protocol). A fixed count set for speed
+#: leaves some encoders (most often the random baseline) further from their best than others, and the
+#: comparison then moves with the count
+STOPPINGS = ("early", "fixed")
+DEFAULT_PATIENCE = 10
+DEFAULT_MIN_DELTA = 0.001
 #: the papers' share of frozen-backbone epochs (10 of 70): the "linear probe, then fine-tune" recipe
 FROZEN_SHARE = 1 / 7
 
@@ -144,6 +151,12 @@ class FinetuneConfig:
     protocol: str = "tuned"
     recipes: list[str] | None = None  # "lr:frozen" texts for "tuned"; None: default_recipes(epochs)
     bn_recalibrate: bool = True  # re-estimate batch-norm statistics on the training images before each evaluation
+    stopping: str = "early"
+    patience: int = DEFAULT_PATIENCE  # "early": epochs without a validation AUC gain, after the backbone unfreezes
+    min_delta: float = DEFAULT_MIN_DELTA  # "early": the smallest validation AUC gain that counts as one
+    #: "early": a recipe still improving at ``epochs`` continues once for at most this many more epochs
+    #: (None: ``epochs`` more, i.e. the maximum doubles once; 0: never, the cell is reported unconverged)
+    extend_epochs: int | None = None
     #: encoder name -> extra tags on each of its trial runs (e.g. {"reduction": "hash6"}); the tags the
     #: report reads (ctssl.kind, method = the encoder name, size, fold, ...) are the study's own and win
     encoder_tags: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -179,9 +192,20 @@ class FinetuneConfig:
             raise CLIError(f"encoder_tags must map encoder names to tag mappings, got {self.encoder_tags!r}")
         for name, tags in self.encoder_tags.items():
             check_tags(tags, f"encoder_tags[{name!r}]")
+        if self.stopping not in STOPPINGS:
+            raise CLIError(f"--stopping must be one of {', '.join(STOPPINGS)}, got {self.stopping!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise CLIError(f"--patience must be a whole number of epochs >= 1, got {self.patience!r}")
+        if not 0.0 <= self.min_delta < 1.0:
+            raise CLIError(f"--min-delta must be in [0, 1) (an AUC gain), got {self.min_delta}")
+        if self.extend_epochs is not None and self.extend_epochs < 0:
+            raise CLIError(f"--extend-epochs must be >= 0, got {self.extend_epochs}")
         if self.protocol == "tuned" and self.asha:
             raise CLIError("--asha needs --protocol fixed: with a tuned recipe every trial trains several "
                            "recipes in turn, which ASHA's per-epoch rungs cannot compare")
+        if self.asha and self.stopping != "fixed":
+            raise CLIError("--asha needs --stopping fixed: ASHA compares trials at fixed epoch counts, and a "
+                           "recipe that stops on validation or continues past --epochs ends at its own count")
 
     def recipe_grid(self) -> list[Recipe]:
         """The recipes a trial trains: the grid (tuned) or the one given recipe (fixed)."""
@@ -191,13 +215,44 @@ class FinetuneConfig:
             return [Recipe.from_text(t) for t in self.recipes]
         return default_recipes(self.epochs)
 
+    @property
+    def extension(self) -> int:
+        """Extra epochs a still-improving recipe may get once ("early" only)."""
+        if self.stopping != "early":
+            return 0
+        return self.epochs if self.extend_epochs is None else self.extend_epochs
+
+    @property
+    def epoch_limit(self) -> int:
+        """The most epochs one recipe can train, extension included."""
+        return self.epochs + self.extension
+
+    def stopping_kwargs(self) -> dict[str, Any]:
+        """The :class:`ssl_core.finetune.FinetuneConfig` fields of the stopping rule."""
+        if self.stopping == "fixed":
+            return {"patience": None, "min_delta": 0.0, "extend_epochs": 0}
+        return {"patience": self.patience, "min_delta": self.min_delta, "extend_epochs": self.extension}
+
+    def stopping_text(self) -> str:
+        """How long each recipe trained, in words for the report."""
+        if self.stopping == "fixed":
+            return (f"fixed length: every recipe trains exactly {self.epochs} epochs (the papers' protocol); "
+                    "a run whose best validation epoch is in its last 10 % counts as unconverged")
+        ext = (f"; a recipe still improving at the maximum continues once, to at most {self.epoch_limit} epochs"
+               if self.extension else "; no extension")
+        unit = "epoch" if self.patience == 1 else "epochs"
+        return (f"until validation stops improving: each recipe stops after {self.patience} {unit} without a "
+                f"validation AUC gain above {self.min_delta:g} (counted once the backbone is unfrozen), at most "
+                f"{self.epochs} epochs{ext}; the same rule for every encoder and the random baseline")
+
     def protocol_text(self) -> str:
         """How the recipe was set, in words for the report."""
         if self.protocol == "fixed":
             return (f"fixed recipe for every encoder (lr {self.lr:g}, backbone frozen for {self.frozen_epochs} "
                     f"of {self.epochs} epochs), not tuned per encoder")
         grid = "; ".join(r.label for r in self.recipe_grid())
-        return (f"tuned: each trial trains every recipe of the grid ({grid}; {self.epochs} epochs) and keeps "
+        length = f"at most {self.epochs}" if self.stopping == "early" else str(self.epochs)
+        return (f"tuned: each trial trains every recipe of the grid ({grid}; {length} epochs) and keeps "
                 "the one with the best validation AUC; the test split plays no part in the choice")
 
     @property

@@ -73,8 +73,8 @@ def _max_concurrent(cfg: FinetuneConfig) -> int:
 
 def asha_scheduler(cfg: FinetuneConfig):  # noqa: ANN201 - ASHAScheduler | None
     """ASHA on validation AUC when ``--asha`` is on. A trial reports once per epoch plus its final
-    result, hence ``max_t = epochs + 1``; the first rung is one epoch after the backbone unfreezes, so
-    no trial is judged on its frozen-backbone epochs only."""
+    result, hence ``max_t = epochs + 1`` (``--asha`` needs ``--stopping fixed``); the first rung is
+    one epoch after the backbone unfreezes, so no trial is judged on its frozen-backbone epochs only."""
     if not cfg.asha:
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -179,7 +179,8 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
         "dataset": data.dataset,
         "encoders": ",".join(e.name for e in encoders)})
     parent_id = parent.info.run_id
-    tracking.set_tags(cl, parent_id, {"protocol": cfg.protocol, "protocol_text": cfg.protocol_text()})
+    tracking.set_tags(cl, parent_id, {"protocol": cfg.protocol, "protocol_text": cfg.protocol_text(),
+                                      "stopping": cfg.stopping, "stopping_text": cfg.stopping_text()})
     tracking.log_params(cl, parent_id, {**cfg.as_params(), "classes": json.dumps(data.classes),
                                         "n_slices": len(data.labels), "n_patients": len(set(data.patients)),
                                         "img_size_effective": settings["img_size"]})

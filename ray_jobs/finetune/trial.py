@@ -81,6 +81,15 @@ def recipes_of(settings: dict[str, Any]) -> list[Recipe]:
     return FinetuneConfig.from_dict(settings).recipe_grid()
 
 
+def stopping_of(settings: dict[str, Any]) -> dict[str, Any]:
+    """The stopping rule a trial trains each recipe with (settings of an older ctssl: a fixed count)."""
+    from ray_jobs.finetune.config import FinetuneConfig
+
+    if "stopping" not in settings:
+        return FinetuneConfig.from_dict({**settings, "stopping": "fixed"}).stopping_kwargs()
+    return FinetuneConfig.from_dict(settings).stopping_kwargs()
+
+
 def run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """The Tune function trainable (wrapped with ``tune.with_parameters(run_trial, ctx=...)``): one cell,
     then the memory it used handed back (:func:`release_memory`), since Tune reuses the process."""
@@ -131,6 +140,8 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     s = ctx.settings
     recipes = recipes_of(s)
     epochs = int(s["epochs"])
+    stop = stopping_of(s)
+    limit = epochs + int(stop["extend_epochs"])  # the most epochs one recipe can report
     enc = ctx.encoders[enc_name]
     split = ctx.folds[fold]
     train_idx = nested_subset(split.train, ctx.labels, size, seed)
@@ -145,7 +156,8 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         "encoder": enc_name, "backbone": enc["backbone"], "in_chans": enc["in_chans"], "size": size.label,
         "fold": fold, "seed": seed, "n_train": len(train_idx), "n_val": len(split.val), "n_test": len(split.test),
         "train_per_class_min": int(counts.min()), "train_per_class_max": int(counts.max()),
-        "epochs": epochs, "protocol": s.get("protocol", "fixed"),
+        "epochs": epochs, "protocol": s.get("protocol", "fixed"), "stopping": s.get("stopping", "fixed"),
+        "patience": stop["patience"], "min_delta": stop["min_delta"], "extend_epochs": stop["extend_epochs"],
         "recipes": ",".join(r.to_text() for r in recipes), "weight_decay": s["weight_decay"],
         "batch_size": s["batch_size"], "img_size": s["img_size"], "bn_recalibrate": s.get("bn_recalibrate", False),
     })
@@ -162,7 +174,7 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             # the selection metric always, NaN included: a validation split holding one class has no AUC,
             # and a report without the scheduler's metric would fail the trial
             tune.report({**metrics, SELECT_METRIC: float(rec.get(SELECT_METRIC, float("nan"))),
-                         "epoch": i * epochs + step, "recipe": i})
+                         "epoch": i * limit + step, "recipe": i})
 
         cell = fit_cell(images, labels, train_idx, split.val, split.test, recipes=recipes,
                         make_model=lambda: create_classifier(enc["backbone"], num_classes=len(ctx.classes),
@@ -170,11 +182,11 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
                         epochs=epochs, seed=seed, init_seed=seed * 1009 + fold,
                         finetune_kwargs={"weight_decay": s["weight_decay"], "batch_size": s["batch_size"],
                                          "img_size": s["img_size"], "windows": enc.get("windows"),
-                                         "bn_recalibrate": bool(s.get("bn_recalibrate", False))},
+                                         "bn_recalibrate": bool(s.get("bn_recalibrate", False)), **stop},
                         on_epoch=on_epoch)
         recipe, fit = cell.recipe, cell.fit
         if len(recipes) > 1:  # each recipe's best, then the chosen curve under the plain names
-            mlog.log({f"r{i}.best_{SELECT_METRIC}": v for i, (_, v) in enumerate(cell.fits)}, epochs)
+            mlog.log({f"r{i}.best_{SELECT_METRIC}": v for i, (_, v) in enumerate(cell.fits)}, limit)
             for rec in fit.history:
                 mlog.log({k: float(v) for k, v in rec.items() if k != "epoch" and np.isfinite(v)},
                          int(rec["epoch"]))
@@ -190,18 +202,23 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         log_test_predictions(cl, run_id, y, p, split.test, ctx.patients)
         final = {**{k: float(v) for k, v in test.items()}, "best_epoch": float(fit.best_epoch),
                  f"best_{SELECT_METRIC}": float(fit.best_metrics.get(SELECT_METRIC, float("nan"))),
-                 "late_best": float(late_best(fit.best_epoch, epochs)), "chosen_lr": recipe.lr,
+                 "late_best": float(late_best(fit.best_epoch, fit.max_epochs or epochs)), "chosen_lr": recipe.lr,
+                 # how the chosen recipe's run ended: the report counts runs that stopped on validation
+                 # and those that hit the maximum, and leaves unconverged cells out of its verdict
+                 "epochs_run": float(fit.epochs_run), "max_epochs": float(fit.max_epochs or epochs),
+                 "stopped_early": float(fit.stopped_early), "extended": float(fit.extended),
+                 "converged": float(fit.converged),
                  "chosen_frozen_epochs": float(recipe.frozen_epochs),
                  "n_train": float(len(train_idx)), "train_per_class_min": float(counts.min()),
                  "trial_time_s": time.perf_counter() - t0}
-        mlog.log({k: v for k, v in final.items() if np.isfinite(v)}, epochs)
+        mlog.log({k: v for k, v in final.items() if np.isfinite(v)}, limit)
         mlog.flush()
         completed = True
         log.info("trial %s/%s/fold%d/seed%d: recipe %s, test AUC %.3f (best epoch %d) in %.0fs", enc_name,
                  size.label, fold, seed, recipe.label, final.get("test_auc", float("nan")), fit.best_epoch,
                  final["trial_time_s"])
         # val_auc again so a scheduler watching it sees it in every result
-        tune.report({**final, SELECT_METRIC: final[f"best_{SELECT_METRIC}"], "epoch": epochs * len(recipes)})
+        tune.report({**final, SELECT_METRIC: final[f"best_{SELECT_METRIC}"], "epoch": limit * len(recipes)})
         cl.set_terminated(run_id, status="FINISHED")
         # nothing is returned: Tune would record a returned dict as one more result
     except Exception:

@@ -28,14 +28,14 @@ from ray_jobs.report.pretraining import (
     pretraining_table,
 )
 from ray_jobs.report.tables import (
+    convergence_note,
+    convergence_table,
     minimal_samples,
     recipe_markdown,
     recipe_table,
     smallest_size_verdict,
     summarise,
     summary_markdown,
-    undertrained_cells,
-    undertrained_note,
     wilcoxon_markdown,
     wilcoxon_vs_baseline,
 )
@@ -134,8 +134,10 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     if target is None and margin is None:
         margin = DEFAULT_MARGIN
     minimal = minimal_samples(summary, target, margin)
-    late = undertrained_cells(trials)
+    conv = convergence_table(trials)
     protocol = study.tags.get("protocol_text") or _protocol_from_params(study.params)
+    stopping = study.tags.get("stopping_text") or (f"fixed length: {study.params.get('epochs', '?')} epochs per "
+                                                   "recipe")
     searched = {k[len("min_spc."):]: v for k, v in study.tags.items() if k.startswith("min_spc.")}
 
     plot = plot_auc_vs_size(trials, os.path.join(out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
@@ -155,8 +157,9 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
          f"{study.tags.get('dataset', '?')}; classes {study.params.get('classes', '?')}."
          + (f"\n\n{note}" if (note := unfinished_note(study.unfinished)) else "")),
         ("Verdict at the smallest training-set size",
-         smallest_size_verdict(summary, wil, cfg.baseline, boot=boot, protocol=protocol, undertrained=late)),
-        ("Test metrics (mean ± std over folds)", summary_markdown(summary) + "\n\n" + undertrained_note(late)),
+         smallest_size_verdict(summary, wil, cfg.baseline, boot=boot, protocol=protocol, convergence=conv)
+         + f"\n\nTraining length: {stopping}. {convergence_note(conv)}"),
+        ("Test metrics (mean ± std over folds)", summary_markdown(summary)),
         ("Fine-tuning recipe per encoder", f"{protocol[:1].upper()}{protocol[1:]}.\n\n"
          + recipe_markdown(recipe_table(trials))),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
@@ -184,7 +187,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     json_path = os.path.join(out, "report.json")
     with open(json_path, "w") as f:
         json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
-                   "searched_minimal": searched,
+                   "searched_minimal": searched, "convergence": conv.to_dict(orient="records"),
                    "pretraining": [] if pre_table is None else pre_table.to_dict(orient="records")},
                   f, indent=1, default=str)
     paths = ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv, pretrain_plot=pre_plot)

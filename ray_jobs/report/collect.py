@@ -15,7 +15,8 @@ from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 
 METRIC_KEYS = ("test_auc", "test_f1_macro", "test_accuracy", "best_val_auc", "best_epoch", "trial_time_s",
-               "n_train", "train_per_class_min", "late_best")
+               "n_train", "train_per_class_min", "late_best", "epochs_run", "max_epochs", "stopped_early",
+               "extended", "converged")
 TRIAL_COLUMNS = ["run_id", "encoder", "size", "size_kind", "size_value", "fold", "seed", "phase", "status",
                  "recipe", *METRIC_KEYS]
 UNFINISHED_COLUMNS = ["encoder", "size", "fold", "seed", "status"]

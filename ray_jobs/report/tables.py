@@ -169,9 +169,69 @@ def undertrained_note(cells: pd.DataFrame) -> str:
             "These curves were still rising; more fine-tuning epochs could change their means.")
 
 
+CONVERGENCE_COLUMNS = ["encoder", "size", "n_trials", "n_stopped", "n_hit_max", "n_extended", "n_unconverged",
+                       "max_epochs"]
+
+
+def _metric(g: pd.DataFrame, col: str) -> np.ndarray:
+    """A trial metric as floats; NaN where it was not logged (a trial of an older ctssl)."""
+    return g[col].astype(float).to_numpy() if col in g else np.full(len(g), math.nan)
+
+
+def convergence_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per encoder x size: how the trials' chosen runs ended. ``n_stopped``: the early-stopping rule
+    ended them within the maximum (validation had stopped improving); ``n_hit_max``: they reached the
+    maximum (a fixed-length run always does); ``n_extended``: of those, the ones still improving there
+    that continued once; ``n_unconverged``: they ended with validation still improving, so their test
+    AUC is a lower bound of what the encoder reaches. Trials of an older ctssl (no ``converged``
+    metric) count as unconverged when their best epoch was in the last 10 % of their fixed epoch
+    count (``late_best``)."""
+    if trials.empty:
+        return pd.DataFrame(columns=CONVERGENCE_COLUMNS)
+    rows = []
+    for (enc, size), g in trials.groupby(["encoder", "size"], sort=False):
+        conv, late = _metric(g, "converged"), _metric(g, "late_best")
+        unconv = np.where(np.isfinite(conv), conv < 0.5, late > 0.5)  # NaN > 0.5 is False: not flagged
+        extended = _metric(g, "extended") > 0.5
+        stopped = (_metric(g, "stopped_early") > 0.5) & ~extended
+        maxes = _metric(g, "max_epochs")
+        rows.append({"encoder": enc, "size": size, "n_trials": len(g), "n_stopped": int(stopped.sum()),
+                     "n_hit_max": int((~stopped).sum()), "n_extended": int(extended.sum()),
+                     "n_unconverged": int(unconv.sum()),
+                     "max_epochs": float(np.nanmax(maxes)) if np.isfinite(maxes).any() else math.nan})
+    return by_encoder_and_size(pd.DataFrame(rows, columns=CONVERGENCE_COLUMNS))
+
+
+def unconverged_cells(conv: pd.DataFrame) -> pd.DataFrame:
+    """The cells with at least one run that ended still improving: their mean rests on a run cut off
+    by its maximum, so the verdict leaves them out (a baseline cut short makes every encoder look
+    better than it is)."""
+    if conv.empty:
+        return conv
+    return conv[conv["n_unconverged"] > 0].reset_index(drop=True)
+
+
+def convergence_note(conv: pd.DataFrame) -> str:
+    """How many runs stopped on validation and how many hit the maximum, and the unconverged cells."""
+    if conv.empty:
+        return ""
+    n, stopped, hit = int(conv["n_trials"].sum()), int(conv["n_stopped"].sum()), int(conv["n_hit_max"].sum())
+    ext, unconv = int(conv["n_extended"].sum()), int(conv["n_unconverged"].sum())
+    text = (f"Of {n} runs, {stopped} stopped on validation before the maximum number of epochs and {hit} hit "
+            "the maximum" + (f" ({ext} of them still improving there, continued once)" if ext else "")
+            + f"; {unconv} ended with validation still improving.")
+    bad = unconverged_cells(conv)
+    if bad.empty:
+        return text + " Every cell converged: the verdict rests on none cut off by its maximum."
+    names = ", ".join(f"`{r.encoder}` at {r.size} ({r.n_unconverged}/{r.n_trials} runs)" for r in bad.itertuples())
+    return (text + f" **Unconverged**, left out of the verdict: {names}. Their validation AUC was still "
+            "rising when training ended, so their means understate what more epochs give; raise the maximum "
+            "(`epochs`) and run again.")
+
+
 def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: str, alpha: float = 0.05,
                           boot: pd.DataFrame | None = None, protocol: str | None = None,
-                          undertrained: pd.DataFrame | None = None) -> str:
+                          undertrained: pd.DataFrame | None = None, convergence: pd.DataFrame | None = None) -> str:
     """The study's question in plain words: at the smallest training-set size, which pre-trained
     encoders beat ``baseline``, as far as the tests support it?
 
@@ -182,6 +242,10 @@ def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: st
     With n paired folds the exact two-sided Wilcoxon p cannot go below 2 / 2**n (0.25 for 3 folds,
     0.0625 for 5), so the verdict names that floor instead of letting "not significant" read as
     "no effect". ``protocol`` (how recipes were set) and under-trained cells are stated with it.
+
+    ``convergence`` (:func:`convergence_table`) takes unconverged cells out: an encoder whose cell
+    ended still improving is not judged, and an unconverged baseline cell means no verdict at all,
+    never a "beats" against a baseline that was cut short.
     """
     if summary.empty or baseline not in set(summary["encoder"]):
         return f"no `{baseline}` trials: nothing to compare with"
@@ -196,8 +260,30 @@ def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: st
     flagged = set()
     if undertrained is not None and not undertrained.empty:
         flagged = {(r.encoder, r.size) for r in undertrained.itertuples()}
-    for enc, row in at.drop(index=baseline).sort_values("auc_mean", ascending=False).iterrows():
+    unconv: dict[str, str] = {}
+    if convergence is not None and not convergence.empty:
+        bad = unconverged_cells(convergence)
+        unconv = {r.encoder: f"{r.n_unconverged}/{r.n_trials} runs still improving at the maximum"
+                  for r in bad[bad["size"] == smallest].itertuples()}
+    others = at.drop(index=baseline).sort_values("auc_mean", ascending=False)
+    if baseline in unconv:
+        lines += [f"`{baseline}` at {smallest} is **unconverged** ({unconv[baseline]}): no encoder is judged "
+                  "against it, since a baseline cut short makes every encoder look better; raise the maximum "
+                  "(`epochs`) and run again.", ""]
+        for enc, row in others.iterrows():
+            lines.append(f"- `{enc}`: mean AUC {float(row['auc_mean']):.3f} "
+                         f"({float(row['auc_mean']) - base_auc:+.3f}); not judged (unconverged baseline).")
+        lines += ["", f"**No verdict at {smallest}: the `{baseline}` cell is unconverged, so no pre-trained "
+                      f"encoder is shown to beat it.**"]
+        return "\n".join(lines)
+    excluded = []
+    for enc, row in others.iterrows():
         diff = float(row["auc_mean"]) - base_auc
+        if enc in unconv:
+            excluded.append(enc)
+            lines.append(f"- `{enc}` is not judged: unconverged cell ({unconv[enc]}); mean AUC "
+                         f"{float(row['auc_mean']):.3f} ({diff:+.3f}).")
+            continue
         w = wil[(wil["encoder"] == enc) & (wil["size"] == smallest)] if not wil.empty else wil
         p = float(w["p_value"].iloc[0]) if len(w) else math.nan
         n = int(w["n_pairs"].iloc[0]) if len(w) else 0
@@ -230,11 +316,14 @@ def smallest_size_verdict(summary: pd.DataFrame, wil: pd.DataFrame, baseline: st
             else ""
         lines.append(f"- `{enc}` {verb}: mean AUC {float(row['auc_mean']):.3f} "
                      f"({diff:+.3f}); {sig}{_bootstrap_clause(boot, enc, smallest, alpha)}{caveat}.")
-    summary_line = (f"**{len(better)} of {len(at) - 1} pre-trained encoders beat `{baseline}` at {smallest}"
+    summary_line = (f"**{len(better)} of {len(at) - 1 - len(excluded)} pre-trained encoders beat `{baseline}` at "
+                    f"{smallest}"
                     + (f" (supported by a test at {alpha}): {', '.join(better)}.**" if better else ".**"))
     if ahead:
         summary_line += (f" Ahead in mean AUC without a test that supports it: {', '.join(ahead)} — "
                          "not evidence of a gain.")
+    if excluded:
+        summary_line += f" Left out of the verdict as unconverged: {', '.join(excluded)}."
     lines += ["", summary_line]
     return "\n".join(lines)
 

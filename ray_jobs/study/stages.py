@@ -227,7 +227,8 @@ def _finetune(ctx: Context) -> dict[str, Any]:
         backbone=ft["backbone"], sizes=parse_sizes(samples_per_class=",".join(map(str, ft["samplesPerClass"]))),
         folds=ft["folds"], seeds=list(ft["seeds"]), val_fraction=ft["valFraction"], epochs=ft["epochs"],
         frozen_epochs=ft["frozenEpochs"], lr=ft["lr"], batch_size=ft["batch"], protocol=ft["protocol"],
-        recipes=ft["recipes"], bn_recalibrate=ft["batchNormRecalibrate"],
+        recipes=ft["recipes"], bn_recalibrate=ft["batchNormRecalibrate"], stopping=ft["stopping"],
+        patience=ft["patience"], min_delta=ft["minDelta"], extend_epochs=ft["extendEpochs"],
         gpus_per_trial=1.0 if ctx.gpus_per_worker > 0 else 0.0,
         max_concurrent=study.spec["resources"]["maxConcurrentTrials"], address=ctx.address,
         tracking_uri=ctx.tracking_uri, fold_seed=study.spec["seed"], encoder_tags=tags)
