@@ -80,11 +80,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps between MLflow flushes")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
                    help="method constructor option, e.g. queue_size=1024 (repeatable)")
+    p.add_argument("--monitor-data", metavar="URL",
+                   help="a labelled prep output: probe the encoder while it trains (k-NN AUC, embedding "
+                        "spread) on the training and validation slices of one patient-level fold, logged "
+                        "to MLflow as probe.* step metrics")
+    p.add_argument("--monitor-every", metavar="N|DURATION",
+                   help="probe every N steps (default 100) or every DURATION of training, e.g. 5m; also at "
+                        "step 0 and at the last step")
+    p.add_argument("--monitor-k", type=int, default=20, metavar="K", help="neighbours of the k-NN probe (default 20)")
+    p.add_argument("--monitor-slices", type=int, default=512, metavar="N",
+                   help="labelled slices the probe embeds at most (default 512)")
 
 
 def config_from_args(args: argparse.Namespace):
-    from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_method_options
+    from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_method_options, parse_monitor_every
 
+    every_steps, every_s = parse_monitor_every(args.monitor_every) if args.monitor_every else (None, None)
     return PretrainConfig(
         method=args.method, data=args.data, selection=args.selection, backbone=args.backbone,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
@@ -96,6 +107,8 @@ def config_from_args(args: argparse.Namespace):
         shuffle_buffer=args.shuffle_buffer, cache_mb=args.cache_mb, seed=args.seed, log_every=args.log_every,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget is not None else None,
         max_steps=args.max_steps, method_options=parse_method_options(args.method_option),
+        monitor_data=args.monitor_data, monitor_every=every_steps, monitor_every_s=every_s,
+        monitor_k=args.monitor_k, monitor_slices=args.monitor_slices,
     )
 
 

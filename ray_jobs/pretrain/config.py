@@ -19,6 +19,8 @@ from ray_jobs.tracking import check_tags
 
 RUNNERS = ("auto", "ray", "in-process")
 DEFAULT_EPOCHS = 100  # without a budget, as before budgets existed
+#: steps between probes of --monitor-data when neither a step nor a time period is given
+DEFAULT_MONITOR_EVERY = 100
 
 
 @dataclass
@@ -62,6 +64,18 @@ class PretrainConfig:
     tags: dict[str, str] = field(default_factory=dict)
     #: register the final encoder in the MLflow Model Registry under this name (None: not registered)
     register_as: str | None = None
+    #: the online probe (ray_jobs.pretrain.monitor): a labelled prep output whose fold-0 training and
+    #: validation slices are embedded every ``monitor_every`` steps or ``monitor_every_s`` seconds
+    #: (None: neither given, every DEFAULT_MONITOR_EVERY steps); folds as the fine-tuning study makes them
+    monitor_data: str | None = None
+    monitor_every: int | None = None
+    monitor_every_s: float | None = None
+    monitor_k: int = 20
+    monitor_temperature: float = 0.07
+    monitor_slices: int = 512  # training + validation slices at most (a stratified, seeded subsample)
+    monitor_folds: int = 5
+    monitor_val_fraction: float = 0.2
+    monitor_fold_seed: int = 0
 
     def validate(self) -> None:
         """Cheap checks on the values alone (no I/O), each naming the flag that is wrong.
@@ -104,6 +118,7 @@ class PretrainConfig:
         if self.register_as is not None and (not self.register_as.strip() or any(c in self.register_as for c in "/:")):
             raise CLIError(f"register_as must be a non-empty model name without '/' or ':', got {self.register_as!r}")
         check_tags(self.tags, "pre-training tags")
+        self._validate_monitor()
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise CLIError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
         if self.log_every < 1:
@@ -129,6 +144,31 @@ class PretrainConfig:
             raise CLIError(f"--warmup-epochs {self.warmup_epochs:g} cannot be placed in a --time-budget run of "
                            "unknown length; give --epochs or --max-steps as well, or leave it out (warm-up is "
                            "then at most 10 % of the budget)")
+
+    def _validate_monitor(self) -> None:
+        if self.monitor_every is not None and self.monitor_every_s is not None:
+            raise CLIError("monitor_every (steps) and monitor_every_s (seconds) exclude each other; give one")
+        if self.monitor_every is not None and self.monitor_every < 1:
+            raise CLIError(f"--monitor-every must be >= 1 step, got {self.monitor_every}")
+        if self.monitor_every_s is not None and not (math.isfinite(self.monitor_every_s) and self.monitor_every_s > 0):
+            raise CLIError(f"--monitor-every must be > 0 seconds, got {self.monitor_every_s}")
+        if self.monitor_k < 1:
+            raise CLIError(f"--monitor-k must be >= 1, got {self.monitor_k}")
+        if not (math.isfinite(self.monitor_temperature) and self.monitor_temperature > 0):
+            raise CLIError(f"monitor_temperature must be > 0, got {self.monitor_temperature}")
+        if self.monitor_slices < 4:
+            raise CLIError(f"--monitor-slices must be >= 4, got {self.monitor_slices}")
+        if self.monitor_folds < 2:
+            raise CLIError(f"monitor_folds must be >= 2, got {self.monitor_folds}")
+        if not 0.0 < self.monitor_val_fraction < 0.5:
+            raise CLIError(f"monitor_val_fraction must be in (0, 0.5), got {self.monitor_val_fraction}")
+
+    @property
+    def monitor_every_steps(self) -> int | None:
+        """Steps between probes; None when the period is in seconds."""
+        if self.monitor_every_s is not None:
+            return None
+        return self.monitor_every or DEFAULT_MONITOR_EVERY
 
     @property
     def mlflow_experiment_name(self) -> str:
@@ -189,6 +229,17 @@ def parse_duration(text: str, flag: str = "--time-budget") -> float:
     if not seconds > 0:
         raise CLIError(f"{flag} must be > 0 seconds, got {text!r}")
     return seconds
+
+
+def parse_monitor_every(text: str) -> tuple[int | None, float | None]:
+    """(steps, seconds) from ``--monitor-every``: a plain integer counts optimiser steps, a duration
+    (``90s``, ``5m``, ``1h``) training time."""
+    t = str(text).strip()
+    if t.isdigit():
+        return int(t), None
+    if not re.search(r"[a-zA-Z]\s*$", t):
+        raise CLIError(f"--monitor-every expects steps (e.g. 200) or a duration (e.g. 5m, 90s), got {text!r}")
+    return None, parse_duration(t, "--monitor-every")
 
 
 def format_duration(seconds: float) -> str:

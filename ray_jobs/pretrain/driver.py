@@ -307,6 +307,9 @@ def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainRe
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
     opts = method_options(cfg, info, None if budget.timed else budget.schedule_steps)
     check_method_builds(cfg, img_size, opts)
+    from ray_jobs.pretrain import monitor
+
+    probe_set = monitor.build_probe_set(cfg)  # a --monitor-data that cannot make a fold: one line, here
     ident = resume_guard.identity(cfg, img_size, spe, opts)
     held.enter_context(Lease(storage.join(cfg.storage, cfg.experiment), f"pretrain {cfg.experiment}",
                              tidy=True))
@@ -344,6 +347,7 @@ def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainRe
         # (the last run trained in this process, or its checkpoints were not registered)
         "resume_from": store.latest() if resuming else None,
         "in_process": in_process,
+        "monitor": monitor.ship(probe_set, in_process),  # the probe's slices (rank 0 embeds them)
     }
     from ray_jobs.pretrain.loop import train_loop_per_worker
 

@@ -176,6 +176,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if resumed is not None:
             mlog.log({"resumed_from_step": progress.step, "restarts": progress.restarts}, progress.step)
             mlog.flush()
+    # the online probe (--monitor-data), rank 0 only; its time is kept out of the loop clock below
+    from ray_jobs.pretrain.monitor import Monitor
+
+    probe = None if mlog is None else Monitor.create(payload, cfg, method, img_size=img_size, device=device,
+                                                     mlog=mlog, cl=cl, run_id=payload["mlflow_run_id"])
+    if probe is not None and progress.step == 0:
+        probe.probe(0)  # the random initialisation: what a learning run's curve starts from
 
     def save_checkpoint(final: bool, metrics: dict[str, float]) -> None:
         report = {"step": progress.step, "epoch": progress.epoch, **metrics}
@@ -206,9 +213,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     # continuing the time of earlier attempts recorded in the checkpoint
     t_run = time.perf_counter()
     time_before = progress.train_time_s
+    probed_before = probe.spent_s if probe is not None else 0.0
 
     def loop_time() -> float:
-        return time_before + time.perf_counter() - t_run
+        probed = probe.spent_s - probed_before if probe is not None else 0.0
+        return time_before + time.perf_counter() - t_run - probed
 
     def agreed_loop_time() -> float:
         """Rank 0's loop time on every rank: ranks' clocks differ, and a rank that stops one step
@@ -279,6 +288,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                         eta = (total_steps - progress.step) / max(rate, 1e-9)
                         log.info("step %d/%d epoch %d loss %.4f %.1f img/s ETA %.0fs", progress.step, total_steps,
                                  progress.epoch, last.get("loss", float("nan")), per_bs * world / dt, eta)
+            if probe is not None and probe.maybe(progress.step):
+                t_step = time.perf_counter()  # the next step's images/s without the probe's time
             if progress.step_in_epoch >= steps_per_epoch:
                 progress.epoch += 1
                 progress.step_in_epoch = 0
@@ -298,6 +309,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if mlog is not None:
             mlog.log({"epoch_time_s": time.perf_counter() - t_epoch}, progress.step)
     progress.train_time_s = elapsed if cfg.budgeted else loop_time()
+    if probe is not None:
+        probe.finish(progress.step)  # the curve's end point, outside the training time
     if cfg.budgeted and rank == 0:
         log.info("%s: stopped after %d steps, %.1f s of training", budget.describe(), progress.step,
                  progress.train_time_s)
