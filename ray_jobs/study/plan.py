@@ -391,6 +391,10 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
     if max_gpus is None and os.environ.get("CTSSL_AUTOSCALER_MAX_GPUS", "").strip().isdigit():
         max_gpus = int(os.environ["CTSSL_AUTOSCALER_MAX_GPUS"])
 
+    named = {study.method_settings(m)["backbone"] for m in study.methods()} | {spec["finetune"]["backbone"]}
+    uncalibrated = sorted(b for b in named if b and _bb(b) != b)
+    if uncalibrated:
+        notes.append(f"backbone {', '.join(uncalibrated)}: not calibrated, planned as resnet50")
     pools = {role: pool(study, role, opts) for role in ("pretrain", "labelled")}
     for role, p in pools.items():
         notes.append(f"{role} set: {p.origin}")
@@ -566,6 +570,8 @@ def _pretrain_row(study: Study, st: Any, method: str, level: int | None, pools: 
     basis.append("pretrain.start_s")
     if _bb(s["backbone"]) == "resnet50":
         basis.append("pretrain.cpu.resnet50_cost")
+    if _bb(s["backbone"]) != s["backbone"]:
+        basis.append("pretrain.backbone_rule")
     gpus = workers * gpus_per_worker if device == "gpu" else 0.0
     ckpt_mb = figure("storage.checkpoint_mb")[_bb(s["backbone"])][method]
     enc_mb = figure("storage.encoder_mb")[_bb(s["backbone"])]
@@ -615,6 +621,8 @@ def _finetune_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gp
     per_image = finetune_core_s_per_image(backbone, size)
     if _bb(backbone) == "resnet50":
         basis.append("pretrain.cpu.resnet50_cost")
+    if _bb(backbone) != backbone:
+        basis.append("pretrain.backbone_rule")
     n_trials = encoders * len(ft["samplesPerClass"]) * ft["folds"] * len(ft["seeds"])
     if p.slices is None:
         work = (f"{encoders} encoders x {len(ft['samplesPerClass'])} sizes x {ft['folds']} folds x "
