@@ -29,6 +29,8 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 DEVICES = ("auto", "cpu", "gpu")
 #: prep decodes smaller inputs faster, but the output side does not shrink: the speed-up is capped here
 MAX_PREP_SPEEDUP = 4.0
+#: a GPU step on small images is bound by kernel launches, not pixels: smaller inputs plan as this size
+GPU_MIN_PX = 112
 
 
 @cache
@@ -300,7 +302,7 @@ def gpu_img_s(method: str, backbone: str, size: int, gpu_type: str) -> float:
     """Images/s of one pre-training worker on one GPU."""
     base = figure(f"pretrain.gpu.{gpu_type}.resnet50_224px")[method]
     cost = 1.0 if _bb(backbone) == "resnet50" else 1.0 / figure("pretrain.cpu.resnet50_cost")[method]
-    return base / cost / (size / 224) ** 2
+    return base / cost / (max(size, GPU_MIN_PX) / 224) ** 2
 
 
 def finetune_core_s_per_image(backbone: str, size: int) -> float:
@@ -403,8 +405,8 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
     by_encoder = {f"pretrain-{study.encoder_name(m, lv)}": (m, lv) for m in study.methods() for lv in study.levels()}
     kept: dict[str, tuple[int | None, bool]] = {}
     rows: list[Row] = []
-    gpus_per_worker = 0.0 if device == "cpu" else (1.0 if res["gpusPerWorker"] == "auto"
-                                                   else float(res["gpusPerWorker"]))
+    want = res["gpusPerWorker"]  # --device gpu on a file that says 0 (or auto) plans one GPU per worker
+    gpus_per_worker = 0.0 if device == "cpu" else (float(want) if want != "auto" and float(want) > 0 else 1.0)
     peak, peak_why = 0.0, ["no stage asks for GPUs"]
 
     for st in stages:
@@ -618,7 +620,7 @@ def _finetune_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gp
     encoders = len(study.methods()) * len(study.levels()) + (1 if ft["random"] else 0)
     backbone = ft["backbone"] or study.method_settings(study.methods()[0])["backbone"]
     size = study.spec["data"]["labelled"]["size"]
-    per_image = finetune_core_s_per_image(backbone, size)
+    per_image = finetune_core_s_per_image(backbone, size if device == "cpu" else max(size, GPU_MIN_PX))
     if _bb(backbone) == "resnet50":
         basis.append("pretrain.cpu.resnet50_cost")
     if _bb(backbone) != backbone:

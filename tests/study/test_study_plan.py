@@ -119,6 +119,12 @@ def test_gpus_peak_and_gpu_hours_follow_the_resources(tmp_path: Path) -> None:
     assert capped.peak_gpus == 2 and "capped" in capped.peak_note
     cpu = plan.make_plan(lidc, plan.Options(slices=sizes.slices, look=False, device="cpu"))
     assert cpu.peak_gpus == 0 and cpu.gpu_hours == 0 and cpu.wall_s > 20 * p.wall_s
+    # a CPU study planned for GPUs: one per worker; tiny inputs are not extrapolated past the launch-bound floor
+    small = make(study_text(tmp_path / "s"), look=False, device="gpu")
+    assert row(small, "pretrain-byol-all").gpus == 1 and small.wall_s > 0
+    assert plan.gpu_img_s("byol", "resnet18", 32, "h200") == plan.gpu_img_s("byol", "resnet18", plan.GPU_MIN_PX, "h200")
+    assert plan.gpu_img_s("byol", "resnet50", 448, "h200") == pytest.approx(
+        plan.figure("pretrain.gpu.h200.resnet50_224px")["byol"] / 4)  # twice the side: a quarter of the rate
 
 
 # ------------------------------------------------------------------------------ what already exists
