@@ -338,6 +338,99 @@ def register_artifact(cl, name: str, run_id: str, artifact_path: str = ENCODER_A
     return version
 
 
+#: the file of MLflow's model format; present in a run's encoder folder once the PyTorch flavour is there
+MLMODEL_FILE = "MLmodel"
+
+
+def register_pytorch_flavour(cl, run_id: str, artifact_path: str = ENCODER_ARTIFACT) -> bool:
+    """Make the run's encoder folder an MLflow model of the PyTorch flavour as well, so that
+    ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` (or ``runs:/RUN_ID/encoder``) gives the
+    encoder as a torch module. True when the folder is (or already was) one, False when the encoder
+    could not be exported (a warning says why; the folder keeps its files and still registers).
+
+    The module is saved as a ``torch.export`` program (MLflow's "pt2" format): it loads with torch
+    alone, needs no pickle (so no code runs when it is read), and keeps the batch size dynamic; its
+    input is fixed at the channels and size the encoder was pre-trained with, as the signature says.
+    ``encoder.pt`` and ``encoder_config.json`` stay where they were, for ``ctssl finetune --encoder``
+    and ``ctssl export``; the flavour adds ``MLmodel``, ``data/model.pt2`` and MLflow's environment
+    files beside them. A run whose folder already holds ``MLmodel`` is left as it is.
+    """
+    import json
+    import tempfile
+
+    from ray_jobs.pretrain.checkpoint import ENCODER_CONFIG_FILE, ENCODER_FILE
+
+    if any(os.path.basename(f.path) == MLMODEL_FILE for f in cl.list_artifacts(run_id, artifact_path)):
+        return True
+    bar_var = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # two small downloads: no progress bar lines in the log
+    bar = os.environ.get(bar_var)
+    os.environ[bar_var] = "false"
+    try:
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from ssl_core.export import encoder_module, example_input
+
+        with tempfile.TemporaryDirectory(prefix="ctssl-flavour-") as tmp:
+            state = torch.load(cl.download_artifacts(run_id, f"{artifact_path}/{ENCODER_FILE}", tmp),
+                               map_location="cpu", weights_only=True)
+            with open(cl.download_artifacts(run_id, f"{artifact_path}/{ENCODER_CONFIG_FILE}", tmp)) as f:
+                config = json.load(f)
+            chans, size = int(config.get("in_chans", 1)), int(config["img_size"])
+            module = encoder_module(str(config["backbone"]), state, chans)
+            example = example_input(chans, size)
+            with torch.no_grad():
+                width = int(module(example).shape[1])
+            signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float32"), (-1, chans, size, size))]),
+                                       outputs=Schema([TensorSpec(np.dtype("float32"), (-1, width))]))
+            folder = os.path.join(tmp, "model")
+            mlflow.pytorch.save_model(module, folder, serialization_format="pt2", signature=signature,
+                                      input_example=example.numpy(),
+                                      pip_requirements=[f"torch=={torch.__version__.split('+', 1)[0]}"])
+            cl.log_artifacts(run_id, folder, artifact_path)
+    except Exception as e:  # noqa: BLE001 - an architecture torch.export cannot take must not lose the run
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("the encoder of run %s could not be saved in MLflow's PyTorch format (%s: %s); it is "
+                    "registered without it (ctssl export writes plain files)", run_id, type(e).__name__, first[:200])
+        return False
+    finally:
+        if bar is None:
+            os.environ.pop(bar_var, None)
+        else:
+            os.environ[bar_var] = bar
+    log.info("run %s: %s/ is also an MLflow PyTorch model (mlflow.pytorch.load_model)", run_id, artifact_path)
+    return True
+
+
+def register_alias(cl, name: str, run_id: str, alias: str, clear: Iterable[str] = ()):  # noqa: ANN201
+    """Point alias ``alias`` of registered model ``name`` at the version made from ``run_id`` (moving it
+    off any other version), and remove the same alias from the registered models in ``clear`` that
+    hold it, so that of a study's encoders only the one it now names carries it. Returns the
+    :class:`ModelVersion`; a one-line :class:`CLIError` when ``run_id`` has no version of ``name``.
+    Aliases, not the deprecated stages, are how MLflow names a version for users to load."""
+    from mlflow.exceptions import MlflowException
+
+    versions = _versions_of_run(cl, name, run_id)
+    if not versions:
+        raise CLIError(f"registered model {name!r} has no version of run {run_id}: cannot set alias {alias!r}")
+    version = versions[-1]
+    cl.set_registered_model_alias(name, alias, version.version)
+    for other in clear:
+        if other == name:
+            continue
+        try:
+            if alias in (cl.get_registered_model(other).aliases or {}):
+                cl.delete_registered_model_alias(other, alias)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    log.info("alias %s of %s -> version %s (run %s)", alias, name, version.version, run_id)
+    return version
+
+
 def _versions_of_run(cl, name: str, run_id: str) -> list:
     """Versions of registered model ``name`` made from ``run_id``, oldest first ([] when there are none
     or the model does not exist yet). Searched by run id alone (a hex id needs no quoting in a filter),

@@ -273,9 +273,12 @@ def _log_dataset(cl, run_id: str, info: DataInfo) -> None:
 
 def register_encoder(cl, cfg: PretrainConfig, run_id: str) -> str | None:
     """Register the run's logged ``encoder`` folder as a version of ``cfg.register_as`` (None when not
-    asked). One version per run: a rerun of the same experiment returns the version it made before."""
+    asked). One version per run: a rerun of the same experiment returns the version it made before.
+    The folder is first made an MLflow PyTorch model too (:func:`tracking.register_pytorch_flavour`), so
+    ``mlflow.pytorch.load_model`` of the version gives the encoder as a torch module."""
     if not cfg.register_as:
         return None
+    tracking.register_pytorch_flavour(cl, run_id, tracking.ENCODER_ARTIFACT)
     tags = {"method": cfg.method, "backbone": cfg.backbone, tracking.TAG_RUN_KEY: f"{cfg.storage.rstrip('/')}/"
             f"{cfg.experiment}", **tracking.check_tags(cfg.tags, "pre-training tags")}
     version = tracking.register_artifact(cl, cfg.register_as, run_id, tracking.ENCODER_ARTIFACT, tags=tags)

@@ -255,7 +255,8 @@ def _report(ctx: Context) -> dict[str, Any]:
                                       study_run=ctx.results["finetune"]["parent_run_id"],
                                       target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True,
                                       prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")}))
-    res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local)}
+    res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local),
+           **_alias_best(ctx, paths.summary_csv)}
     if not storage.is_local(study.storage):  # and beside the shards, where the cluster's users look
         fs, root = storage.open_fs(ctx.url("report"))
         for f in sorted(local.iterdir()):
@@ -263,6 +264,54 @@ def _report(ctx: Context) -> dict[str, Any]:
                 storage.write_bytes_atomic(fs, storage.join(root, f.name), f.read_bytes())
         res["uploaded"] = ctx.url("report")
     return res
+
+
+def best_at_smallest(summary_csv: str, encoders: set[str]) -> tuple[str, str, float] | None:
+    """(size, encoder, mean AUC) of the encoder among ``encoders`` with the highest mean test AUC at the
+    smallest training-set size of the report's summary table (its ``summary.csv``); None when none of
+    them has a finite AUC there. The verdict's text says whether that encoder also beats the baseline."""
+    import math
+
+    import pandas as pd
+
+    from ray_jobs.trial_record import SizeSpec
+
+    table = pd.read_csv(summary_csv)
+    if table.empty:
+        return None
+    smallest = min(table["size"].astype(str), key=lambda s: SizeSpec.from_label(s).sort_key())
+    at = table[(table["size"].astype(str) == smallest) & table["encoder"].isin(encoders)]
+    at = at[at["auc_mean"].map(lambda v: math.isfinite(float(v)))]
+    if at.empty:
+        return None
+    row = at.sort_values(["auc_mean", "encoder"], ascending=[False, True]).iloc[0]
+    return smallest, str(row["encoder"]), float(row["auc_mean"])
+
+
+def _alias_best(ctx: Context, summary_csv: str) -> dict[str, Any]:
+    """Alias ``best-at-<smallest size>`` on the registered version of the pre-trained encoder with the
+    best mean test AUC at the smallest size (moved off the study's other encoders), and the study run
+    tagged with its ``models:/`` URI; {} when no pre-trained encoder has a result there. A registry
+    that refuses costs a warning: the report is written either way."""
+    from ray_jobs import tracking
+
+    pre = {r["encoder"]: r for k, r in ctx.results.items() if k.startswith("pretrain-")}
+    best = best_at_smallest(summary_csv, set(pre))
+    if best is None:
+        return {}
+    size, encoder, auc = best
+    names = {e: f"{ctx.study.name}-{e}" for e in pre}  # the pre-training stage's register_as
+    alias = f"best-at-{size}"
+    try:
+        cl = tracking.client(ctx.tracking_uri)
+        version = tracking.register_alias(cl, names[encoder], pre[encoder]["run_id"], alias, clear=names.values())
+        uri = f"models:/{names[encoder]}@{alias}"
+        tracking.set_tags(cl, ctx.results["finetune"]["parent_run_id"], {f"best_encoder_at_{size}": uri})
+    except Exception as e:  # noqa: BLE001 - the registry is down or refuses: the report still stands
+        log.warning("could not set alias %s on %s (%s)", alias, names[encoder], e)
+        return {}
+    print(f"    best mean AUC at {size}: {encoder} ({auc:.3f}) -> {uri} (version {version.version})", flush=True)
+    return {"best_at_smallest": {"size": size, "encoder": encoder, "auc_mean": auc, "model_uri": uri}}
 
 
 # ----------------------------------------------------------------------------------------- the plan
