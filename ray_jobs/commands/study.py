@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "are counted instead)")
     pl.add_argument("--classes", type=int, help="classes of the labelled set, where they cannot be read")
     pl.add_argument("--no-storage", action="store_true",
-                    help="plan from the file alone: do not read shards or stage markers under the storage root")
+                    help="plan from the file alone: read no shards (of the storage root or a shards source) and no "
+                         "stage markers")
     sch = sub.add_parser("schema", help="print the JSON Schema of study files")
     sch.add_argument("--reference", action="store_true", help="print the key table of docs/study-spec.md instead")
 
