@@ -178,16 +178,17 @@ def onnx_missing() -> list[str]:
     return [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
 
 
-def save_onnx(module: nn.Module, path: str, example: torch.Tensor) -> None:
+def save_onnx(module: nn.Module, path: str, example: torch.Tensor) -> bool:
     """``module`` as an ONNX graph with a dynamic batch (input ``input``, output ``features``); checked
-    with onnxruntime when it is installed."""
+    with onnxruntime when it is installed (True), else only written (False)."""
     missing = onnx_missing()
     if missing:
         raise RuntimeError(f"ONNX export needs {' and '.join(missing)} (pip install {' '.join(ONNX_PACKAGES)})")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), path, input_names=["input"], output_names=["features"],
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True)
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
+                          external_data=False, verbose=False)  # one file: an encoder is far below 2 GB
     if importlib.util.find_spec("onnxruntime") is not None and os.path.exists(path):
         import onnxruntime
 
@@ -196,6 +197,8 @@ def save_onnx(module: nn.Module, path: str, example: torch.Tensor) -> None:
         got = torch.from_numpy(sess.run(None, {"input": other.numpy()})[0])
         with torch.no_grad():
             _close(got, module(other), "ONNX graph")
+        return True
+    return False
 
 
 __all__ = ["CHECK_ATOL", "TORCHVISION_ARCHS", "encoder_module", "example_input", "first_conv_key",

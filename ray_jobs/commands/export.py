@@ -306,12 +306,13 @@ def run(args: argparse.Namespace) -> int:
                                   (args.onnx, "onnx", ONNX_FILE, ex.save_onnx)):
         if flag:
             try:
-                save(plain, os.path.join(out, name), probe)
+                checked = save(plain, os.path.join(out, name), probe) is not False
             except Exception as e:  # noqa: BLE001 - a model the tracer / exporter cannot take: say which
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise CLIError(f"{args.source}: cannot write {name} ({type(e).__name__}: {first[:200]})") from None
             written[key] = name
-            lines.append(f"{name}: written and checked against the encoder's features")
+            lines.append(f"{name}: written and checked against the encoder's features" if checked else
+                         f"{name}: written, not checked (onnxruntime is not installed)")
     sidecar = _sidecar(args, cfg, files_chans, img_size, module, written, torchvision_note)
     with open(os.path.join(out, SIDECAR_FILE), "w") as f:
         json.dump(sidecar, f, indent=1)
