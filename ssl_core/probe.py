@@ -125,7 +125,7 @@ def embed(encoder: nn.Module, hu: np.ndarray, *, img_size: int | None = None,
     outs = []
     try:
         for s in range(0, hu.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(hu[s:s + batch_size])).to(dev).float()[:, None]
+            x = torch.from_numpy(np.array(hu[s:s + batch_size], copy=True)).to(dev).float()[:, None]  # writable
             size = img_size or x.shape[-1]
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
