@@ -115,7 +115,9 @@ def _probe_set(rng: np.random.Generator, n: int = 40) -> ProbeSet:
 
 
 def test_a_constant_output_encoder_reads_as_collapsed():
+    rng_state = torch.get_rng_state()
     res = run_probe(_Constant(), _probe_set(np.random.default_rng(0)))
+    assert torch.equal(torch.get_rng_state(), rng_state)  # a training loop's random stream is untouched
     assert res.health.collapse_reason() is not None
     assert res.knn_auc == pytest.approx(0.5)  # every neighbour ties: no ranking at all
     assert set(res.metrics()) == {"probe.knn_auc", "probe.emb_std", "probe.eff_rank"}
