@@ -72,7 +72,8 @@ def listening():
     return sorted(out)
 
 report = {}
-os.environ["CTSSL_PROBE"] = "forwarded"
+os.environ["CTSSL_TORCH_THREADS"] = "3"  # a listed setting
+os.environ["AWS_SECRET_ACCESS_KEY"] = "probe-secret"  # a secret: never in a runtime env
 from ctssl_base import ray_connect
 if sys.argv[1] == "ray_cluster":
     ray_connect.connect(None)
@@ -117,7 +118,8 @@ def _check(report: dict, home: Path) -> None:
     # the single-node switch is undone once the instance runs (a later cluster connection needs it off)
     assert report["single_node_env_left"] is None and report["cluster_flag_restored"] is True
     assert not (home / ".ray" / "auth_token").exists()
-    assert report["env_vars"].get("CTSSL_PROBE") == "forwarded"  # the CTSSL_/AWS_/MLFLOW_ env reaches workers
+    assert report["env_vars"].get("CTSSL_TORCH_THREADS") == "3"  # the listed settings reach workers
+    assert "AWS_SECRET_ACCESS_KEY" not in report["env_vars"]  # secrets do not (Ray logs runtime envs)
 
 
 def test_ctssl_commands_start_ray_on_loopback_with_its_dashboard_there(tmp_path):
