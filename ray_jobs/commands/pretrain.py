@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probe every N steps (default 100) or every DURATION of training, e.g. 5m; also at "
                         "step 0 and at the last step")
     p.add_argument("--monitor-k", type=int, default=20, metavar="K", help="neighbours of the k-NN probe (default 20)")
-    p.add_argument("--monitor-slices", type=int, default=512, metavar="N",
-                   help="labelled slices the probe embeds at most (default 512)")
+    p.add_argument("--monitor-slices", type=int, default=256, metavar="N",
+                   help="labelled slices the probe embeds at most (default 256)")
 
 
 def config_from_args(args: argparse.Namespace):

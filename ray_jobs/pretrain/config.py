@@ -72,7 +72,7 @@ class PretrainConfig:
     monitor_every_s: float | None = None
     monitor_k: int = 20
     monitor_temperature: float = 0.07
-    monitor_slices: int = 512  # training + validation slices at most (a stratified, seeded subsample)
+    monitor_slices: int = 256  # training + validation slices at most (a stratified, seeded subsample)
     monitor_folds: int = 5
     monitor_val_fraction: float = 0.2
     monitor_fold_seed: int = 0
