@@ -57,6 +57,7 @@ def test_study_logs_parent_and_child_runs_to_a_real_mlflow_server_and_the_report
         data=labelled_s3, storage=str(tmp_path / "tune"), experiment="tiny-study",
         encoders=["random", seeded_encoder], backbone="resnet18", sizes=parse_sizes(samples_per_class="2,all"),
         folds=2, seeds=[0], epochs=2, recipes=["1e-3:0", "1e-4:1"], batch_size=8, tracking_uri=mlflow_server.uri,
+        stopping="fixed",  # exactly 2 epochs per recipe: the per-epoch logging below counts them
         search_margin=0.5, search_candidates=[1],  # everything within 0.5 of full-data AUC: minimum is 1
     )
     res = run_study(cfg)
