@@ -15,18 +15,7 @@ import pytest
 from ray_jobs.errors import CLIError
 from ray_jobs.names import MAX_NAME_LENGTH, check_experiment_name
 from ray_jobs.study import spec
-
-GOOD = textwrap.dedent("""\
-    apiVersion: ctssl/v1
-    kind: Study
-    metadata:
-      name: tiny
-    spec:
-      storage: /tmp/tiny
-      data:
-        pretrain: {type: phantom, patients: 4, slices: 4}
-        labelled: {type: phantom, patients: 4, slices: 4, task: lesion}
-    """)
+from tests.study.test_spec import GOOD  # the smallest valid study
 
 
 def _with(extra: str) -> str:
