@@ -194,6 +194,7 @@ def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, A
         selection = None if level is None else ctx.results[f"reduce-{label}"]["url"]
         pc = PretrainConfig(
             method=method, data=data_url(ctx, "pretrain"), selection=selection, backbone=s["backbone"],
+            **_monitor_settings(ctx),
             workers=res["workers"], cpus_per_worker=res["cpusPerWorker"], gpus_per_worker=ctx.gpus_per_worker,
             epochs=s["epochs"], batch_size=s["batch"], max_steps=s["maxSteps"],
             time_budget_s=parse_duration(s["timeBudget"]) if s["timeBudget"] else None,
@@ -210,6 +211,22 @@ def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, A
                 "train_time_s": r.train_time_s, "encoder": encoder, "method": method, "reduction": label}
 
     return run
+
+
+def _monitor_settings(ctx: Context) -> dict[str, Any]:
+    """The online probe's PretrainConfig fields: fold 0 of the fine-tuning study's own folds (same
+    patients, validation share and seed), so the probe embeds training and validation slices of the
+    labelled set and never one of that fold's test patients. Not part of the stage's settings: the
+    probe only watches, so changing it does not redo a finished pre-training run."""
+    from ray_jobs.pretrain.config import parse_monitor_every
+
+    mon, ft = ctx.study.spec["pretrain"]["monitor"], ctx.study.spec["finetune"]
+    if not mon["enabled"]:
+        return {}
+    steps, seconds = parse_monitor_every(str(mon["every"]))
+    return {"monitor_data": data_url(ctx, "labelled"), "monitor_every": steps, "monitor_every_s": seconds,
+            "monitor_k": mon["k"], "monitor_slices": mon["slices"], "monitor_folds": ft["folds"],
+            "monitor_val_fraction": ft["valFraction"], "monitor_fold_seed": ctx.study.spec["seed"]}
 
 
 def _finetune(ctx: Context) -> dict[str, Any]:

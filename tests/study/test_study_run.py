@@ -123,6 +123,11 @@ def test_killed_mid_pretraining_resumes_then_reuses_and_compares_the_levels(tmp_
     assert {r.data.tags["reduction"] for r in pre} == {"all", "hash6"}
     assert all(r.info.status == "FINISHED" and r.data.tags["final_step"] == str(MAX_STEPS) for r in pre)
     assert {(r.data.tags["device"], r.data.tags["precision"]) for r in pre} == {("cpu", "fp32")}  # no CUDA here
+    # the online probe's curves (pretrain.monitor is on by default): the end point on every run, and the
+    # random-initialisation point on the run that was not killed before its first checkpoint
+    curves = {r.data.tags["encoder"]: {m.step for m in cl.get_metric_history(r.info.run_id, "probe.knn_auc")}
+              for r in pre}
+    assert all(MAX_STEPS in steps for steps in curves.values()) and {0, MAX_STEPS} <= curves["byol-hash6"], curves
     for enc in ("byol-all", "byol-hash6"):
         versions = cl.search_model_versions(f"name = 'tiny-{enc}'")
         assert len(versions) == 1, enc
