@@ -13,7 +13,7 @@ Runs every stage of ctssl on one machine with no cluster, no GPU and no network:
 phantom cohort (DICOM), prep to Parquet shards, dhash reduction, pre-training of BYOL, MoCo v2, SwAV
 and SparK (one worker each, in this process), a fine-tuning study on a local Ray (4 encoders + random
 init x training-set sizes x patient-level folds) tracked in MLflow (SQLite), and the report: about
-10 minutes on 2 CPU cores. A second run reuses finished stages.
+15 minutes on 2 CPU cores. A second run reuses finished stages.
 
 Scaling it up (same stages, bigger settings):
   ctssl demo --pretrain-patients 200 --labelled-patients 100 --slices 64 --size 128 \\
@@ -56,10 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training-set sizes")
     p.add_argument("--finetune-epochs", type=int, default=ft["epochs"])
     p.add_argument("--finetune-protocol", choices=("tuned", "fixed"), default="tuned",
-                   help="tuned (default): each encoder's recipe chosen on validation; fixed: lr 1e-3, 2 epochs "
-                        "frozen for every encoder")
+                   help=f"tuned (default): each encoder's recipe chosen on validation; fixed: lr {ft['lr']:g}, "
+                        f"{ft['frozenEpochs']} epoch(s) frozen for every encoder")
     p.add_argument("--finetune-recipes", metavar="LR:FROZEN,...", default=",".join(ft["recipes"]),
-                   help="the tuned grid (default 1e-3:0,1e-3:2; ctssl finetune's own default has four recipes)")
+                   help=f"the tuned grid (default {','.join(ft['recipes'])}; ctssl finetune's own default has "
+                        "four recipes)")
     p.add_argument("--seed", type=int, default=d.get("seed", 0))
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
     p.add_argument("--print-spec", action="store_true", help="print the study file these flags make, then exit")
