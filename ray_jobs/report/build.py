@@ -7,6 +7,7 @@ import html
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from ray_jobs.report.pretraining import (
     pretraining_markdown,
     pretraining_table,
 )
+from ray_jobs.report.probe_curves import PROBE_PLOT, collect_probe_curves, plot_probe_curves, probe_markdown
 from ray_jobs.report.tables import (
     convergence_note,
     convergence_table,
@@ -148,6 +150,9 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     if pre_table is not None:
         pre_plot = plot_auc_vs_pretrain_time(pre_table, os.path.join(out, PRETRAIN_PLOT),
                                              title=f"{cfg.experiment}: AUC vs pre-training time")
+    curves, collapsed = collect_probe_curves(cl, pre) if not pre.empty else (pd.DataFrame(), {})
+    probe_plot = None if curves.empty else plot_probe_curves(curves, os.path.join(out, PROBE_PLOT),
+                                                             title=f"{cfg.experiment}: online probe")
     csv = os.path.join(out, "summary.csv")
     summary.to_csv(csv, index=False)
     rule = f"mean test AUC >= {target}" if target is not None else f"within {margin} of the largest size's AUC"
@@ -165,6 +170,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
         *([("Pre-training", f"{PRETRAIN_NOTE}\n\n{pretraining_markdown(pre_table)}\n\n"
             f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
+        *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
         (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",
@@ -192,7 +198,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
                   f, indent=1, default=str)
     paths = ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv, pretrain_plot=pre_plot)
     if cfg.log_to_run:
-        files = [md_path, html_path, plot, *([pre_plot] if pre_plot else []), csv, json_path]
+        files = [md_path, html_path, plot, *([pre_plot] if pre_plot else []), *([probe_plot] if probe_plot else []),
+                 csv, json_path]
         tracking.log_artifacts(cl, study.parent_run_id, files, REPORT_ARTIFACT)
     return paths
 
@@ -209,12 +216,20 @@ BOOTSTRAP_NOTE = ("Each encoder's test predictions are pooled over the folds (ev
                   "two-sided p-value for the difference in macro AUC.")
 
 
-def _md_inline(text: str) -> str:
-    """The little markdown the report's prose uses (bold, code, bullet lists) as HTML."""
-    import re
+_IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<file>[^)/\\]+\.png)\)$")
 
+
+def _md_inline(text: str, folder: str | None = None) -> str:
+    """The little markdown the report's prose uses (bold, code, bullet lists) as HTML; a line that is
+    only ``![alt](picture.png)`` with the picture in ``folder`` (the report's) is inlined, so every
+    section's plots show in the one self-contained page without code of its own here."""
     out, items = [], []
     for line in text.splitlines():
+        m = _IMAGE.match(line.strip())
+        if m and folder and os.path.isfile(os.path.join(folder, m["file"])):
+            out.append(f'<img alt="{html.escape(m["alt"])}" '
+                       f'src="data:image/png;base64,{_png_base64(os.path.join(folder, m["file"]))}">')
+            continue
         h = html.escape(line)
         h = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", h)
         h = re.sub(r"`(.+?)`", r"<code>\1</code>", h)
@@ -238,8 +253,10 @@ def _png_base64(path: str) -> str:
 
 def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame], pretrain_plot: str | None = None) -> str:
     """The report as one self-contained page: every section under its own heading; tables from the
-    data frames, prose from the markdown, the plots inlined."""
+    data frames, prose from the markdown, the plots inlined (the pictures a section's markdown names
+    are read from the folder of ``plot``)."""
     img = _png_base64(plot)
+    folder = os.path.dirname(plot)
     fmt = {"float_format": lambda v: f"{v:.4g}", "index": False, "na_rep": "n/a", "border": 0}
     table_of = {"Test metrics": "summary", "Paired Wilcoxon": "wilcoxon", "Patient-level bootstrap": "bootstrap",
                 "Minimal samples": "minimal", "Fine-tuning recipe": "recipes", "Pre-training": "pretraining"}
@@ -251,14 +268,12 @@ def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame], pret
             body.append(f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">')
         elif key is not None and not tables.get(key, pd.DataFrame()).empty:
             # the section's prose (notes, the protocol), then its table from the data frame
-            prose = [p for p in text.split("\n\n") if not p.lstrip().startswith(("|", "!["))]
-            body.extend(_md_inline(p) for p in prose)
+            parts = [p for p in text.split("\n\n") if not p.lstrip().startswith("|")]
+            body.extend(_md_inline(p) for p in parts if not p.lstrip().startswith("!["))
             body.append(tables[key].to_html(**fmt))
-            if key == "pretraining" and pretrain_plot:
-                body.append('<img alt="AUC vs pre-training time" '
-                            f'src="data:image/png;base64,{_png_base64(pretrain_plot)}">')
+            body.extend(_md_inline(p, folder) for p in parts if p.lstrip().startswith("!["))
         else:
-            body.append(_md_inline(text))
+            body.append(_md_inline(text, folder))
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -144,6 +144,8 @@ def test_killed_mid_pretraining_resumes_then_reuses_and_compares_the_levels(tmp_
     assert len(rows) >= 2 and any("hash6" in r for r in rows), report
     assert re.search(r"pre-?training", report, re.I)
     assert len(list((tmp_path / "work" / "report").glob("*.png"))) >= 2
+    assert "## Online probe during pre-training" in report and "- `byol-hash6`: k-NN AUC" in report
+    assert (tmp_path / "work" / "report" / "probe_curves.png").exists()
 
     # 3. a third run reuses every stage
     third = _run(spec)
