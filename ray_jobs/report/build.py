@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from ctssl_base import storage
 from ray_jobs import tracking
 from ray_jobs.errors import CLIError
 from ray_jobs.report.collect import load_study, unfinished_note
+from ray_jobs.report.embedding_maps import SECTION as MAPS_SECTION
+from ray_jobs.report.embedding_maps import MapsInput, write_maps
 from ray_jobs.report.plots import plot_auc_vs_size
 from ray_jobs.report.pooled import bootstrap_markdown, bootstrap_vs_baseline, load_predictions
 from ray_jobs.report.pretraining import (
@@ -44,6 +47,8 @@ from ray_jobs.report.tables import (
 from ray_jobs.report.volume_checks import SECTION as VOLUME_SECTION
 from ray_jobs.report.volume_checks import volume_checks_markdown
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MARGIN = 0.02  # used when neither the study nor the report names a target
 
 
@@ -61,6 +66,8 @@ class ReportConfig:
     log_to_run: bool = False
     #: data set (role) -> URL of the prep output it came from: the report lists their volume checks
     prep_manifests: dict[str, str] | None = None
+    #: the encoders and data of the "What the encoders learned" pictures; None: no such section
+    embedding_maps: MapsInput | None = None
 
 
 #: the artifact folder of the study's parent run the report's files go to (``log_to_run``)
@@ -153,6 +160,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     curves, collapsed = collect_probe_curves(cl, pre) if not pre.empty else (pd.DataFrame(), {})
     probe_plot = None if curves.empty else plot_probe_curves(curves, os.path.join(out, PROBE_PLOT),
                                                              title=f"{cfg.experiment}: online probe")
+    maps_text, maps_files = _embedding_maps(cfg.embedding_maps, out)
     csv = os.path.join(out, "summary.csv")
     summary.to_csv(csv, index=False)
     rule = f"mean test AUC >= {target}" if target is not None else f"within {margin} of the largest size's AUC"
@@ -171,6 +179,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
         *([("Pre-training", f"{PRETRAIN_NOTE}\n\n{pretraining_markdown(pre_table)}\n\n"
             f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
         *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
+        *([(MAPS_SECTION, maps_text)] if cfg.embedding_maps is not None else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
         (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",
@@ -199,9 +208,22 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     paths = ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv, pretrain_plot=pre_plot)
     if cfg.log_to_run:
         files = [md_path, html_path, plot, *([pre_plot] if pre_plot else []), *([probe_plot] if probe_plot else []),
-                 csv, json_path]
+                 *maps_files, csv, json_path]
         tracking.log_artifacts(cl, study.parent_run_id, files, REPORT_ARTIFACT)
     return paths
+
+
+def _embedding_maps(inp: MapsInput | None, out: str) -> tuple[str, list[str]]:
+    """The maps' section text and PNGs. A failure (an encoder that no longer loads, a pool that moved)
+    costs the pictures, with one line saying why, not the report: the tables stand without them."""
+    if inp is None:
+        return "", []
+    try:
+        res = write_maps(inp, out)
+    except Exception as e:  # noqa: BLE001 - the pictures are an addition; the report is still written
+        log.warning("embedding maps not drawn: %s", e)
+        return f"Not drawn: {type(e).__name__}: {e}", []
+    return res.markdown, res.files
 
 
 def _protocol_from_params(params: dict[str, str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -14,7 +15,11 @@ from matplotlib.text import Text
 from torch import nn
 
 from data_prep import shards
+from ray_jobs import tracking
+from ray_jobs.finetune.trial import trial_tags
 from ray_jobs.report import embedding_maps as em
+from ray_jobs.report.build import ReportConfig, build_report
+from ray_jobs.trial_record import SizeSpec
 from ssl_core.backbones import create_backbone, export_encoder_state_dict
 from tests.ray_jobs.tiny_data import write_tiny_dataset
 
@@ -53,11 +58,25 @@ def maps(tmp_path_factory):
     ids = shards.read_table(labelled, columns=["patient_id", "slice_id", "series_id", "study_id"]).to_pydict()
     ids.update({f"pool_{k}": v for k, v in shards.read_table(pool, columns=["patient_id", "slice_id"])
                 .to_pydict().items()})
-    return res, out, texts, ids
+    inputs = {"labelled": labelled, "pool": pool, "encoders": ["random", f"simclr={ckpt}"]}
+    return res, out, texts, ids, inputs
+
+
+def _mlflow_study(uri: str, experiment: str) -> None:
+    """The smallest study a report reads: one finished trial of each encoder."""
+    cl = tracking.client(uri)
+    exp = cl.create_experiment(experiment)
+    parent = cl.create_run(exp, tags={tracking.TAG_KIND: "study"}).info.run_id
+    for enc, auc in (("random", 0.5), ("simclr", 0.7)):
+        run = cl.create_run(exp, tags=trial_tags(enc, enc, SizeSpec("per_class", -1), 0, 0, parent)).info.run_id
+        cl.log_metric(run, "test_auc", auc)
+        cl.log_metric(run, "train_per_class_min", 24)
+        cl.set_terminated(run, status="FINISHED")
+    cl.set_terminated(parent, status="FINISHED")
 
 
 def test_pngs_written_and_named_in_the_markdown(maps):
-    res, out, texts, _ = maps
+    res, out, texts, _, _ = maps
     names = sorted(p.name for p in out.iterdir())
     assert names == ["embedding_nn_random.png", "embedding_nn_simclr.png", "embedding_pca.png"]
     for p in out.iterdir():
@@ -74,7 +93,7 @@ def test_pngs_written_and_named_in_the_markdown(maps):
 
 
 def test_nothing_identifying_in_any_figure(maps):
-    _, out, texts, ids = maps
+    _, out, texts, ids, _ = maps
     values = {str(v) for col in ids.values() for v in col}
     assert values
     for path, words in texts.items():
@@ -172,3 +191,27 @@ def test_pool_sample_is_seeded_and_bounded(tmp_path):
     assert all(any(np.array_equal(s, e) for e in everything) for s in a)
     assert em.read_pool_sample(url, 100, seed=1).shape[0] == 20
     assert em.read_pool_sample(url, 5, seed=1, size=16).shape == (5, 16, 16)
+
+
+def test_report_embeds_the_maps_under_their_heading_and_survives_a_broken_source(maps, tmp_path):
+    inputs = maps[-1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _mlflow_study(uri, "maps-study")
+    paths = build_report(ReportConfig(experiment="maps-study", out=str(tmp_path / "r"), tracking_uri=uri,
+                                      embedding_maps=em.MapsInput(**inputs, pool_slices=16)))
+    md = (tmp_path / "r" / "report.md").read_text()
+    section = md.split("## What the encoders learned\n\n")[1].split("\n## ")[0]
+    for name in ("embedding_pca.png", "embedding_nn_random.png", "embedding_nn_simclr.png"):
+        assert f"]({name})" in section and (tmp_path / "r" / name).is_file()
+    page = Path(paths.html).read_text()
+    assert "<h2>What the encoders learned</h2>" in page
+    assert page.split("<h2>What the encoders learned</h2>")[1].split("<h2>")[0].count("data:image/png;base64,") == 3
+
+    broken = em.MapsInput(**{**inputs, "pool": str(tmp_path / "no-pool")})
+    build_report(ReportConfig(experiment="maps-study", out=str(tmp_path / "b"), tracking_uri=uri,
+                              embedding_maps=broken))
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "## What the encoders learned\n\nNot drawn: " in md and "no-pool" in md
+    assert not list((tmp_path / "b").glob("embedding_*.png"))
+    build_report(ReportConfig(experiment="maps-study", out=str(tmp_path / "n"), tracking_uri=uri))
+    assert "What the encoders learned" not in (tmp_path / "n" / "report.md").read_text()
