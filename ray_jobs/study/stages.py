@@ -271,7 +271,8 @@ def _report(ctx: Context) -> dict[str, Any]:
     paths = build_report(ReportConfig(experiment=study.name, out=str(local), tracking_uri=ctx.tracking_uri,
                                       study_run=ctx.results["finetune"]["parent_run_id"],
                                       target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True,
-                                      prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")}))
+                                      prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")},
+                                      embedding_maps=_maps_input(ctx)))
     res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local),
            **_alias_best(ctx, paths.summary_csv)}
     if not storage.is_local(study.storage):  # and beside the shards, where the cluster's users look
@@ -281,6 +282,20 @@ def _report(ctx: Context) -> dict[str, Any]:
                 storage.write_bytes_atomic(fs, storage.join(root, f.name), f.read_bytes())
         res["uploaded"] = ctx.url("report")
     return res
+
+
+def _maps_input(ctx: Context) -> Any:
+    """The report's embedding maps (``report.embeddingMaps``): every encoder the study pre-trained and,
+    for reference, random init on the fine-tuning's baseline network; None when switched off."""
+    from ray_jobs.report.embedding_maps import MapsInput
+
+    spec = ctx.study.spec
+    if not spec["report"].get("embeddingMaps", True):
+        return None
+    pre = [r for k, r in ctx.results.items() if k.startswith("pretrain-")]
+    return MapsInput(labelled=data_url(ctx, "labelled"), pool=data_url(ctx, "pretrain"),
+                     encoders=["random", *(f"{r['encoder']}={r['checkpoint']}" for r in pre)],
+                     backbone=spec["finetune"]["backbone"], tracking_uri=ctx.tracking_uri, seed=spec["seed"])
 
 
 def best_at_smallest(summary_csv: str, encoders: set[str]) -> tuple[str, str, float] | None:
