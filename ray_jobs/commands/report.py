@@ -13,9 +13,17 @@ folds of AUC / F1 / accuracy per encoder x size, AUC against training-set size p
 spread, the paired Wilcoxon test of each method against the random-init baseline per size, and each
 method's minimal samples per class.
 
+With --maps-data and --maps-pool (the labelled and the pre-training prep outputs) the report also
+draws "What the encoders learned": a PCA map of the labelled slices per frozen encoder (each
+--maps-encoder, NAME=SOURCE as `ctssl finetune --encoder` takes it, and random init for reference)
+and each encoder's nearest pool slices of a few labelled ones. A study's report stage draws them
+by itself (report.embeddingMaps).
+
 Example:
   ctssl report --experiment covid-study --tracking-uri http://mlflow:5000 --out report/
   ctssl report --experiment covid-study --tracking-uri http://mlflow:5000 --out s3://bucket/covid/report
+  ctssl report --experiment covid-study --out report/ --maps-data s3://b/labelled --maps-pool s3://b/pool \
+      --maps-encoder simclr=s3://b/runs/simclr
 """
 
 
@@ -30,6 +38,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default="random", help="encoder the Wilcoxon tests compare against")
     p.add_argument("--target-auc", type=float, help="AUC a size must reach (default: the study's setting)")
     p.add_argument("--margin", type=float, help="allowed AUC gap to full data (default: the study's setting)")
+    maps = p.add_argument_group("embedding maps (optional)")
+    maps.add_argument("--maps-data", metavar="URL", help="labelled prep output: draw the embedding maps of its slices")
+    maps.add_argument("--maps-pool", metavar="URL", help="pre-training pool the nearest neighbours are drawn from")
+    maps.add_argument("--maps-encoder", action="append", default=[], metavar="NAME=SOURCE",
+                      help="a pre-trained encoder to map (repeatable; random init is always mapped for reference)")
+
+
+def _maps_input(args: argparse.Namespace):  # noqa: ANN202 - embedding_maps.MapsInput or None
+    """The embedding maps the flags ask for; None without --maps-data. One line naming the flag missing."""
+    from ray_jobs.errors import CLIError
+
+    if not args.maps_data:
+        if args.maps_pool or args.maps_encoder:
+            raise CLIError("--maps-pool/--maps-encoder need --maps-data (the labelled prep output to map)")
+        return None
+    if not args.maps_pool:
+        raise CLIError("--maps-data needs --maps-pool (the pre-training pool the nearest neighbours come from)")
+    import os
+
+    from ray_jobs.report.embedding_maps import MapsInput
+
+    encoders = ["random", *(e for e in args.maps_encoder if e != "random")]
+    return MapsInput(labelled=args.maps_data, pool=args.maps_pool, encoders=encoders,
+                     tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ReportConfig(experiment=args.experiment, out=args.out, study_run=args.study_run,
                        tracking_uri=args.tracking_uri, storage=args.storage, baseline=args.baseline,
-                       target_auc=args.target_auc, margin=args.margin)
+                       target_auc=args.target_auc, margin=args.margin, embedding_maps=_maps_input(args))
     paths = build_report(cfg)
     print(f"report written: {paths.markdown}, {paths.html}, {paths.plot}")
     return 0

@@ -215,3 +215,19 @@ def test_report_embeds_the_maps_under_their_heading_and_survives_a_broken_source
     assert not list((tmp_path / "b").glob("embedding_*.png"))
     build_report(ReportConfig(experiment="maps-study", out=str(tmp_path / "n"), tracking_uri=uri))
     assert "What the encoders learned" not in (tmp_path / "n" / "report.md").read_text()
+
+
+def test_cli_report_draws_the_maps_its_flags_name(maps, tmp_path, capsys):
+    from ray_jobs.cli import main
+
+    inputs = maps[-1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _mlflow_study(uri, "cli-maps")
+    base = ["report", "--experiment", "cli-maps", "--tracking-uri", uri, "--out", str(tmp_path / "r")]
+    assert main([*base, "--maps-data", inputs["labelled"]]) != 0
+    assert "--maps-data needs --maps-pool" in capsys.readouterr().err
+    assert main([*base, "--maps-data", inputs["labelled"], "--maps-pool", inputs["pool"],
+                 "--maps-encoder", inputs["encoders"][1], "--maps-encoder", "random"]) == 0
+    assert sorted(p.name for p in (tmp_path / "r").glob("embedding_*.png")) == [
+        "embedding_nn_random.png", "embedding_nn_simclr.png", "embedding_pca.png"]
+    assert "## What the encoders learned" in (tmp_path / "r" / "report.md").read_text()
