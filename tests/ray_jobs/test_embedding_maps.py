@@ -231,3 +231,31 @@ def test_cli_report_draws_the_maps_its_flags_name(maps, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "r").glob("embedding_*.png")) == [
         "embedding_nn_random.png", "embedding_nn_simclr.png", "embedding_pca.png"]
     assert "## What the encoders learned" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("switch", ["", "report: {embeddingMaps: false}"])
+def test_the_study_report_stage_maps_every_pretrained_encoder_unless_switched_off(tmp_path, switch):
+    from ray_jobs.study import spec
+    from ray_jobs.study.stages import Context, _maps_input
+
+    study = spec.loads(f"""\
+apiVersion: ctssl/v1
+kind: Study
+metadata: {{name: maps}}
+spec:
+  storage: {tmp_path / 'store'}
+  data:
+    pretrain: {{type: shards, path: {tmp_path / 'pool'}}}
+    labelled: {{type: shards, path: {tmp_path / 'labelled'}}}
+  pretrain: {{methods: {{byol: {{}}, spark: {{}}}}}}
+  finetune: {{backbone: resnet18}}
+  {switch}
+""", "s.yaml")
+    results = {f"pretrain-{m}": {"encoder": m, "checkpoint": f"/ckpt/{m}"} for m in ("byol", "spark")}
+    got = _maps_input(Context(study=study, address=None, tracking_uri="sqlite:///x.db", results=results))
+    if switch:
+        assert got is None
+        return
+    assert got.encoders == ["random", "byol=/ckpt/byol", "spark=/ckpt/spark"]
+    assert (got.labelled, got.pool) == (str(tmp_path / "labelled"), str(tmp_path / "pool"))
+    assert got.backbone == "resnet18" and got.seed == study.spec["seed"]
