@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-real bench-pretrain gpu-check lint schema clean
+.PHONY: setup demo test bench bench-real bench-pretrain bench-trials gpu-check lint schema clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (the tested Python is 3.11; set PYTHON=...)"; exit 1; }
@@ -37,6 +37,10 @@ bench-pretrain: $(STAMP)
 # on a machine with CUDA: each method's step at 224 px bf16 vs lightly, peak memory, CPU cores to feed a GPU
 gpu-check: $(STAMP)
 	$(PY) tests/bench/gpu_check.py $(GPU_ARGS)
+
+# ctssl report on a 525-trial study (5 encoders x 7 sizes x 5 folds x 3 seeds) in a real mlflow server
+bench-trials: $(STAMP)
+	$(PY) -m pytest tests/bench/test_bench_study_trials.py -s -p no:cacheprovider --override-ini="addopts=" $(BENCH_ARGS)
 
 # after an edit of ray_jobs/study/study.schema.json: the chart's values schema and the docs' key table
 schema: $(STAMP)
