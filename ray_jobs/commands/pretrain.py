@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="train for N optimiser steps (schedules end there); with --time-budget whichever "
                         "comes first")
+    p.add_argument("--keep-at-fractions", metavar="F,F,...",
+                   help="budget curve: also keep a checkpoint with the encoder at these fractions of the "
+                        "budget (steps, or training time with --time-budget), e.g. 0.125,0.25,0.5,1, under "
+                        "STORAGE/NAME/milestones, outside the checkpoint rotation; a resumed run keeps them")
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="global batch size over all workers (default: sized from the pool: the largest "
                         "power of two <= slices/32, within 32..256, a multiple of --workers)")
@@ -109,7 +113,20 @@ def config_from_args(args: argparse.Namespace):
         max_steps=args.max_steps, method_options=parse_method_options(args.method_option),
         monitor_data=args.monitor_data, monitor_every=every_steps, monitor_every_s=every_s,
         monitor_k=args.monitor_k, monitor_slices=args.monitor_slices,
+        keep_at_fractions=_fractions(args.keep_at_fractions),
     )
+
+
+def _fractions(text: str | None) -> list[float]:
+    """``0.125,0.25,1`` -> [0.125, 0.25, 1.0]; PretrainConfig.validate checks range and order."""
+    from ray_jobs.errors import CLIError
+
+    if not text:
+        return []
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise CLIError(f"--keep-at-fractions: not a comma-separated list of numbers: {text!r}") from e
 
 
 def run(args: argparse.Namespace) -> int:

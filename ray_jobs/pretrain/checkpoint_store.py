@@ -30,6 +30,9 @@ from ray_jobs.pretrain.checkpoint import MANIFEST_FILE, PROGRESS_FILE, STATE_FIL
 log = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".partial-"
+#: sub-folder of the run folder holding the budget-curve checkpoints (``fraction_<f>``); the rotation
+#: only looks at ``checkpoint_*`` folders, so these stay until the run folder is removed
+MILESTONES = "milestones"
 
 
 class CheckpointStore:
@@ -105,6 +108,44 @@ class CheckpointStore:
             for n in sorted(os.listdir(local_dir), key=lambda n: (n == MANIFEST_FILE, n == PROGRESS_FILE)):
                 self.fs.put_file(os.path.join(local_dir, n), storage.join(dest, n))
         self._prune(keep_path=dest)
+        return dest
+
+    @staticmethod
+    def milestone_name(fraction: float) -> str:
+        return f"fraction_{fraction:g}"
+
+    def milestones(self) -> dict[float, str]:
+        """The complete milestone checkpoints of the run: budget fraction -> folder path."""
+        base = storage.join(self.run_dir, MILESTONES)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for e in entries:
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") == "directory" and name.startswith("fraction_") and self._step(e["name"]) is not None:
+                try:
+                    out[float(name[len("fraction_"):])] = e["name"].rstrip("/")
+                except ValueError:
+                    continue
+        return dict(sorted(out.items()))
+
+    def save_milestone(self, local_dir: str, fraction: float) -> str:
+        """Copy ``local_dir`` to ``MILESTONES/fraction_<f>`` (whole or not at all, as :meth:`save`);
+        never pruned. An existing complete one is replaced (a resumed run redoing the step)."""
+        base = storage.join(self.run_dir, MILESTONES)
+        dest = storage.join(base, self.milestone_name(fraction))
+        if self.local:
+            os.makedirs(base, exist_ok=True)
+            tmp = storage.join(base, f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}")
+            shutil.copytree(local_dir, tmp)
+            if os.path.exists(dest):
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        else:
+            for n in sorted(os.listdir(local_dir), key=lambda n: (n == MANIFEST_FILE, n == PROGRESS_FILE)):
+                self.fs.put_file(os.path.join(local_dir, n), storage.join(dest, n))
         return dest
 
     def _prune(self, keep_path: str) -> None:

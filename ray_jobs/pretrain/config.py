@@ -76,6 +76,9 @@ class PretrainConfig:
     monitor_folds: int = 5
     monitor_val_fraction: float = 0.2
     monitor_fold_seed: int = 0
+    #: fractions of the run's budget (steps, or training time with a time budget) at which a checkpoint
+    #: with the encoder is kept outside the rotation (CheckpointStore.MILESTONES): the budget curve
+    keep_at_fractions: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         """Cheap checks on the values alone (no I/O), each naming the flag that is wrong.
@@ -99,6 +102,9 @@ class PretrainConfig:
                                f"--workers {self.workers}")
         if self.in_chans not in (1, 3):
             raise CLIError(f"--in-chans must be 1 (one HU window) or 3 (three windows), got {self.in_chans}")
+        fr = list(self.keep_at_fractions)
+        if any(not (isinstance(f, int | float) and 0 < f <= 1) for f in fr) or fr != sorted(set(fr)):
+            raise CLIError(f"--keep-at-fractions must be sorted, unique fractions in (0, 1], got {fr}")
         if self.checkpoint_every < 1:
             raise CLIError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.max_failures < -1:

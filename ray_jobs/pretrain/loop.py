@@ -203,6 +203,30 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ckpt)
         log.info("checkpoint at step %d%s", progress.step, " (final)" if final else "")
 
+    # budget-curve checkpoints still to write (a resumed run skips the ones already stored)
+    fractions = list(cfg.keep_at_fractions)
+    if fractions and rank == 0:
+        have = CheckpointStore(cfg.storage, cfg.experiment).milestones()
+        fractions = [f for f in fractions if f not in have]
+
+    def save_milestones(reached: float) -> None:
+        """Keep a checkpoint with the encoder for every fraction of the budget now reached."""
+        due = [f for f in fractions if f <= reached + 1e-9]
+        if rank != 0 or not due:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_io.save(tmp, method=method, optimizer=optimizer, progress=progress)
+            ckpt_io.save_encoder(tmp, export_encoder_state_dict(method.encoder()),
+                                 encoder_config(cfg, img_size, payload.get("dataset", ""), progress,
+                                                payload.get("method_options", {}).get("windows"),
+                                                per_bs * world))
+            ms = CheckpointStore(cfg.storage, cfg.experiment)
+            for f in due:
+                ms.save_milestone(tmp, f)
+                fractions.remove(f)
+                log.info("budget-curve checkpoint %g at step %d (%.1f s of training)", f, progress.step,
+                         progress.train_time_s)
+
     shard = ray.train.get_dataset_shard("train")
     per_bs = cfg.per_worker_batch
     cache = EpochCache(cfg.cache_mb << 20, per_bs, seed=cfg.seed + 7919 * rank)
@@ -295,6 +319,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 progress.step_in_epoch = 0
                 epoch_done = True
             more = not stop if cfg.budgeted else progress.step < total_steps  # the final one is saved below
+            if fractions and more:
+                reached = budget.fraction(elapsed if cfg.budgeted else loop_time(), progress.step)
+                if reached >= fractions[0] - 1e-9:
+                    progress.train_time_s = loop_time()
+                    save_milestones(reached)
             if progress.step % cfg.checkpoint_every == 0 and more:
                 progress.train_time_s = loop_time()
                 save_checkpoint(False, last)
@@ -315,6 +344,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         log.info("%s: stopped after %d steps, %.1f s of training", budget.describe(), progress.step,
                  progress.train_time_s)
     progress.finished = True
+    if fractions:
+        save_milestones(1.0)  # the end of the budget (or the epochs ending it first)
     save_checkpoint(True, last)
     if mlog is not None:
         mlog.flush()
