@@ -1,0 +1,124 @@
+"""Gain versus pre-training budget: linear-probe AUC of each method's budget-curve checkpoints against
+their pre-training time, with the random-init encoder's probe as the band to beat.
+
+The table is ``budget_curve.csv`` of a study (columns ``method, fraction, step, train_time_s, size,
+auc_mean, ci_low, ci_high, n``); rows of method :data:`RANDOM` are the baseline (no pre-training, so
+no time). A method *crosses* at the first fraction whose whole 95 % interval lies above the
+baseline's mean: where pre-training starts to pay at that labelled size. The gain per doubling is the
+least-squares slope of the mean AUC over log2 of the pre-training time, so a team can read how much
+more time is worth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are built in jobs and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+RANDOM = "random"
+COLUMNS = ["method", "fraction", "step", "train_time_s", "size", "auc_mean", "ci_low", "ci_high", "n"]
+
+
+def bootstrap_band(aucs: np.ndarray | list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap 95 % interval of per-cell AUCs (folds x seeds)."""
+    a = np.asarray(aucs, dtype=float)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return math.nan, math.nan, math.nan
+    if a.size == 1:
+        return float(a[0]), float(a[0]), float(a[0])
+    rng = np.random.default_rng(seed)
+    means = a[rng.integers(0, a.size, size=(rounds, a.size))].mean(axis=1)
+    return float(a.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def crossing(curve: pd.DataFrame, baseline_mean: float) -> float | None:
+    """The first fraction whose interval lies wholly above ``baseline_mean``; None when none does."""
+    for _, r in curve.sort_values("fraction").iterrows():
+        if r["ci_low"] > baseline_mean:
+            return float(r["fraction"])
+    return None
+
+
+def gain_per_doubling(curve: pd.DataFrame) -> float | None:
+    """Least-squares slope of mean AUC over log2(pre-training seconds); None with < 2 distinct times."""
+    c = curve[(curve["train_time_s"] > 0) & np.isfinite(curve["auc_mean"])]
+    x = np.log2(c["train_time_s"].to_numpy(dtype=float))
+    if np.unique(x).size < 2:
+        return None
+    return float(np.polyfit(x, c["auc_mean"].to_numpy(dtype=float), 1)[0])
+
+
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """One line per method and labelled size: where it crosses the random baseline, and its gain per
+    doubling of pre-training time."""
+    lines = []
+    for size, at in table.groupby("size", sort=True):
+        base = at[at["method"] == RANDOM]
+        if base.empty:
+            lines.append(f"{size} per class: no random-init baseline measured, no crossing can be read")
+            continue
+        b = float(base["auc_mean"].iloc[0])
+        for method, curve in at[at["method"] != RANDOM].groupby("method", sort=True):
+            f = crossing(curve, b)
+            if f is None:
+                where = "does not cross within the measured budget"
+            else:
+                r = curve[curve["fraction"] == f].iloc[0]
+                where = (f"crosses at {f:g} of its budget (step {int(r['step'])}, {r['train_time_s']:.0f} s; "
+                         f"AUC {r['auc_mean']:.3f}, 95 % interval {r['ci_low']:.3f}-{r['ci_high']:.3f})")
+            g = gain_per_doubling(curve)
+            gain = "gain per doubling of pre-training time: n/a" if g is None else \
+                f"gain per doubling of pre-training time: {round(g, 3) + 0.0:+.3f} AUC"
+            lines.append(f"{method} at {size} per class (random init {b:.3f}): {where}; {gain}")
+    return lines
+
+
+def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None) -> str:
+    """AUC (mean, 95 % interval as error bars) against pre-training seconds (log x) per method and
+    size, the random-init band shaded behind."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    curves = table[table["method"] != RANDOM]
+    if curves.empty:
+        ax.text(0.5, 0.5, "no budget-curve checkpoints", ha="center", va="center", transform=ax.transAxes)
+    multi = table["size"].nunique() > 1
+    for i, ((method, size), c) in enumerate(curves.groupby(["method", "size"], sort=True)):
+        c = c.sort_values("train_time_s")
+        err = np.vstack([c["auc_mean"] - c["ci_low"], c["ci_high"] - c["auc_mean"]])
+        ax.errorbar(c["train_time_s"], c["auc_mean"], yerr=err, fmt="-o", ms=4, capsize=2, color=f"C{i % 10}",
+                    label=f"{method} ({size}/class)" if multi else method)
+    for _, b in table[table["method"] == RANDOM].iterrows():
+        ax.axhspan(b["ci_low"], b["ci_high"], color="0.5", alpha=0.2, lw=0)
+        ax.axhline(b["auc_mean"], color="0.4", lw=1, ls="--",
+                   label=f"random init ({b['size']}/class)" if multi else "random init")
+    if (curves["train_time_s"] > 0).any():
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if not table.empty:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("pre-training time (s of training loop)")
+    ax.set_ylabel("linear-probe test AUC (mean, 95 % interval)")
+    ax.set_title(title or "Gain versus pre-training budget")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def budget_section(table: pd.DataFrame, image: str) -> str:
+    """The report's markdown section; ``image`` is the plot's file name next to the report."""
+    lines = ["## Gain versus pre-training budget", "",
+             "Linear-probe AUC of checkpoints kept at fractions of each pre-training run's budget; the grey "
+             "band is the random-init encoder's probe (mean, bootstrap 95 % interval over folds x seeds).", "",
+             f"![AUC versus pre-training time]({image})", ""]
+    lines += [f"- {s}" for s in summary_lines(table)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""The budget curve's report text and plot on synthetic tables: a method that crosses the random-init
+baseline, one that does not, and the gain per doubling of pre-training time."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from ray_jobs.report.budget_plot import (
+    COLUMNS,
+    RANDOM,
+    bootstrap_band,
+    budget_section,
+    gain_per_doubling,
+    plot_budget_curve,
+    summary_lines,
+)
+
+
+def _table() -> pd.DataFrame:
+    rows = [[RANDOM, 0.0, 0, 0.0, 5, 0.70, 0.66, 0.74, 10]]
+    for f, t, auc in [(0.25, 25.0, 0.69), (0.5, 50.0, 0.73), (1.0, 100.0, 0.79)]:  # +0.05 per doubling
+        rows.append(["byol", f, int(f * 400), t, 5, auc, auc - 0.02, auc + 0.02, 10])
+    for f, t in [(0.25, 30.0), (0.5, 60.0), (1.0, 120.0)]:  # flat inside the band
+        rows.append(["swav", f, int(f * 400), t, 5, 0.70, 0.65, 0.75, 10])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_crossing_and_gain_per_doubling_lines():
+    lines = summary_lines(_table())
+    byol = next(s for s in lines if s.startswith("byol"))
+    swav = next(s for s in lines if s.startswith("swav"))
+    # 0.5: interval 0.71-0.75 lies above the baseline mean 0.70 (0.25's 0.67 does not)
+    assert "crosses at 0.5 of its budget (step 200, 50 s" in byol
+    assert "+0.050 AUC" in byol
+    assert "does not cross within the measured budget" in swav
+    assert "+0.000 AUC" in swav
+
+
+def test_gain_per_doubling_needs_two_times():
+    one = _table().iloc[[1]]
+    assert gain_per_doubling(one) is None
+
+
+def test_bootstrap_band_brackets_the_mean():
+    m, lo, hi = bootstrap_band(np.array([0.6, 0.7, 0.8, 0.75, 0.65]))
+    assert lo < m < hi and abs(m - 0.7) < 1e-9
+
+
+def test_plot_and_section_written(tmp_path):
+    path = plot_budget_curve(_table(), str(tmp_path / "budget_curve.png"))
+    assert os.path.getsize(path) > 5000
+    md = budget_section(_table(), "budget_curve.png")
+    assert "![AUC versus pre-training time](budget_curve.png)" in md and md.count("\n- ") == 2
