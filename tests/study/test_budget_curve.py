@@ -54,3 +54,28 @@ def test_plot_and_section_written(tmp_path):
     assert os.path.getsize(path) > 5000
     md = budget_section(_table(), "budget_curve.png")
     assert "![AUC versus pre-training time](budget_curve.png)" in md and md.count("\n- ") == 2
+
+
+def test_budget_table_rows_per_method_and_fraction():
+    """A stand-in probe whose AUC is the encoder's step: one row per method x fraction, random first."""
+    from ray_jobs.study.budget_curve import budget_table
+
+    steps = {"a/0.5": 2, "a/1": 4, "b/0.5": 3, "b/1": 6}
+
+    def load(spec, folder):  # noqa: ANN001, ANN202
+        return folder, steps[folder], 10.0 * steps[folder]
+
+    def embed(spec, data):  # noqa: ANN001, ANN202
+        return np.full((4, 2), 0.0 if spec == "rand" else steps[spec] / 10)
+
+    def probe(emb, data, folds, sizes, seeds):  # noqa: ANN001, ANN202
+        return [{"size": s, "fold": f, "seed": sd, "auc": 0.5 + float(emb[0, 0]) + 0.01 * f}
+                for s in sizes for f in folds for sd in seeds]
+
+    ms = {"b": {0.5: "b/0.5", 1.0: "b/1"}, "a": {0.5: "a/0.5", 1.0: "a/1"}}
+    t = budget_table(ms, "rand", None, [0, 1, 2], [5], [0, 1], embed=embed, probe=probe, load=load)
+    assert list(zip(t["method"], t["fraction"], strict=True)) == [
+        (RANDOM, 0.0), ("a", 0.5), ("a", 1.0), ("b", 0.5), ("b", 1.0)]
+    assert list(t["n"]) == [6] * 5 and list(t["step"]) == [0, 2, 4, 3, 6]
+    assert np.allclose(t["auc_mean"], [0.51, 0.71, 0.91, 0.81, 1.11])
+    assert (t["ci_low"] <= t["auc_mean"]).all() and (t["auc_mean"] <= t["ci_high"]).all()

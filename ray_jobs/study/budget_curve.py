@@ -1,0 +1,77 @@
+"""The study's ``budget`` work: the linear probe on every budget-curve checkpoint of every method, and
+on random init, at the smallest labelled size(s), with the study's folds and seeds.
+
+Each method's pre-training run keeps a checkpoint with its encoder at the fractions of its budget
+``pretrain.budgetCurve`` names (:meth:`ray_jobs.pretrain.checkpoint_store.CheckpointStore.milestones`).
+Each is embedded once and probed over folds x seeds; a fraction's row is the mean AUC over those
+cells with a bootstrap 95 % interval (:func:`ray_jobs.report.budget_plot.bootstrap_band`), the same
+way as the random-init band it is compared with. The linear probe itself is the fine-tuning package's
+(``ray_jobs.finetune.linear_probe``); it is passed in so the table can be built and tested apart from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ray_jobs.report.budget_plot import COLUMNS, RANDOM, bootstrap_band
+
+Embed = Callable[[Any, Any], np.ndarray]  # (EncoderSpec, LabelledData) -> (N, D)
+Probe = Callable[..., list[dict]]  # (emb, data, folds, sizes, seeds) -> rows with size, fold, seed, auc
+
+
+def _probe_fns() -> tuple[Embed, Probe]:
+    from ray_jobs.finetune.linear_probe import embed_labelled, probe_cells
+
+    return embed_labelled, probe_cells
+
+
+def _rows(method: str, fraction: float, step: int, seconds: float, cells: list[dict],
+          sizes: Sequence[Any], seed: int) -> list[dict]:
+    """One row per labelled size: mean and bootstrap interval of the cells' AUCs."""
+    out = []
+    for size in sizes:
+        key = getattr(size, "label", size)
+        aucs = [c["auc"] for c in cells if getattr(c["size"], "label", c["size"]) == key]
+        m, lo, hi = bootstrap_band(aucs, seed=seed)
+        out.append({"method": method, "fraction": fraction, "step": step, "train_time_s": seconds,
+                    "size": key, "auc_mean": m, "ci_low": lo, "ci_high": hi, "n": len(aucs)})
+    return out
+
+
+def milestone_encoder(random_spec: Any, folder: str) -> tuple[Any, int, float]:
+    """The encoder of a milestone folder in the form of ``random_spec`` (an EncoderSpec), its step and
+    training seconds."""
+    import torch
+
+    from ray_jobs.pretrain import checkpoint as ckpt_io
+
+    state = torch.load(f"{folder}/{ckpt_io.ENCODER_FILE}", map_location="cpu", weights_only=True)
+    with open(f"{folder}/{ckpt_io.ENCODER_CONFIG_FILE}") as f:
+        config = json.load(f)
+    progress = ckpt_io.load_progress(folder)
+    spec = dataclasses.replace(random_spec, source=folder, method=config.get("method", ""), state=state,
+                               config=config, backbone=config.get("backbone", random_spec.backbone))
+    return spec, progress.step, progress.train_time_s
+
+
+def budget_table(milestones: dict[str, dict[float, str]], random_spec: Any, data: Any, folds: list,
+                 sizes: Sequence[Any], seeds: list[int], *, seed: int = 0,
+                 embed: Embed | None = None, probe: Probe | None = None,
+                 load: Callable[[Any, str], tuple[Any, int, float]] = milestone_encoder) -> pd.DataFrame:
+    """``budget_curve.csv``'s rows: random init first (fraction 0, no time), then each method's
+    milestones in fraction order. ``milestones``: method -> {fraction: checkpoint folder}."""
+    if embed is None or probe is None:
+        embed, probe = _probe_fns()
+    rows = _rows(RANDOM, 0.0, 0, 0.0, probe(embed(random_spec, data), data, folds, sizes, seeds), sizes, seed)
+    for method in sorted(milestones):
+        for fraction, folder in sorted(milestones[method].items()):
+            spec, step, seconds = load(random_spec, folder)
+            cells = probe(embed(spec, data), data, folds, sizes, seeds)
+            rows += _rows(method, float(fraction), step, seconds, cells, sizes, seed)
+    return pd.DataFrame(rows, columns=COLUMNS)
