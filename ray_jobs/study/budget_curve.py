@@ -75,3 +75,38 @@ def budget_table(milestones: dict[str, dict[float, str]], random_spec: Any, data
             cells = probe(embed(spec, data), data, folds, sizes, seeds)
             rows += _rows(method, float(fraction), step, seconds, cells, sizes, seed)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    """The study's ``budget`` stage: probe every method's milestones, write ``budget_curve.csv`` (and its
+    plot) into the study's report folder and onto the fine-tuning study's parent MLflow run."""
+    from ray_jobs import tracking
+    from ray_jobs.finetune.config import parse_sizes
+    from ray_jobs.finetune.data import load_labelled
+    from ray_jobs.finetune.encoders import resolve_encoder
+    from ray_jobs.finetune.folds import make_folds
+    from ray_jobs.report.budget_plot import plot_budget_curve
+    from ray_jobs.study.stages import data_url
+
+    spec = ctx.study.spec
+    ft, pre = spec["finetune"], spec["pretrain"]
+    wanted = pre.get("budgetSizes") or [min(n for n in ft["samplesPerClass"] if isinstance(n, int))]
+    unknown = [n for n in wanted if n not in ft["samplesPerClass"]]
+    if unknown:
+        raise ValueError(f"pretrain.budgetSizes {unknown}: not in finetune.samplesPerClass {ft['samplesPerClass']}")
+    sizes = parse_sizes(samples_per_class=",".join(map(str, wanted)))
+    data = load_labelled(data_url(ctx, "labelled"))
+    folds = make_folds(data.patients, data.label_names, ft["folds"], ft["valFraction"], seed=spec["seed"])
+    rand = resolve_encoder("random", default_backbone=ft["backbone"], in_chans=None, tracking_uri=ctx.tracking_uri)
+    milestones = {r["encoder"]: {float(f): p for f, p in r.get("milestones", {}).items()}
+                  for k, r in ctx.results.items() if k.startswith("pretrain-")}
+    table = budget_table(milestones, rand, data, folds, sizes, list(ft["seeds"]), seed=spec["seed"])
+    out = ctx.study.workdir.resolve() / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    csv, png = str(out / "budget_curve.csv"), str(out / "budget_curve.png")
+    table.to_csv(csv, index=False)
+    plot_budget_curve(table, png)
+    parent = ctx.results.get("finetune", {}).get("parent_run_id")
+    if parent:
+        tracking.log_artifacts(tracking.client(ctx.tracking_uri), parent, [csv, png])
+    return {"csv": csv, "plot": png, "rows": len(table)}

@@ -203,12 +203,17 @@ def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, A
             address=ctx.address, tracking_uri=ctx.tracking_uri,
             checkpoint_every=study.spec["pretrain"]["checkpointEvery"], seed=study.spec["seed"],
             method_options=s["options"], mlflow_experiment=study.name, register_as=f"{study.name}-{encoder}",
-            tags={"ctssl.stage": "pretrain", "ctssl.study": study.name, "encoder": encoder, "reduction": label})
+            tags={"ctssl.stage": "pretrain", "ctssl.study": study.name, "encoder": encoder, "reduction": label},
+            keep_at_fractions=list(study.spec["pretrain"].get("budgetCurve") or []))
         pc.validate()
         r = run_pretrain(pc)
         print(f"    {encoder}: {r.summary()}", flush=True)
+        from ray_jobs.pretrain.checkpoint_store import CheckpointStore
+
+        kept = CheckpointStore(pc.storage, pc.experiment).milestones() if pc.keep_at_fractions else {}
         return {"checkpoint": r.checkpoint_path, "run_id": r.run_id, "steps": r.steps,
-                "train_time_s": r.train_time_s, "encoder": encoder, "method": method, "reduction": label}
+                "train_time_s": r.train_time_s, "encoder": encoder, "method": method, "reduction": label,
+                "milestones": {str(f): p for f, p in kept.items()}}
 
     return run
 
@@ -379,7 +384,10 @@ def plan(study: Study) -> list[Stage]:
             out.append(Stage(f"pretrain-{enc}", f"pre-training {method} on "
                              + ("all slices" if level is None else f"the {study.level_label(level)} selection"),
                              {**study.method_settings(method), "level": level, "resources": res,
-                              "checkpointEvery": spec["pretrain"]["checkpointEvery"], "seed": spec["seed"]},
+                              "checkpointEvery": spec["pretrain"]["checkpointEvery"], "seed": spec["seed"],
+                              # the budget curve's checkpoints are written while training: on, it is a setting
+                              **({"budgetCurve": spec["pretrain"]["budgetCurve"]}
+                                 if spec["pretrain"].get("budgetCurve") else {})},
                              _pretrain(method, level), lambda c, r: _exists(r["checkpoint"]), needs=needs))
             pretrain_names.append(f"pretrain-{enc}")
     labelled_needs = [] if spec["data"]["labelled"]["type"] == "shards" else ["prep-labelled"]
@@ -387,6 +395,12 @@ def plan(study: Study) -> list[Stage]:
                      {**spec["finetune"], "labelled": spec["data"]["labelled"].get("path"),
                       "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
                      _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
+    if spec["pretrain"].get("budgetCurve"):
+        from ray_jobs.study.budget_curve import run_stage as _budget
+
+        out.append(Stage("budget", "gain versus pre-training budget (linear probe on budget-curve checkpoints)",
+                         {k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")}, _budget,
+                         lambda c, r: Path(r["csv"]).exists(), needs=["finetune"]))
     out.append(Stage("report", "report", dict(spec["report"]), _report,
                      _report_done,
                      needs=["finetune"]))
