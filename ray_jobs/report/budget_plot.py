@@ -115,10 +115,21 @@ def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None) 
 
 
 def budget_section(table: pd.DataFrame, image: str) -> str:
-    """The report's markdown section; ``image`` is the plot's file name next to the report."""
-    lines = ["## Gain versus pre-training budget", "",
-             "Linear-probe AUC of checkpoints kept at fractions of each pre-training run's budget; the grey "
+    """The body of the report's section; ``image`` is the plot's file name next to the report."""
+    lines = ["Linear-probe AUC of checkpoints kept at fractions of each pre-training run's budget; the grey "
              "band is the random-init encoder's probe (mean, bootstrap 95 % interval over folds x seeds).", "",
              f"![AUC versus pre-training time]({image})", ""]
     lines += [f"- {s}" for s in summary_lines(table)]
     return "\n".join(lines) + "\n"
+
+
+SECTION = "Gain versus pre-training budget"
+PLOT = "budget_curve.png"
+
+
+def report_section(csv: str, out: str) -> tuple[str, str]:
+    """(heading, body) of the report's section from a study's ``budget_curve.csv``; the plot is drawn
+    into ``out`` beside the report."""
+    table = pd.read_csv(csv)
+    plot_budget_curve(table, f"{out}/{PLOT}")
+    return SECTION, budget_section(table, PLOT)

@@ -68,6 +68,8 @@ class ReportConfig:
     prep_manifests: dict[str, str] | None = None
     #: the encoders and data of the "What the encoders learned" pictures; None: no such section
     embedding_maps: MapsInput | None = None
+    #: a study's budget_curve.csv (its budget stage): the "Gain versus pre-training budget" section
+    budget_curve: str | None = None
 
 
 #: the artifact folder of the study's parent run the report's files go to (``log_to_run``)
@@ -124,6 +126,8 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
 
 
 def _build(cfg: ReportConfig, out: str) -> ReportPaths:
+    from ray_jobs.report.budget_plot import report_section
+
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         if not cfg.storage:
@@ -180,6 +184,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
             f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
         *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
         *([(MAPS_SECTION, maps_text)] if cfg.embedding_maps is not None else []),
+        *([report_section(cfg.budget_curve, out)] if cfg.budget_curve else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
         (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",

@@ -277,7 +277,8 @@ def _report(ctx: Context) -> dict[str, Any]:
                                       study_run=ctx.results["finetune"]["parent_run_id"],
                                       target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True,
                                       prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")},
-                                      embedding_maps=_maps_input(ctx)))
+                                      embedding_maps=_maps_input(ctx),
+                                      budget_curve=ctx.results.get("budget", {}).get("csv")))
     res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local),
            **_alias_best(ctx, paths.summary_csv)}
     if not storage.is_local(study.storage):  # and beside the shards, where the cluster's users look
@@ -403,6 +404,6 @@ def plan(study: Study) -> list[Stage]:
                          lambda c, r: Path(r["csv"]).exists(), needs=["finetune"]))
     out.append(Stage("report", "report", dict(spec["report"]), _report,
                      _report_done,
-                     needs=["finetune"]))
+                     needs=["finetune"] + (["budget"] if spec["pretrain"].get("budgetCurve") else [])))
     return out
 

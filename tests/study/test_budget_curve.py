@@ -79,3 +79,28 @@ def test_budget_table_rows_per_method_and_fraction():
     assert list(t["n"]) == [6] * 5 and list(t["step"]) == [0, 2, 4, 3, 6]
     assert np.allclose(t["auc_mean"], [0.51, 0.71, 0.91, 0.81, 1.11])
     assert (t["ci_low"] <= t["auc_mean"]).all() and (t["auc_mean"] <= t["ci_high"]).all()
+
+
+def test_report_section_from_the_csv(tmp_path):
+    from ray_jobs.report.budget_plot import PLOT, SECTION, report_section
+
+    csv = tmp_path / "budget_curve.csv"
+    _table().to_csv(csv, index=False)
+    head, body = report_section(str(csv), str(tmp_path))
+    assert head == SECTION and (tmp_path / PLOT).stat().st_size > 5000
+    assert "crosses at 0.5" in body and "does not cross" in body
+
+
+def test_budget_curve_key_adds_the_stage_before_the_report(tmp_path):
+    from ray_jobs.study import plan, spec
+    from ray_jobs.study.stages import plan as stage_plan
+    from tests.study.test_study_plan import study_text
+
+    text = study_text(tmp_path / "s").replace("epochs: 4, batch: 8,", "epochs: 4, batch: 8, budgetCurve: [0.5, 1],")
+    study = spec.loads(text, "s.yaml")
+    stages = {s.name: s for s in stage_plan(study)}
+    assert "budget" in stages and "budget" in stages["report"].needs
+    assert all(s.settings.get("budgetCurve") == [0.5, 1] for n, s in stages.items() if n.startswith("pretrain-"))
+    plan.make_plan(study, plan.Options())  # the plan prints with the stage in it
+    off = {s.name for s in stage_plan(spec.loads(study_text(tmp_path / "s"), "s.yaml"))}
+    assert "budget" not in off
