@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-real bench-pretrain bench-trials gpu-check lint schema clean
+.PHONY: setup demo test bench bench-real bench-pretrain bench-trials bench-scale gpu-check lint schema clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (the tested Python is 3.11; set PYTHON=...)"; exit 1; }
@@ -33,6 +33,10 @@ bench-real: $(STAMP)
 # ctssl pretrain end to end (start-up included) vs a plain peer loop on the same shards, per method
 bench-pretrain: $(STAMP)
 	$(PY) tests/bench/bench_pretrain_e2e.py --budget "$(or $(BUDGET),10m)" --out "$(or $(OUT),bench-pretrain-out)" $(if $(DATA),--data "$(DATA)") $(if $(METHODS),--methods "$(METHODS)") $(if $(CTSSL_ARGS),--ctssl-args "$(CTSSL_ARGS)")
+
+# cost per slice and peak RSS of prep and reduce as the pool grows (SCALE_SIZES, default 1k,10k,100k slices)
+bench-scale: $(STAMP)
+	SCALE_SIZES="$(or $(SCALE_SIZES),1000,10000,100000)" $(PY) tests/bench/bench_scale.py
 
 # on a machine with CUDA: each method's step at 224 px bf16 vs lightly, peak memory, CPU cores to feed a GPU
 gpu-check: $(STAMP)
