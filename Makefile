@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-real bench-pretrain bench-trials bench-scale gpu-check lint schema clean
+.PHONY: setup demo test bench bench-real bench-budget bench-pretrain bench-trials bench-scale gpu-check lint schema clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (the tested Python is 3.11; set PYTHON=...)"; exit 1; }
@@ -29,6 +29,14 @@ bench: $(STAMP)
 bench-real: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make bench-real DATA=<folder with labels.csv> [BUDGET=12m] [OUT=bench-real-out]"; exit 2; }
 	$(PY) tests/bench/bench_real.py "$(DATA)" --budget "$(or $(BUDGET),12m)" --out "$(or $(OUT),bench-real-out)" $(BENCH_REAL_ARGS)
+
+# gain versus pre-training budget on the real-CT folder of bench-real: examples/budget-real.yaml with
+# DATA and OUT filled in, as one study (PLAN=1: only print its plan)
+bench-budget: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make bench-budget DATA=<folder with labels.csv> [OUT=bench-budget-out] [PLAN=1]"; exit 2; }
+	mkdir -p "$(or $(OUT),bench-budget-out)"
+	sed -e "s#OUT/#$(abspath $(or $(OUT),bench-budget-out))/#g" -e "s#DATA#$(abspath $(DATA))#g" examples/budget-real.yaml > "$(or $(OUT),bench-budget-out)/study.yaml"
+	$(VENV)/bin/ctssl study $(if $(PLAN),plan,run) -f "$(or $(OUT),bench-budget-out)/study.yaml"
 
 # ctssl pretrain end to end (start-up included) vs a plain peer loop on the same shards, per method
 bench-pretrain: $(STAMP)

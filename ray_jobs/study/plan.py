@@ -360,6 +360,11 @@ def keep_share(study: Study, level: int) -> tuple[float, str]:
     return figure(key)["kept"] / figure(key)["of"], key
 
 
+def spec_budget(study: Study) -> list[float]:
+    """The budget curve's fractions (``pretrain.budgetCurve``); empty when off."""
+    return list(study.spec["pretrain"].get("budgetCurve") or [])
+
+
 def report_s_per_trial() -> float:
     measured = figure("report.per_trial_s")
     return measured["minutes"] * 60 / measured["trials"]
@@ -480,6 +485,10 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
                     peak, peak_why = conc, [f"fine-tuning: {conc} trials at once, 1 GPU each"]
                 elif conc == peak:
                     peak_why.append(f"fine-tuning: {conc} trials at once")
+        elif name == "budget":
+            n = 1 + sum(1 for r in rows if r.stage.startswith("pretrain-")) * len(spec_budget(study))
+            rows.append(Row(name, st.title, f"{n} checkpoints probed (random init included)",
+                            n * figure("budget.per_checkpoint_s"), basis=["budget.per_checkpoint_s"]))
         elif name == "report":
             trials = next(r for r in rows if r.stage == "finetune").details["trials"]
             rows.append(Row(name, st.title, f"{trials:,} trials collected",
