@@ -397,7 +397,11 @@ def plan(study: Study) -> list[Stage]:
                       "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
                      _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
     if spec["pretrain"].get("budgetCurve"):
+        from ray_jobs.errors import CLIError
         from ray_jobs.study.budget_curve import run_stage as _budget
+
+        if (fr := spec["pretrain"]["budgetCurve"]) != sorted(fr):
+            raise CLIError(f"{study.source}: pretrain.budgetCurve must be sorted ascending, got {fr}")
 
         out.append(Stage("budget", "gain versus pre-training budget (linear probe on budget-curve checkpoints)",
                          {k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")}, _budget,

@@ -104,3 +104,16 @@ def test_budget_curve_key_adds_the_stage_before_the_report(tmp_path):
     plan.make_plan(study, plan.Options())  # the plan prints with the stage in it
     off = {s.name for s in stage_plan(spec.loads(study_text(tmp_path / "s"), "s.yaml"))}
     assert "budget" not in off
+
+
+def test_an_unsorted_budget_curve_is_refused_naming_the_key(tmp_path):
+    import pytest
+
+    from ray_jobs.errors import CLIError
+    from ray_jobs.study import spec
+    from ray_jobs.study.stages import plan as stage_plan
+    from tests.study.test_study_plan import study_text
+
+    text = study_text(tmp_path / "s").replace("epochs: 4, batch: 8,", "epochs: 4, batch: 8, budgetCurve: [1, 0.5],")
+    with pytest.raises(CLIError, match="s.yaml: pretrain.budgetCurve must be sorted"):
+        stage_plan(spec.loads(text, "s.yaml"))
