@@ -56,7 +56,7 @@ bench-trials: $(STAMP)
 
 # after an edit of ray_jobs/study/study.schema.json: the chart's values schema and the docs' key table
 schema: $(STAMP)
-	$(PY) -m tests.charts.chart_support
+	$(PY) -m ray_jobs.study.chart_schema
 	$(PY) -m ray_jobs.study.reference_doc
 
 lint: $(STAMP)

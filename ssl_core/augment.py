@@ -14,9 +14,11 @@ Public API (stable):
 * :class:`Compose` — a view pipeline; :class:`MultiView` — several pipelines x counts
   (2 global + N local crops) returning a list of views.
 * Functional forms: :func:`random_resized_crop`, :func:`gaussian_blur`.
-* Per-method recipes (:data:`VIEW_RECIPES`, :func:`create_views`): ``byol``, ``mocov2``, ``swav``,
-  ``spark``. Colour jitter and grayscale conversion from the papers do not apply to single-channel
-  CT; they are replaced by HU-window jitter with the same probability. SparK: crop + flip only.
+* Per-method recipes: :func:`byol_views`, :func:`mocov2_views`, :func:`swav_views`,
+  :func:`spark_views` (each method class names its own as ``VIEWS``;
+  :func:`ssl_core.methods.create_views` looks one up by method name). Colour jitter and grayscale
+  conversion from the papers do not apply to single-channel CT; they are replaced by HU-window
+  jitter with the same probability. SparK: crop + flip only.
 
 Order inside a view: geometry (on 1-channel HU, the cheapest place) -> blur -> noise (in HU, like
 scanner noise) -> window (expands to C channels) -> solarize.
@@ -403,23 +405,7 @@ def spark_views(img_size: int, windows: Sequence[WindowSpec] | None = None, in_c
     ]), 1)])
 
 
-VIEW_RECIPES: dict[str, Callable[..., MultiView]] = {
-    "byol": byol_views,
-    "mocov2": mocov2_views,
-    "swav": swav_views,
-    "spark": spark_views,
-}
-
-
-def create_views(method: str, img_size: int, **kwargs) -> MultiView:
-    """The default view recipe of a method by registry name."""
-    try:
-        return VIEW_RECIPES[method](img_size, **kwargs)
-    except KeyError:
-        raise ValueError(f"no view recipe for {method!r}; known: {', '.join(VIEW_RECIPES)}") from None
-
-
-__all__ = ["AIR_HU", "VIEW_RECIPES", "Compose", "GaussianBlur", "GaussianNoise", "MultiView", "RandomFlip",
-           "RandomResizedCrop", "RandomSolarize", "Standardise", "Window", "byol_views", "create_views", "crop_affine",
+__all__ = ["AIR_HU", "Compose", "GaussianBlur", "GaussianNoise", "MultiView", "RandomFlip",
+           "RandomResizedCrop", "RandomSolarize", "Standardise", "Window", "byol_views", "crop_affine",
            "gaussian_blur", "mocov2_views", "random_resized_crop", "spark_views", "swav_local_size",
            "swav_views"]

@@ -25,8 +25,9 @@ Example:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ray_jobs.pretrain.config import RUNNERS
+    from ssl_core.methods import METHOD_NAMES
 
-    p.add_argument("--method", required=True, help="byol | mocov2 | swav | spark")
+    p.add_argument("--method", required=True, help=" | ".join(METHOD_NAMES))
     p.add_argument("--data", required=True, metavar="URL", help="prep output folder (local path or s3://)")
     p.add_argument("--selection", metavar="URL", help="a selection (reduction output) of --data to train on")
     p.add_argument("--backbone", default="resnet50", metavar="NAME", help="timm model name (default resnet50)")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ray_jobs.errors import CLIError
+from ssl_core.methods import METHOD_NAMES
 
 SCHEMA_FILE = Path(__file__).with_name("study.schema.json")
 API_VERSION = "ctssl/v1"
@@ -37,14 +38,19 @@ class SpecError(CLIError):
 
 @cache
 def schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_FILE.read_text())
+    """The study schema: the file beside this module with the method names and the default (every
+    method) filled in from the methods registry, so a new method module needs no edit here."""
+    sch = json.loads(SCHEMA_FILE.read_text())
+    methods = sch["properties"]["spec"]["properties"]["pretrain"]["properties"]["methods"]
+    methods["propertyNames"] = {"enum": method_names()}
+    methods["default"] = {m: {} for m in method_names()}
+    return sch
 
 
 def method_names() -> list[str]:
-    """The pre-training methods a study can name (the schema's list; a test keeps it equal to the
-    methods registry, which would import torch here)."""
-    return list(schema()["properties"]["spec"]["properties"]["pretrain"]["properties"]["methods"]
-                ["propertyNames"]["enum"])
+    """The pre-training methods a study can name: the methods package's modules (listed, not imported:
+    no torch here)."""
+    return list(METHOD_NAMES)
 
 
 # ------------------------------------------------------------------------------ parsing

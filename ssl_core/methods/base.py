@@ -13,12 +13,14 @@ calling the method or its DDP wrapper is a step), steps the optimiser, then
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ssl_core.augment import MultiView
 
 
 @dataclass
@@ -58,6 +60,9 @@ class SSLMethod(nn.Module, ABC):
     #: constructor options counted in optimiser steps: a time-budgeted run cannot honour them, as its
     #: step count is unknown until it ends (its schedules see a scaled step, not the real one)
     step_count_options: tuple[str, ...] = ()
+    #: the default view recipe, ``VIEWS(img_size, windows, in_chans, **options)`` -> MultiView
+    #: (:mod:`ssl_core.augment`); each method sets its own
+    VIEWS: Callable[..., MultiView]
 
     @classmethod
     def options_for_pool(cls, rows: int, batch_size: int, total_steps: int | None,

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 @METHODS.register("byol")
 class BYOL(SSLMethod):
+    #: the method's default view recipe (``views=`` overrides it); :func:`ssl_core.methods.create_views`
+    VIEWS = staticmethod(byol_views)
+
     def __init__(
         self,
         backbone: str = "resnet50",
@@ -58,7 +61,7 @@ class BYOL(SSLMethod):
         self.target_projector = freeze(copy.deepcopy(self.projector))
         self.tau_base, self.tau_end = tau_base, tau_end
         self.tau = tau_base
-        self.views = views or byol_views(img_size, windows, in_chans)
+        self.views = views or self.VIEWS(img_size, windows, in_chans)
         if len(self.views) != 2:
             raise ValueError(f"BYOL needs exactly 2 views, the recipe makes {len(self.views)}")
         log.info("BYOL: backbone %s (width %d), projector %d->%d->%d, tau %.4g->%.4g",

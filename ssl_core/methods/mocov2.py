@@ -147,6 +147,9 @@ def auto_shuffle_bn_groups(batch: int) -> int:
 
 @METHODS.register("mocov2")
 class MoCoV2(SSLMethod):
+    #: the method's default view recipe (``views=`` overrides it); :func:`ssl_core.methods.create_views`
+    VIEWS = staticmethod(mocov2_views)
+
     def __init__(
         self,
         backbone: str = "resnet50",
@@ -187,7 +190,7 @@ class MoCoV2(SSLMethod):
         self.key_projector = freeze(copy.deepcopy(self.projector))
         self.queue = MemoryQueue(queue_size, o)
         self.temperature, self.momentum, self.symmetric = temperature, momentum, symmetric
-        self.views = views or mocov2_views(img_size, windows, in_chans)
+        self.views = views or self.VIEWS(img_size, windows, in_chans)
         if len(self.views) != 2:
             raise ValueError(f"MoCo v2 needs exactly 2 views, the recipe makes {len(self.views)}")
         self._pending_keys: torch.Tensor | None = None

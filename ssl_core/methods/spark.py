@@ -133,6 +133,9 @@ class SparK(SSLMethod):
     (ConvNeXts), as the official code does.
     """
 
+    #: the method's default view recipe (``views=`` overrides it); :func:`ssl_core.methods.create_views`
+    VIEWS = staticmethod(spark_views)
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
@@ -168,7 +171,7 @@ class SparK(SSLMethod):
         self.densify = Densify(self.sparse_encoder.channels, self.sparse_encoder.reductions, decoder_width,
                                self.sparse_encoder.mask_ctx, norm=densify_norm, sync_bn=sync_bn)
         self.decoder = LightDecoder(self.sparse_encoder.levels, out_chans=in_chans, width=decoder_width)
-        self.views = views or spark_views(img_size, windows, in_chans)
+        self.views = views or self.VIEWS(img_size, windows, in_chans)
         if len(self.views) != 1:
             raise ValueError(f"SparK takes exactly 1 view, the recipe makes {len(self.views)}")
         self._uses_bn = is_bn

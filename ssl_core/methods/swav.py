@@ -45,6 +45,9 @@ MAX_FREEZE_FRACTION = 0.1  # frozen prototypes for longer than a tenth of a shor
 
 @METHODS.register("swav")
 class SwAV(SSLMethod):
+    #: the method's default view recipe (``views=`` overrides it); :func:`ssl_core.methods.create_views`
+    VIEWS = staticmethod(swav_views)
+
     def __init__(
         self,
         backbone: str = "resnet50",
@@ -83,7 +86,7 @@ class SwAV(SSLMethod):
         # (a time budget): it wins over freeze_prototypes_iters when given
         self.freeze_prototypes_fraction = freeze_prototypes_fraction
         self.queue_start_epoch = int(queue_start_epoch)
-        self.views = views or swav_views(img_size, windows, in_chans, n_local=n_local, local_size=local_size)
+        self.views = views or self.VIEWS(img_size, windows, in_chans, n_local=n_local, local_size=local_size)
         self.n_global = self.views.counts[0]
         if self.n_global < 2 or len(self.views) < 2:
             raise ValueError(f"SwAV needs >= 2 global views, the recipe makes counts {self.views.counts}")

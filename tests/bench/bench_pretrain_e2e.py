@@ -46,7 +46,8 @@ for p in (str(REPO), str(HERE)):
         sys.path.insert(0, p)
 
 log = logging.getLogger("bench-pretrain")
-METHODS = ("byol", "mocov2", "swav", "spark")
+from ssl_core.methods import METHOD_NAMES as METHODS  # noqa: E402 - after the sys.path set-up
+
 SPARK_GIT_DIR = Path(os.environ.get("CTSSL_SPARK_GIT_DIR", REPO / ".spark-official.git"))
 # ctssl's worker logs a progress line every 10 steps: "step N epoch E ... (T s of training)"
 PROGRESS = re.compile(r"step (\d+) epoch (\d+) .*?\((\d+) s of training\)")

@@ -48,7 +48,8 @@ for _path in (str(REPO), str(REPO / "tests" / "bench")):  # ctssl, and lightly_p
 
 log = logging.getLogger("bench-real")
 
-CTSSL_METHODS = ("byol", "mocov2", "swav", "spark")
+from ssl_core.methods import METHOD_NAMES as CTSSL_METHODS  # noqa: E402 - after the sys.path set-up
+
 LIGHTLY_METHODS = ("byol", "mocov2")
 
 

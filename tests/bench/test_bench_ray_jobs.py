@@ -56,7 +56,7 @@ def _pipeline_rate(url: str, batch: int, img_size: int) -> float:
 
     @ray.remote(num_cpus=1)
     def consume(it) -> float:
-        from ssl_core.augment import create_views
+        from ssl_core.methods import create_views
 
         views = create_views("byol", img_size)
         n, t0 = 0, None

@@ -84,7 +84,7 @@ def test_what_the_study_says_itself_wins_over_the_charts_defaults() -> None:
 
 
 def test_values_schema_embeds_the_study_schema() -> None:
-    """Run `python -m tests.charts.chart_support` after changing ray_jobs/study/study.schema.json."""
+    """Run `make schema` after changing ray_jobs/study/study.schema.json or adding a method module."""
     schema = json.loads(VALUES_SCHEMA.read_text())
     study, defs = values_study_schema()
     assert schema["properties"]["study"] == study, "values.schema.json's study is stale"

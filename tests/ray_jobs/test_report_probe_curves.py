@@ -4,6 +4,8 @@ collapse flagged) and drawn; runs without curves leave the section out."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from ray_jobs import tracking
@@ -44,4 +46,4 @@ def test_curves_are_read_summarised_and_drawn_and_a_collapse_is_flagged(tmp_path
     assert "![online probe curves](probe_curves.png)" in md
 
     png = plot_probe_curves(curves, str(tmp_path / "probe_curves.png"))
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

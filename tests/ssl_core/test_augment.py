@@ -16,13 +16,13 @@ from ssl_core.augment import (
     RandomResizedCrop,
     RandomSolarize,
     Window,
-    create_views,
     crop_affine,
     gaussian_blur,
     random_resized_crop,
     swav_local_size,
 )
 from ssl_core.ct_window import WindowJitter
+from ssl_core.methods import create_views
 
 
 def _column_ramp(n: int, size: int) -> torch.Tensor:
@@ -156,7 +156,7 @@ def test_views_are_reproducible_with_a_generator_and_random_without():
 def test_invalid_crop_parameters_are_rejected():
     with pytest.raises(ValueError, match="crop scale"):
         RandomResizedCrop(32, scale=(0.5, 1.5))
-    with pytest.raises(ValueError, match="no view recipe for 'simclr'"):
+    with pytest.raises(ValueError, match="unknown method 'simclr'; known: byol, "):
         create_views("simclr", 32)
     assert math.isclose(create_views("swav", 224).pipelines[1][0].ops[0].scale[1], 0.14)
 

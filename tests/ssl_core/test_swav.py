@@ -57,7 +57,7 @@ def test_swav_step_uses_2_global_and_n_local_crops_and_scales_the_head():
 
 
 def test_swav_rejects_a_recipe_without_two_global_views():
-    from ssl_core.augment import create_views
+    from ssl_core.methods import create_views
 
     with pytest.raises(ValueError, match="SwAV needs >= 2 global views"):
         create_method("swav", backbone="test_resnet", img_size=32, views=create_views("spark", 32))
