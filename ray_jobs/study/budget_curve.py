@@ -97,7 +97,9 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     sizes = parse_sizes(samples_per_class=",".join(map(str, wanted)))
     data = load_labelled(data_url(ctx, "labelled"))
     folds = make_folds(data.patients, data.label_names, ft["folds"], ft["valFraction"], seed=spec["seed"])
-    rand = resolve_encoder("random", default_backbone=ft["backbone"], in_chans=None, tracking_uri=ctx.tracking_uri)
+    # the baseline's network is the pre-trained encoders' unless the study names one, as in fine-tuning
+    backbone = ft["backbone"] or sorted(ctx.study.method_settings(m)["backbone"] for m in ctx.study.methods())[0]
+    rand = resolve_encoder("random", default_backbone=backbone, in_chans=None, tracking_uri=ctx.tracking_uri)
     milestones = {r["encoder"]: {float(f): p for f, p in r.get("milestones", {}).items()}
                   for k, r in ctx.results.items() if k.startswith("pretrain-")}
     table = budget_table(milestones, rand, data, folds, sizes, list(ft["seeds"]), seed=spec["seed"])
