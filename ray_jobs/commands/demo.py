@@ -13,7 +13,7 @@ Runs every stage of ctssl on one machine with no cluster, no GPU and no network:
 phantom cohort (DICOM), prep to Parquet shards, dhash reduction, pre-training of BYOL, MoCo v2, SwAV
 and SparK (one worker each, in this process), a fine-tuning study on a local Ray (4 encoders + random
 init x training-set sizes x patient-level folds) tracked in MLflow (SQLite), and the report: about
-15 minutes on 2 CPU cores. A second run reuses finished stages.
+12 minutes on 2 CPU cores. A second run reuses finished stages.
 
 Scaling it up (same stages, bigger settings):
   ctssl demo --pretrain-patients 200 --labelled-patients 100 --slices 64 --size 128 \\

@@ -45,16 +45,15 @@ def _rows(method: str, fraction: float, step: int, seconds: float, cells: list[d
 
 
 def milestone_encoder(random_spec: Any, folder: str) -> tuple[Any, int, float]:
-    """The encoder of a milestone folder in the form of ``random_spec`` (an EncoderSpec), its step and
-    training seconds."""
-    import torch
-
+    """The encoder of a milestone folder (local or object storage) in the form of ``random_spec`` (an
+    EncoderSpec), its step and training seconds."""
+    from ctssl_base import storage
+    from ray_jobs.finetune.encoders import _load_from_folder
     from ray_jobs.pretrain import checkpoint as ckpt_io
 
-    state = torch.load(f"{folder}/{ckpt_io.ENCODER_FILE}", map_location="cpu", weights_only=True)
-    with open(f"{folder}/{ckpt_io.ENCODER_CONFIG_FILE}") as f:
-        config = json.load(f)
-    progress = ckpt_io.load_progress(folder)
+    state, config = _load_from_folder(folder)
+    fs, root = storage.open_fs(folder)
+    progress = ckpt_io.Progress(**json.loads(fs.cat_file(storage.join(root, ckpt_io.PROGRESS_FILE))))
     spec = dataclasses.replace(random_spec, source=folder, method=config.get("method", ""), state=state,
                                config=config, backbone=config.get("backbone", random_spec.backbone))
     return spec, progress.step, progress.train_time_s
