@@ -57,11 +57,13 @@ def _maps_input(args: argparse.Namespace):  # noqa: ANN202 - embedding_maps.Maps
         raise CLIError("--maps-data needs --maps-pool (the pre-training pool the nearest neighbours come from)")
     import os
 
+    from ray_jobs.finetune.frozen_views import load_maps_data
     from ray_jobs.report.embedding_maps import MapsInput
 
     encoders = ["random", *(e for e in args.maps_encoder if e != "random")]
     return MapsInput(labelled=args.maps_data, pool=args.maps_pool, encoders=encoders,
-                     tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+                     tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+                     load=load_maps_data)
 
 
 def run(args: argparse.Namespace) -> int:

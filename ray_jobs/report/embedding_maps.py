@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import matplotlib
 
@@ -62,6 +63,10 @@ class MapsInput:
     neighbours: int = 4
     pool_slices: int = 512  # the demo's 768-slice pool: 512 keeps the maps under ~15 s on 2 CPU cores
     labelled_slices: int = 2000  # bound on the PCA map's points for large labelled sets
+    #: reads the labelled set and the frozen encoders: (data with images/labels/classes, views with
+    #: ``name``, ``embed(hu, img_size)`` and ``window()``). The caller hands in the fine-tuning code's
+    #: loader (``ray_jobs.finetune.frozen_views.load_maps_data``), so the report never imports it.
+    load: Callable[[MapsInput], tuple[Any, list[Any]]] | None = None
 
 
 @dataclass
@@ -273,55 +278,6 @@ def file_name(encoder: str) -> str:
     return f"{NN_PREFIX}{re.sub(r'[^A-Za-z0-9._-]', '_', encoder)}.png"
 
 
-# ------------------------------------------------------------------------------------------ encoders
-@dataclass
-class EncoderView:
-    """One frozen encoder ready to embed: the network and the input windows fine-tuning gives it."""
-
-    name: str
-    module: object  # torch.nn.Module (torch is imported lazily)
-    windows: list | None
-    in_chans: int
-
-
-def load_views(inp: MapsInput, intensity: str, stats: dict[str, float] | None) -> list[EncoderView]:
-    """The encoders of ``inp`` as fine-tuning resolves them, each a feature extractor (no classifier).
-    Random initialisation is drawn from ``inp.seed`` without touching the global random state."""
-    import torch
-
-    from ray_jobs.finetune.encoders import resolve_encoders
-    from ray_jobs.finetune.study import _encoder_payload
-    from ssl_core.backbones import create_backbone, load_encoder_state_dict
-
-    specs = resolve_encoders(inp.encoders, default_backbone=inp.backbone, in_chans=None,
-                             tracking_uri=inp.tracking_uri)
-    payload = _encoder_payload(specs, intensity, stats)
-    views = []
-    for s in specs:
-        if s.state is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(inp.seed)
-                module = create_backbone(s.backbone, in_chans=s.in_chans)
-        else:
-            module = load_encoder_state_dict(s.backbone, s.state, in_chans=s.in_chans, num_classes=0)
-        views.append(EncoderView(s.name, module, payload[s.name]["windows"], s.in_chans))
-    return views
-
-
-def embed_view(view: EncoderView, hu: np.ndarray, img_size: int) -> np.ndarray:
-    from ssl_core.probe import embed
-
-    return embed(view.module, hu, img_size=img_size, windows=view.windows, in_chans=view.in_chans,
-                 device="cpu")
-
-
-def display_window(view: EncoderView):  # noqa: ANN201 - a ct_window.WindowSpec
-    """The window the thumbnails are drawn through: the encoder's first input window."""
-    from ssl_core.ct_window import default_windows
-
-    return (view.windows or default_windows(view.in_chans))[0]
-
-
 NOTE = ("Each frozen encoder embeds the labelled slices as fine-tuning reads them. The first picture "
         "projects them on the first two principal components of each encoder's embeddings, coloured "
         "by class: classes that separate here are separable by a linear classifier on the frozen "
@@ -335,11 +291,10 @@ def write_maps(inp: MapsInput, out_dir: str) -> MapsResult:
     """Embed, draw and save the pictures into ``out_dir``; the result holds the section's markdown."""
     import os
 
-    from ray_jobs.finetune.data import load_labelled
-
+    if inp.load is None:
+        raise ValueError("MapsInput.load is unset: hand in ray_jobs.finetune.frozen_views.load_maps_data")
     t0 = time.perf_counter()
-    data = load_labelled(inp.labelled)
-    views = load_views(inp, data.intensity, data.intensity_stats)
+    data, views = inp.load(inp)
     img_size = inp.img_size or int(data.images.shape[-1])
     rows = stratified_rows(data.labels, inp.labelled_slices, inp.seed)
     pool = read_pool_sample(inp.pool, inp.pool_slices, inp.seed, size=int(data.images.shape[-1]))
@@ -348,12 +303,12 @@ def write_maps(inp: MapsInput, out_dir: str) -> MapsResult:
     lab_emb: dict[str, np.ndarray] = {}
     files = []
     for v in views:
-        emb = embed_view(v, data.images[rows], img_size)
+        emb = v.embed(data.images[rows], img_size)
         lab_emb[v.name] = emb
         if len(pool) and len(queries):
-            q_emb = embed_view(v, data.images[queries], img_size)
-            idx, sim = nearest(q_emb, embed_view(v, pool, img_size), inp.neighbours)
-            win = display_window(v)
+            q_emb = v.embed(data.images[queries], img_size)
+            idx, sim = nearest(q_emb, v.embed(pool, img_size), inp.neighbours)
+            win = v.window()
             fig = neighbours_figure(v.name, thumbnails(data.images[queries], win), query_classes,
                                     thumbnails(pool, win), idx, sim)
             files.append(save(fig, os.path.join(out_dir, file_name(v.name))))

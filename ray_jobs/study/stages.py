@@ -208,12 +208,16 @@ def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, A
         pc.validate()
         r = run_pretrain(pc)
         print(f"    {encoder}: {r.summary()}", flush=True)
-        from ray_jobs.pretrain.checkpoint_store import CheckpointStore
+        from ctssl_base import storage
+        from ray_jobs.pretrain.checkpoint_store import MILESTONES, CheckpointStore
 
         kept = CheckpointStore(pc.storage, pc.experiment).milestones() if pc.keep_at_fractions else {}
+        # as URLs (the store lists file-system paths, which lack the s3:// of a remote storage)
+        urls = {str(f): storage.join(pc.storage, pc.experiment, MILESTONES, p.rstrip("/").rsplit("/", 1)[-1])
+                for f, p in kept.items()}
         return {"checkpoint": r.checkpoint_path, "run_id": r.run_id, "steps": r.steps,
                 "train_time_s": r.train_time_s, "encoder": encoder, "method": method, "reduction": label,
-                "milestones": {str(f): p for f, p in kept.items()}}
+                "milestones": urls}
 
     return run
 
@@ -293,6 +297,7 @@ def _report(ctx: Context) -> dict[str, Any]:
 def _maps_input(ctx: Context) -> Any:
     """The report's embedding maps (``report.embeddingMaps``): every encoder the study pre-trained and,
     for reference, random init on the fine-tuning's baseline network; None when switched off."""
+    from ray_jobs.finetune.frozen_views import load_maps_data
     from ray_jobs.report.embedding_maps import MapsInput
 
     spec = ctx.study.spec
@@ -301,7 +306,8 @@ def _maps_input(ctx: Context) -> Any:
     pre = [r for k, r in ctx.results.items() if k.startswith("pretrain-")]
     return MapsInput(labelled=data_url(ctx, "labelled"), pool=data_url(ctx, "pretrain"),
                      encoders=["random", *(f"{r['encoder']}={r['checkpoint']}" for r in pre)],
-                     backbone=spec["finetune"]["backbone"], tracking_uri=ctx.tracking_uri, seed=spec["seed"])
+                     backbone=spec["finetune"]["backbone"], tracking_uri=ctx.tracking_uri, seed=spec["seed"],
+                     load=load_maps_data)
 
 
 def best_at_smallest(summary_csv: str, encoders: set[str]) -> tuple[str, str, float] | None:

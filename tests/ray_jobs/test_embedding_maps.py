@@ -16,6 +16,7 @@ from torch import nn
 
 from data_prep import shards
 from ray_jobs import tracking
+from ray_jobs.finetune.frozen_views import EncoderView, load_maps_data
 from ray_jobs.finetune.trial import trial_tags
 from ray_jobs.report import embedding_maps as em
 from ray_jobs.report.build import ReportConfig, build_report
@@ -52,13 +53,14 @@ def maps(tmp_path_factory):
     em.save = recording_save
     try:
         res = em.write_maps(em.MapsInput(labelled=labelled, pool=pool, encoders=["random", f"simclr={ckpt}"],
-                                         seed=5, pool_slices=40), str(out))
+                                         seed=5, pool_slices=40, load=load_maps_data), str(out))
     finally:
         em.save = real_save
     ids = shards.read_table(labelled, columns=["patient_id", "slice_id", "series_id", "study_id"]).to_pydict()
     ids.update({f"pool_{k}": v for k, v in shards.read_table(pool, columns=["patient_id", "slice_id"])
                 .to_pydict().items()})
-    inputs = {"labelled": labelled, "pool": pool, "encoders": ["random", f"simclr={ckpt}"]}
+    inputs = {"labelled": labelled, "pool": pool, "encoders": ["random", f"simclr={ckpt}"],
+              "load": load_maps_data}
     return res, out, texts, ids, inputs
 
 
@@ -156,8 +158,8 @@ class _Constant(nn.Module):
 def test_collapsed_encoder_draws_without_crashing(tmp_path):
     rng = np.random.default_rng(3)
     hu = rng.integers(-1000, 400, size=(12, 16, 16)).astype(np.int16)
-    view = em.EncoderView("collapsed", _Constant(), None, 1)
-    emb = em.embed_view(view, hu, 16)
+    view = EncoderView("collapsed", _Constant(), None, 1)
+    emb = view.embed(hu, 16)
     assert np.allclose(emb, emb[0])
     xy, share = em.pca_2d(emb)
     assert not xy.any() and not share.any()
@@ -167,7 +169,7 @@ def test_collapsed_encoder_draws_without_crashing(tmp_path):
     em.save(fig, str(tmp_path / "pca.png"))
     idx, sim = em.nearest(emb[:3], emb, 4)
     assert idx.tolist() == [[0, 1, 2, 3]] * 3 and np.allclose(sim, 1.0)
-    win = em.display_window(view)
+    win = view.window()
     fig = em.neighbours_figure("collapsed", em.thumbnails(hu[:3], win), ["x", "y", "x"], em.thumbnails(hu, win),
                                idx, sim)
     em.save(fig, str(tmp_path / "nn.png"))
