@@ -133,3 +133,50 @@ def report_section(csv: str, out: str) -> tuple[str, str]:
     table = pd.read_csv(csv)
     plot_budget_curve(table, f"{out}/{PLOT}")
     return SECTION, budget_section(table, PLOT)
+
+
+PROTOCOLS_SECTION = "Linear probe beside fine-tuning"
+
+
+def protocols_table(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """Per encoder and probed size: the linear probe of the full pre-training run (random init: its
+    own row) beside the fine-tuning study's mean test AUC on the same folds. Columns: encoder, size,
+    linear (mean), linear_low, linear_high, finetune (mean), finetune_std, n."""
+    cols = ["encoder", "size", "linear", "linear_low", "linear_high", "finetune", "finetune_std", "n"]
+    if table.empty:
+        return pd.DataFrame(columns=cols)
+    last = table.groupby("method")["fraction"].transform("max")
+    full = table[table["fraction"] == last]
+    ft = {(r.encoder, str(r.size)): (r.auc_mean, r.auc_std) for r in summary.itertuples(index=False)}
+    rows = []
+    for r in full.itertuples(index=False):
+        m, s = ft.get((r.method, str(r.size)), (float("nan"), float("nan")))
+        rows.append({"encoder": r.method, "size": str(r.size), "linear": r.auc_mean, "linear_low": r.ci_low,
+                     "linear_high": r.ci_high, "finetune": m, "finetune_std": s, "n": int(r.n)})
+    out = pd.DataFrame(rows, columns=cols)
+    first = out["encoder"] == RANDOM  # random init first, as in the budget table
+    return pd.concat([out[first], out[~first].sort_values(["encoder", "size"])], ignore_index=True)
+
+
+def protocols_markdown(both: pd.DataFrame) -> str:
+    """The section's body: the two protocols' AUC per encoder and size, and what separates them."""
+    def num(v: float) -> str:
+        return "n/a" if not np.isfinite(v) else f"{v:.3f}"
+
+    lines = ["The same encoders under the two evaluation protocols SSL papers report: a logistic regression "
+             "on the frozen encoder's embeddings (linear probe, bootstrap 95 % interval over folds x seeds) "
+             "and the fine-tuning study above (mean ± std over folds and seeds), on the same patient-level "
+             "folds and training-set sizes. The linear probe uses the end of each pre-training run.", "",
+             "| encoder | size | linear probe AUC | fine-tuned AUC | fine-tuned − linear | cells |",
+             "|---|---|---|---|---|---|"]
+    for r in both.itertuples(index=False):
+        ft = num(r.finetune) + ("" if not np.isfinite(r.finetune_std) else f" ± {r.finetune_std:.3f}")
+        diff = r.finetune - r.linear
+        lines.append(f"| {r.encoder} | {r.size} | {num(r.linear)} [{num(r.linear_low)}, {num(r.linear_high)}] "
+                     f"| {ft} | {'n/a' if not np.isfinite(diff) else f'{diff:+.3f}'} | {r.n} |")
+    return "\n".join(lines) + "\n"
+
+
+def protocols_section(csv: str, summary: pd.DataFrame) -> tuple[str, str]:
+    """(heading, body) of the side-by-side section from ``budget_curve.csv`` and the report's summary."""
+    return PROTOCOLS_SECTION, protocols_markdown(protocols_table(pd.read_csv(csv), summary))

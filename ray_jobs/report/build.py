@@ -126,7 +126,7 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
 
 
 def _build(cfg: ReportConfig, out: str) -> ReportPaths:
-    from ray_jobs.report.budget_plot import report_section
+    from ray_jobs.report.budget_plot import protocols_section, report_section
 
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -184,7 +184,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
             f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
         *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
         *([(MAPS_SECTION, maps_text)] if cfg.embedding_maps is not None else []),
-        *([report_section(cfg.budget_curve, out)] if cfg.budget_curve else []),
+        *([report_section(cfg.budget_curve, out), protocols_section(cfg.budget_curve, summary)]
+          if cfg.budget_curve else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
         (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",

@@ -117,3 +117,21 @@ def test_an_unsorted_budget_curve_is_refused_naming_the_key(tmp_path):
     text = study_text(tmp_path / "s").replace("epochs: 4, batch: 8,", "epochs: 4, batch: 8, budgetCurve: [1, 0.5],")
     with pytest.raises(CLIError, match="s.yaml: pretrain.budgetCurve must be sorted"):
         stage_plan(spec.loads(text, "s.yaml"))
+
+
+def test_linear_probe_sits_beside_fine_tuning_at_the_full_budget(tmp_path):
+    from ray_jobs.report.budget_plot import PROTOCOLS_SECTION, protocols_section, protocols_table
+
+    summary = pd.DataFrame({"encoder": ["random", "byol"], "size": ["5", "5"], "auc_mean": [0.75, 0.81],
+                            "auc_std": [0.02, 0.01]})
+    both = protocols_table(_table(), summary)
+    assert both["encoder"].tolist() == ["random", "byol", "swav"]  # one row each: the full budget only
+    byol = both[both["encoder"] == "byol"].iloc[0]
+    assert byol["linear"] == 0.79 and byol["linear_low"] == 0.77 and byol["finetune"] == 0.81
+    assert np.isnan(both[both["encoder"] == "swav"].iloc[0]["finetune"])  # no fine-tuning cell: n/a
+    csv = tmp_path / "budget_curve.csv"
+    _table().to_csv(csv, index=False)
+    head, body = protocols_section(str(csv), summary)
+    assert head == PROTOCOLS_SECTION
+    assert "| byol | 5 | 0.790 [0.770, 0.810] | 0.810 ± 0.010 | +0.020 | 10 |" in body
+    assert "| swav | 5 | 0.700 [0.650, 0.750] | n/a | n/a | 10 |" in body

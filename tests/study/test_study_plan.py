@@ -186,8 +186,8 @@ def _demo_minutes() -> dict[str, float]:
     text = BENCHMARKS.read_text()
     section = text.split("## The demo end to end", 1)[1].split("\n## ", 1)[0]
     found = {"total": r"\*\*([\d.]+) min\*\* from the driver's start",
-             "pretrain": r"pre-training the four methods ([\d.]+) min",
-             "finetune": r"the fine-tuning study ([\d.]+) min"}
+             "pretrain": r"pre-training the four\s+methods ([\d.]+) min",
+             "finetune": r"the fine-tuning study\s+([\d.]+) min"}
     out = {}
     for key, pattern in found.items():
         m = re.search(pattern, section)
