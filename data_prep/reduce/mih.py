@@ -158,7 +158,7 @@ class MultiIndexHash:
         return np.concatenate(qs), np.concatenate(ps)
 
 
-def global_reference_greedy(codes: np.ndarray, max_distance: int, chunk: int = 65536,
+def global_reference_greedy(codes: np.ndarray, max_distance: int, chunk: int = 1024,
                             blocks: int | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """The paper's greedy over a whole dataset in the given order, with a multi-index hash.
 
@@ -167,7 +167,14 @@ def global_reference_greedy(codes: np.ndarray, max_distance: int, chunk: int = 6
     folded first (a later copy shares its first occurrence's fate). The rest is processed in chunks:
     each chunk is checked against the index of kept codes, then the chunk's uncovered codes are
     resolved among themselves in order, and its kept codes join the index. Memory: the index of kept
-    codes plus one chunk.
+    codes plus one chunk's pairs.
+
+    Why chunks of 1024: within a chunk every pair of near-duplicates is materialised, and a pool of
+    similar slices (thin-slice CT, phantoms) has many, so the pairs grow with the chunk squared; against
+    the index only kept codes are found, and those are mutually far apart. Measured on the 2-core VM:
+    30k codes in 100 near-duplicate clusters took 12.3 s and 1,009 MB with 65,536-code chunks, 0.3 s
+    and 125 MB with 4,096; 30k codes all within 4 bits of one code 6.2 s / 688 MB with 4,096 and
+    1.5 s / 250 MB with 1,024; 300k distinct codes 3.3 s with 65,536 and 4.3 s with 1,024.
     """
     codes = np.asarray(codes, np.uint64)
     n = codes.size
