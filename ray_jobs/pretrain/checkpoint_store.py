@@ -115,7 +115,8 @@ class CheckpointStore:
         return f"fraction_{fraction:g}"
 
     def milestones(self) -> dict[float, str]:
-        """The complete milestone checkpoints of the run: budget fraction -> folder path."""
+        """The complete milestone checkpoints of the run: budget fraction -> folder URL (a plain path on
+        local storage; with the scheme on object storage, so a reader opens it with ``storage.open_fs``)."""
         base = storage.join(self.run_dir, MILESTONES)
         try:
             entries = self.fs.ls(base, detail=True)
@@ -126,7 +127,7 @@ class CheckpointStore:
             name = e["name"].rstrip("/").rsplit("/", 1)[-1]
             if e.get("type") == "directory" and name.startswith("fraction_") and self._step(e["name"]) is not None:
                 try:
-                    out[float(name[len("fraction_"):])] = e["name"].rstrip("/")
+                    out[float(name[len("fraction_"):])] = storage.full_url(self.url, e["name"].rstrip("/"))
                 except ValueError:
                     continue
         return dict(sorted(out.items()))

@@ -208,16 +208,12 @@ def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, A
         pc.validate()
         r = run_pretrain(pc)
         print(f"    {encoder}: {r.summary()}", flush=True)
-        from ctssl_base import storage
-        from ray_jobs.pretrain.checkpoint_store import MILESTONES, CheckpointStore
+        from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 
         kept = CheckpointStore(pc.storage, pc.experiment).milestones() if pc.keep_at_fractions else {}
-        # as URLs (the store lists file-system paths, which lack the s3:// of a remote storage)
-        urls = {str(f): storage.join(pc.storage, pc.experiment, MILESTONES, p.rstrip("/").rsplit("/", 1)[-1])
-                for f, p in kept.items()}
         return {"checkpoint": r.checkpoint_path, "run_id": r.run_id, "steps": r.steps,
                 "train_time_s": r.train_time_s, "encoder": encoder, "method": method, "reduction": label,
-                "milestones": urls}
+                "milestones": {str(f): p for f, p in kept.items()}}
 
     return run
 
