@@ -17,7 +17,11 @@ an hour and a half at 12 minutes per method). The folder holds images and a ``la
 4. Fine-tuning of every encoder (random init included) at N images per class (nested subsets of the
    training candidates, one per seed), each with its recipe chosen on the validation set from the
    same grid ``ctssl finetune`` uses by default, batch-norm statistics re-estimated, and test AUC of
-   the best validation epoch.
+   the best validation epoch. Each recipe trains as ``ctssl finetune`` does by default: until
+   validation stops improving (``--patience`` epochs without a gain above ``--min-delta``), at most
+   ``--ft-epochs``, continued once by ``--extend-epochs`` when still improving there; a run that still
+   improves after that is unconverged and its (encoder, N, seed) cell is left out of the differences
+   to random. ``--stopping fixed`` trains exactly ``--ft-epochs`` instead.
 5. A table: each encoder's mean test AUC per N, each SSL encoder minus random with the per-seed
    differences, and the best ctssl method minus the best lightly one. Written to OUT/results.md and
    OUT/results.json.
@@ -48,7 +52,8 @@ for _path in (str(REPO), str(REPO / "tests" / "bench")):  # ctssl, and lightly_p
 
 log = logging.getLogger("bench-real")
 
-from ssl_core.methods import METHOD_NAMES as CTSSL_METHODS  # noqa: E402 - after the sys.path set-up
+from ray_jobs.finetune.config import DEFAULT_MIN_DELTA, DEFAULT_PATIENCE  # noqa: E402 - after the sys.path set-up
+from ssl_core.methods import METHOD_NAMES as CTSSL_METHODS  # noqa: E402
 
 LIGHTLY_METHODS = ("byol", "mocov2")
 
@@ -233,7 +238,7 @@ def load_encoder(spec: dict[str, Any]):
 
 
 def finetune_one(name: str, spec: dict[str, Any], data: dict[str, Any], n: int, seed: int, epochs: int,
-                 backbone: str, stats: dict[str, float], recipes) -> dict[str, Any]:
+                 backbone: str, stats: dict[str, float], recipes, stop: dict[str, Any]) -> dict[str, Any]:
     """One (encoder, N, seed): every recipe on the same subset, the best on validation is tested."""
     import torch
 
@@ -256,11 +261,22 @@ def finetune_one(name: str, spec: dict[str, Any], data: dict[str, Any], n: int, 
                     data["test"], recipes=recipes, epochs=epochs, seed=seed, init_seed=seed,
                     make_model=lambda: create_classifier(backbone, num_classes=len(data["classes"]),
                                                          in_chans=in_chans, encoder_state=state),
-                    finetune_kwargs={"batch_size": 32, "windows": windows, "bn_recalibrate": True})
+                    finetune_kwargs={"batch_size": 32, "windows": windows, "bn_recalibrate": True, **stop})
     test = FineTuner.metrics(cell.y_test, cell.p_test, prefix="test_")
+    fit = cell.fit
     return {"encoder": name, "n": n, "seed": seed, "test_auc": test["test_auc"], "val_auc": cell.best_val,
-            "recipe": cell.recipe.label, "best_epoch": cell.fit.best_epoch,
-            "late_best": late_best(cell.fit.best_epoch, epochs), "seconds": time.perf_counter() - t0}
+            "recipe": cell.recipe.label, "best_epoch": fit.best_epoch,
+            "late_best": late_best(fit.best_epoch, fit.max_epochs or epochs), "epochs_run": fit.epochs_run,
+            "max_epochs": fit.max_epochs, "stopped_early": fit.stopped_early, "extended": fit.extended,
+            "converged": fit.converged, "seconds": time.perf_counter() - t0}
+
+
+def stop_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The FinetuneConfig fields of the stopping rule: ctssl finetune's default rule, or a fixed count."""
+    if args.stopping == "fixed":
+        return {"patience": None}
+    extend = args.ft_epochs if args.extend_epochs is None else args.extend_epochs
+    return {"patience": args.patience, "min_delta": args.min_delta, "extend_epochs": extend}
 
 
 # --------------------------------------------------------------------------- report
@@ -268,6 +284,7 @@ def table(rows: list[dict[str, Any]], pre: dict[str, dict[str, Any]], sizes: lis
           budget: str) -> str:
     rows = [r for r in rows if r["n"] in sizes and r["seed"] in seeds]  # earlier runs may hold other sizes
     by = {(r["encoder"], r["n"], r["seed"]): r["test_auc"] for r in rows}
+    ok = {(r["encoder"], r["n"], r["seed"]): bool(r.get("converged", True)) for r in rows}
     encoders = ["random"] + [e for e in pre]
     lines = [f"Pre-training budget {budget} per method; test AUC (mean over seeds {seeds}).", "",
              "| encoder | steps | " + " | ".join(f"N={n}" for n in sizes) + " |",
@@ -276,13 +293,17 @@ def table(rows: list[dict[str, Any]], pre: dict[str, dict[str, Any]], sizes: lis
         vals = [np.mean([by[(e, n, s)] for s in seeds]) for n in sizes]
         steps = pre.get(e, {}).get("steps", "-")
         lines.append(f"| {e} | {steps} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    lines += ["", "SSL minus tuned random (mean; per seed):", "",
+    lines += ["", "SSL minus tuned random (mean over the seeds where both runs converged; per seed, "
+              "'unconv.' where either did not):", "",
               "| encoder | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for e in encoders[1:]:
         cells = []
         for n in sizes:
+            both = [ok[(e, n, s)] and ok[("random", n, s)] for s in seeds]
             d = [by[(e, n, s)] - by[("random", n, s)] for s in seeds]
-            cells.append(f"{np.mean(d):+.3f} ({', '.join(f'{x:+.3f}' for x in d)})")
+            kept = [x for x, k in zip(d, both, strict=True) if k]
+            mean = f"{np.mean(kept):+.3f}" if kept else "no converged pair"
+            cells.append(f"{mean} ({', '.join(f'{x:+.3f}' if k else 'unconv.' for x, k in zip(d, both, strict=True))})")
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     ct = [e for e in encoders if e.startswith("ctssl-")]
     li = [e for e in encoders if e.startswith("lightly-")]
@@ -301,6 +322,15 @@ def table(rows: list[dict[str, Any]], pre: dict[str, dict[str, Any]], sizes: lis
         f"{e}: " + ", ".join(f"{k} x{v}" for k, v in sorted(c.items())) for e, c in recipes.items())]
     late = sum(bool(r["late_best"]) for r in rows)
     lines.append(f"Runs whose best epoch was in the last 10 %: {late} of {len(rows)}.")
+    if all("converged" in r for r in rows):
+        early = sum(bool(r["stopped_early"]) for r in rows)
+        ext = sum(bool(r["extended"]) for r in rows)
+        unconv = sum(not r["converged"] for r in rows)
+        runs = [r["epochs_run"] for r in rows]
+        lines.append(f"Stopping (the chosen recipe of each run): {early} of {len(rows)} stopped on validation, "
+                     f"{len(rows) - early} ran to their maximum; {ext} were continued once; {unconv} unconverged "
+                     f"(left out of the differences); epochs per run {min(runs)}-{max(runs)}, "
+                     f"mean {np.mean(runs):.1f}.")
     return "\n".join(lines)
 
 
@@ -315,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(CTSSL_METHODS))
     p.add_argument("--lightly", default=",".join(LIGHTLY_METHODS), help="lightly peers ('' for none)")
-    p.add_argument("--ft-epochs", type=int, default=30)
+    p.add_argument("--ft-epochs", type=int, default=30, help="the maximum per recipe (exact with --stopping fixed)")
+    p.add_argument("--stopping", choices=("early", "fixed"), default="early")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE)
+    p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA)
+    p.add_argument("--extend-epochs", type=int, help="one continuation of a run still improving (default --ft-epochs)")
     p.add_argument("--recipes", help="fine-tuning grid LR:FROZEN,... (default: ctssl finetune's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -332,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     recipes = parse_recipes(args.recipes) or default_recipes(args.ft_epochs)
+    stop = stop_kwargs(args)
     prep_url = prep(args.data, args.out, args.size)
     data = split(prep_url, args.out)
     stats = intensity.dataset_stats(data["pool_url"])
@@ -353,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(e, n, s) for n in sizes for s in seeds for e in encoders if (e, n, s) not in done]
     t0 = time.perf_counter()
     for i, (e, n, s) in enumerate(todo):
-        r = finetune_one(e, encoders[e], data, n, s, args.ft_epochs, args.backbone, stats, recipes)
+        r = finetune_one(e, encoders[e], data, n, s, args.ft_epochs, args.backbone, stats, recipes, stop)
         rows.append(r)
         with rows_path.open("a") as f:
             f.write(json.dumps(r) + "\n")
