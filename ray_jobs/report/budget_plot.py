@@ -81,9 +81,20 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None) -> str:
+def finetuned_reference(summary: pd.DataFrame | None) -> dict[str, float]:
+    """Random init's mean fine-tuned test AUC per training-set size (keys as text) from the report's
+    summary: the bar a linear probe has to clear before it can stand in for fine-tuning."""
+    if summary is None or summary.empty:
+        return {}
+    rows = summary[summary["encoder"] == RANDOM]
+    return {str(r.size): float(r.auc_mean) for r in rows.itertuples(index=False) if np.isfinite(r.auc_mean)}
+
+
+def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None,
+                      finetuned: dict[str, float] | None = None) -> str:
     """AUC (mean, 95 % interval as error bars) against pre-training seconds (log x) per method and
-    size, the random-init band shaded behind."""
+    size, the random-init band shaded behind; ``finetuned`` (size -> AUC) adds random init's
+    fine-tuned AUC as a dotted line at each probed size."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     curves = table[table["method"] != RANDOM]
     if curves.empty:
@@ -98,6 +109,9 @@ def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None) 
         ax.axhspan(b["ci_low"], b["ci_high"], color="0.5", alpha=0.2, lw=0)
         ax.axhline(b["auc_mean"], color="0.4", lw=1, ls="--",
                    label=f"random init ({b['size']}/class)" if multi else "random init")
+    for size in sorted({str(x) for x in table["size"]} & set(finetuned or {})):
+        ax.axhline((finetuned or {})[size], color="0.15", lw=1.2, ls=":",
+                   label=f"random init, fine-tuned ({size}/class)" if multi else "random init, fine-tuned")
     if (curves["train_time_s"] > 0).any():
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -114,12 +128,31 @@ def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None) 
     return path
 
 
-def budget_section(table: pd.DataFrame, image: str) -> str:
+def reference_lines(table: pd.DataFrame, finetuned: dict[str, float]) -> list[str]:
+    """Per probed size with a fine-tuned random-init AUC: which methods' probes at their full budget
+    reach it (the linear probe alone would then do as well as fine-tuning from scratch)."""
+    lines = []
+    for size, at in table.groupby("size", sort=True):
+        ref = finetuned.get(str(size))
+        if ref is None:
+            continue
+        curves = at[at["method"] != RANDOM]
+        full = curves[curves["fraction"] == curves.groupby("method")["fraction"].transform("max")]
+        above = sorted(r.method for r in full.itertuples(index=False) if r.auc_mean >= ref)
+        reach = ("reached at the full budget by " + ", ".join(above)) if above else \
+            "no method's linear probe reaches it within the measured budget"
+        lines.append(f"random init fine-tuned at {size} per class: {ref:.3f} (dotted line); {reach}")
+    return lines
+
+
+def budget_section(table: pd.DataFrame, image: str, finetuned: dict[str, float] | None = None) -> str:
     """The body of the report's section; ``image`` is the plot's file name next to the report."""
     lines = ["Linear-probe AUC of checkpoints kept at fractions of each pre-training run's budget; the grey "
-             "band is the random-init encoder's probe (mean, bootstrap 95 % interval over folds x seeds).", "",
+             "band is the random-init encoder's probe (mean, bootstrap 95 % interval over folds x seeds)"
+             + ("; the dotted line is random init fine-tuned by the study (mean over folds x seeds)."
+                if finetuned else "."), "",
              f"![AUC versus pre-training time]({image})", ""]
-    lines += [f"- {s}" for s in summary_lines(table)]
+    lines += [f"- {s}" for s in summary_lines(table) + reference_lines(table, finetuned or {})]
     return "\n".join(lines) + "\n"
 
 
@@ -127,12 +160,14 @@ SECTION = "Gain versus pre-training budget"
 PLOT = "budget_curve.png"
 
 
-def report_section(csv: str, out: str) -> tuple[str, str]:
+def report_section(csv: str, out: str, summary: pd.DataFrame | None = None) -> tuple[str, str]:
     """(heading, body) of the report's section from a study's ``budget_curve.csv``; the plot is drawn
-    into ``out`` beside the report."""
+    into ``out`` beside the report. ``summary`` (the report's per encoder and size table) supplies
+    random init's fine-tuned AUC as the second reference."""
     table = pd.read_csv(csv)
-    plot_budget_curve(table, f"{out}/{PLOT}")
-    return SECTION, budget_section(table, PLOT)
+    finetuned = finetuned_reference(summary)
+    plot_budget_curve(table, f"{out}/{PLOT}", finetuned=finetuned)
+    return SECTION, budget_section(table, PLOT, finetuned)
 
 
 PROTOCOLS_SECTION = "Linear probe beside fine-tuning"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ctssl_base import storage
+from ctssl_base.errors import UserError
 from ray_jobs import tracking
-from ray_jobs.errors import CLIError
 from ray_jobs.report.collect import load_study, unfinished_note
 from ray_jobs.report.embedding_maps import SECTION as MAPS_SECTION
 from ray_jobs.report.embedding_maps import MapsInput, write_maps
@@ -131,12 +131,12 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         if not cfg.storage:
-            raise CLIError("give --tracking-uri (or MLFLOW_TRACKING_URI), or the study's local --storage")
+            raise UserError("give --tracking-uri (or MLFLOW_TRACKING_URI), or the study's local --storage")
         uri = tracking.resolve_tracking_uri(None, cfg.storage)
     study = load_study(uri, cfg.experiment, cfg.study_run)
     trials = study.trials
     if trials.empty:
-        raise CLIError(f"study run {study.parent_run_id} of {cfg.experiment!r} has no finished trials")
+        raise UserError(f"study run {study.parent_run_id} of {cfg.experiment!r} has no finished trials")
     os.makedirs(out, exist_ok=True)
     summary = summarise(trials)
     wil = wilcoxon_vs_baseline(trials, cfg.baseline)
@@ -184,7 +184,7 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
             f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
         *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
         *([(MAPS_SECTION, maps_text)] if cfg.embedding_maps is not None else []),
-        *([report_section(cfg.budget_curve, out), protocols_section(cfg.budget_curve, summary)]
+        *([report_section(cfg.budget_curve, out, summary), protocols_section(cfg.budget_curve, summary)]
           if cfg.budget_curve else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),

@@ -109,13 +109,13 @@ def test_budget_curve_key_adds_the_stage_before_the_report(tmp_path):
 def test_an_unsorted_budget_curve_is_refused_naming_the_key(tmp_path):
     import pytest
 
-    from ray_jobs.errors import CLIError
+    from ctssl_base.errors import UserError
     from ray_jobs.study import spec
     from ray_jobs.study.stages import plan as stage_plan
     from tests.study.test_study_plan import study_text
 
     text = study_text(tmp_path / "s").replace("epochs: 4, batch: 8,", "epochs: 4, batch: 8, budgetCurve: [1, 0.5],")
-    with pytest.raises(CLIError, match="s.yaml: pretrain.budgetCurve must be sorted"):
+    with pytest.raises(UserError, match="s.yaml: pretrain.budgetCurve must be sorted"):
         stage_plan(spec.loads(text, "s.yaml"))
 
 
@@ -135,3 +135,21 @@ def test_linear_probe_sits_beside_fine_tuning_at_the_full_budget(tmp_path):
     assert head == PROTOCOLS_SECTION
     assert "| byol | 5 | 0.790 [0.770, 0.810] | 0.810 ± 0.010 | +0.020 | 10 |" in body
     assert "| swav | 5 | 0.700 [0.650, 0.750] | n/a | n/a | 10 |" in body
+
+
+def test_fine_tuned_random_init_is_the_second_reference(tmp_path):
+    from ray_jobs.report.budget_plot import PLOT, report_section
+
+    csv = tmp_path / "budget_curve.csv"
+    _table().to_csv(csv, index=False)
+    summary = pd.DataFrame({"encoder": ["random", "byol"], "size": ["5", "5"], "auc_mean": [0.75, 0.81],
+                            "auc_std": [0.02, 0.01]})
+    _, body = report_section(str(csv), str(tmp_path), summary)
+    # byol's full-budget probe (0.79) clears random's fine-tuned 0.75, swav's (0.70) does not
+    assert "- random init fine-tuned at 5 per class: 0.750 (dotted line); reached at the full budget by byol" in body
+    assert "the dotted line is random init fine-tuned" in body and (tmp_path / PLOT).stat().st_size > 5000
+    summary.loc[0, "auc_mean"] = 0.95
+    _, body = report_section(str(csv), str(tmp_path), summary)
+    assert "0.950 (dotted line); no method's linear probe reaches it within the measured budget" in body
+    _, body = report_section(str(csv), str(tmp_path))  # no fine-tuning summary: no second reference
+    assert "dotted" not in body
