@@ -7,6 +7,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
 from ctssl_base.errors import UserError
@@ -26,7 +27,6 @@ def _command_modules() -> list[ModuleType]:
 
 def _version() -> str:
     """The installed distribution's version (pyproject's [project].version)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("ctssl")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 
 #: longer names would make folder names near the 255-byte limit of common file systems
 MAX_NAME_LENGTH = 200
@@ -35,9 +35,9 @@ def experiment_name_problem(name: str) -> str | None:
 
 
 def check_experiment_name(name: str, flag: str = "--experiment") -> str:
-    """``name`` when it can name an experiment and its folder, else :class:`CLIError` naming ``flag``."""
+    """``name`` when it can name an experiment and its folder, else :class:`UserError` naming ``flag``."""
     problem = experiment_name_problem(name)
     if problem is not None:
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise CLIError(f"{flag} {shown}: {problem}")
+        raise UserError(f"{flag} {shown}: {problem}")
     return name

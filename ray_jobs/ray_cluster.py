@@ -8,7 +8,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ray_jobs.errors import CLIError
+from pyarrow import fs as pafs
+
+from ctssl_base import storage
+from ctssl_base.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -34,20 +37,20 @@ def check_capacity(req: WorkerRequest, *, what: str = "--workers") -> None:
     need_cpu = req.workers * req.cpus_per_worker
     need_gpu = req.workers * req.gpus_per_worker
     if need_gpu > gpus + 1e-9:
-        raise CLIError(f"{what} {req.workers} x {req.gpus_per_worker:g} GPU needs {need_gpu:g} GPUs but the "
+        raise UserError(f"{what} {req.workers} x {req.gpus_per_worker:g} GPU needs {need_gpu:g} GPUs but the "
                        f"cluster has {gpus:g}")
     if need_cpu > cpus + 1e-9:
-        raise CLIError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
+        raise UserError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
                        f"cluster has {cpus:g}")
     if req.streams_data and need_cpu > cpus - 1 + 1e-9:
         # Ray Data's read tasks need a CPU too; without one the stream (and training) waits forever
-        raise CLIError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU leaves no CPU of the cluster's "
+        raise UserError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU leaves no CPU of the cluster's "
                        f"{cpus:g} for reading the data; use fewer workers or --cpus-per-worker")
     if req.gpus_per_worker == 0 and req.workers > 0:
         # each worker must also fit on one node
         per_node = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         if per_node and req.cpus_per_worker > max(per_node) + 1e-9:
-            raise CLIError(f"--cpus-per-worker {req.cpus_per_worker:g} exceeds the largest node "
+            raise UserError(f"--cpus-per-worker {req.cpus_per_worker:g} exceeds the largest node "
                            f"({max(per_node):g} CPUs)")
 
 
@@ -62,15 +65,13 @@ def arrow_filesystem(url: str):
     Tune pickles the filesystem into ``tuner.pkl`` in the bucket itself. Without them each process that
     unpickles it takes the keys from its own environment or instance role (AWS's default chain).
     """
-    from ctssl_base import storage
 
     if storage.is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         return None, os.path.abspath(os.path.expanduser(path))
     scheme, rest = url.split("://", 1)
     if scheme not in ("s3", "s3a"):
-        raise CLIError(f"{url}: only local paths and s3:// URLs are supported for Ray storage")
-    from pyarrow import fs as pafs
+        raise UserError(f"{url}: only local paths and s3:// URLs are supported for Ray storage")
 
     # fail in seconds on a dead endpoint, as ctssl_base.storage's clients do (S3_CLIENT_CONFIG)
     cfg = storage.S3_CLIENT_CONFIG

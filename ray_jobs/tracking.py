@@ -7,15 +7,21 @@ and each must log into the same run (identified by its id) without relying on pr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable
+from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
+from ctssl_base import storage as st
+from ctssl_base.errors import UserError
 from ctssl_base.uri_secrets import redact_text, redact_uri  # noqa: F401 - redact_uri: used by callers
-from ray_jobs.errors import CLIError
+from data_prep import shards
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ WORKING_SCHEMES = "sqlite:///PATH/mlflow.db, http(s)://HOST:PORT (an MLflow serv
 
 
 def check_tracking_uri(uri: str, origin: str = "--tracking-uri") -> str:
-    """``uri`` when MLflow can open it, else a one-line :class:`CLIError` naming the schemes that work.
+    """``uri`` when MLflow can open it, else a one-line :class:`UserError` naming the schemes that work.
 
     Without this a bad URI surfaces as a long MLflow traceback only when the first run is created,
     after Ray has started and the data was read. Checked on the text alone (no mlflow import: that
@@ -50,20 +56,18 @@ def check_tracking_uri(uri: str, origin: str = "--tracking-uri") -> str:
     scheme = parsed.scheme.lower()  # how MLflow picks its store, too
     base = scheme.split("+", 1)[0]  # postgresql+psycopg2, mysql+pymysql ...
     if base in ("http", "https") and not parsed.netloc:
-        raise CLIError(f"{origin} {redact_uri(uri)}: no host in the URI; e.g. http://mlflow:5000")
+        raise UserError(f"{origin} {redact_uri(uri)}: no host in the URI; e.g. http://mlflow:5000")
     if base in DB_SCHEMES or base in SERVER_SCHEMES or scheme in _plugin_schemes():
         return uri
     if scheme in ("", "file"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes"):
             return uri
-        raise CLIError(f"{origin} {redact_uri(uri)}: MLflow no longer opens a file store (file:// or a folder) unless "
+        raise UserError(f"{origin} {redact_uri(uri)}: MLflow no longer opens a file store (file:// or a folder) unless "
                        f"MLFLOW_ALLOW_FILE_STORE=true; use one of {WORKING_SCHEMES}")
-    raise CLIError(f"{origin} {redact_uri(uri)}: unknown tracking URI scheme {scheme!r}; use one of {WORKING_SCHEMES}")
+    raise UserError(f"{origin} {redact_uri(uri)}: unknown tracking URI scheme {scheme!r}; use one of {WORKING_SCHEMES}")
 
 
 def _plugin_schemes() -> set[str]:
-    from importlib.metadata import entry_points
-
     try:
         return {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
     except Exception:  # noqa: BLE001 - a broken package's metadata must not stop a run
@@ -87,13 +91,12 @@ def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return check_tracking_uri(env, origin="MLFLOW_TRACKING_URI")
-    from ctssl_base import storage as st
 
     if storage and st.is_local(storage):
         _, path = st.open_fs(storage)
         os.makedirs(path, exist_ok=True)
         return f"sqlite:///{os.path.join(path, DEFAULT_DB)}"
-    raise CLIError(f"--storage {storage} is not a local folder: give --tracking-uri (or set "
+    raise UserError(f"--storage {storage} is not a local folder: give --tracking-uri (or set "
                    "MLFLOW_TRACKING_URI) so the runs are recorded where they can be found again")
 
 
@@ -240,27 +243,26 @@ DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
 
 
 def check_tags(tags: Any, origin: str = "tags") -> dict[str, str]:
-    """``tags`` as a ``{str: str}`` dict, or a one-line :class:`CLIError`: a mapping of non-empty names
+    """``tags`` as a ``{str: str}`` dict, or a one-line :class:`UserError`: a mapping of non-empty names
     to scalars (a YAML number becomes its text), none of them a key ctssl sets itself."""
     if tags is None:
         return {}
     if not isinstance(tags, dict):
-        raise CLIError(f"{origin} must be a mapping of tag names to values, got {type(tags).__name__}")
+        raise UserError(f"{origin} must be a mapping of tag names to values, got {type(tags).__name__}")
     out: dict[str, str] = {}
     for k, v in tags.items():
         if not isinstance(k, str) or not k.strip():
-            raise CLIError(f"{origin}: tag names must be non-empty text, got {k!r}")
+            raise UserError(f"{origin}: tag names must be non-empty text, got {k!r}")
         if k in RESERVED_TAGS:
-            raise CLIError(f"{origin}: {k!r} is set by ctssl itself (it identifies the run); choose another name")
+            raise UserError(f"{origin}: {k!r} is set by ctssl itself (it identifies the run); choose another name")
         if isinstance(v, dict | list | tuple | set) or v is None:
-            raise CLIError(f"{origin}: tag {k!r} needs a text or number value, got {v!r}")
+            raise UserError(f"{origin}: tag {k!r} needs a text or number value, got {v!r}")
         out[k] = str(v)
     return out
 
 
 def _source_type(url: str) -> str:
     """MLflow's name for where a dataset lives: the URL scheme (``s3``, ``gs``...), ``local`` for a path."""
-    from ctssl_base import storage as st
 
     return "local" if st.is_local(url) else url.split("://", 1)[0].lower()
 
@@ -275,12 +277,9 @@ def dataset_input(name: str, data_url: str, selection: str | None = None, *,
     digest and any change to it a new one. The source is the data URL and the selection URL; the
     profile holds counts and the selection's settings. No patient data.
     """
-    import hashlib
-    import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from data_prep import shards
 
     base = shards.read_manifest(data_url)
     digest = shards.manifest_digest(data_url)
@@ -355,8 +354,6 @@ def register_pytorch_flavour(cl, run_id: str, artifact_path: str = ENCODER_ARTIF
     and ``ctssl export``; the flavour adds ``MLmodel``, ``data/model.pt2`` and MLflow's environment
     files beside them. A run whose folder already holds ``MLmodel`` is left as it is.
     """
-    import json
-    import tempfile
 
     from ray_jobs.pretrain.checkpoint import ENCODER_CONFIG_FILE, ENCODER_FILE
 
@@ -409,13 +406,13 @@ def register_alias(cl, name: str, run_id: str, alias: str, clear: Iterable[str] 
     """Point alias ``alias`` of registered model ``name`` at the version made from ``run_id`` (moving it
     off any other version), and remove the same alias from the registered models in ``clear`` that
     hold it, so that of a study's encoders only the one it now names carries it. Returns the
-    :class:`ModelVersion`; a one-line :class:`CLIError` when ``run_id`` has no version of ``name``.
+    :class:`ModelVersion`; a one-line :class:`UserError` when ``run_id`` has no version of ``name``.
     Aliases, not the deprecated stages, are how MLflow names a version for users to load."""
     from mlflow.exceptions import MlflowException
 
     versions = _versions_of_run(cl, name, run_id)
     if not versions:
-        raise CLIError(f"registered model {name!r} has no version of run {run_id}: cannot set alias {alias!r}")
+        raise UserError(f"registered model {name!r} has no version of run {run_id}: cannot set alias {alias!r}")
     version = versions[-1]
     cl.set_registered_model_alias(name, alias, version.version)
     for other in clear:

@@ -6,6 +6,12 @@ import argparse
 import shutil
 from pathlib import Path
 
+import yaml
+
+from ctssl_base.errors import UserError
+from ray_jobs.finetune.config import parse_recipes, parse_sizes
+from ray_jobs.study.spec import SCHEMA_FILE, from_dict, method_names
+
 NAME = "demo"
 HELP = "run the whole study on this machine: phantom -> prep -> reduce -> 4 methods -> fine-tuning -> report"
 DESCRIPTION = """\
@@ -26,16 +32,10 @@ the resulting study file, to edit and run with `ctssl study run -f` (docs/study-
 
 
 def _bundled() -> dict:
-    import yaml
-
-    from ray_jobs.study.spec import SCHEMA_FILE
-
     return yaml.safe_load((SCHEMA_FILE.parent / "examples" / "phantom.yaml").read_text())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ray_jobs.study.spec import method_names
-
     d = _bundled()["spec"]
     pool, lab, pre, ft = d["data"]["pretrain"], d["data"]["labelled"], d["pretrain"], d["finetune"]
     p.add_argument("--out", default=d["workdir"],
@@ -68,21 +68,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_study(args: argparse.Namespace) -> dict:
     """The bundled phantom study with the flags applied (a plain study document)."""
-    from ray_jobs.errors import CLIError
-    from ray_jobs.finetune.config import parse_recipes, parse_sizes
-    from ray_jobs.study.spec import method_names
 
     doc = _bundled()
     d = doc["spec"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
-        raise CLIError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+        raise UserError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                        f"{', '.join(method_names())}")
     if args.finetune_recipes:
         for r in parse_recipes(args.finetune_recipes) or []:
             if r.frozen_epochs > args.finetune_epochs:
-                raise CLIError(f"--finetune-recipes: {r.to_text()} freezes more than --finetune-epochs "
+                raise UserError(f"--finetune-recipes: {r.to_text()} freezes more than --finetune-epochs "
                                f"{args.finetune_epochs}")
     out = Path(args.out).resolve()
     d["workdir"] = str(out)
@@ -105,10 +102,7 @@ def demo_study(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from ray_jobs.commands.study import run_study
-    from ray_jobs.study.spec import from_dict
 
     doc = demo_study(args)
     if args.print_spec:

@@ -11,6 +11,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from ctssl_base import storage
+from ctssl_base.errors import UserError
+from ctssl_base.uri_secrets import redact_uri
+from ray_jobs import tracking
+
 NAME = "export"
 HELP = "write an encoder as a plain timm / torchvision state dict (+ TorchScript, torch.export, ONNX)"
 DESCRIPTION = """\
@@ -75,10 +80,8 @@ class Loaded:
     where: str  # the file the weights came from, for messages
 
 
-def _error(source: str, what: str):  # noqa: ANN202 - CLIError
-    from ray_jobs.errors import CLIError
-
-    return CLIError(f"{source}: {what}")
+def _error(source: str, what: str):  # noqa: ANN202 - UserError
+    return UserError(f"{source}: {what}")
 
 
 def _read_state(source: str, data: bytes) -> dict[str, Any]:
@@ -99,7 +102,6 @@ def _read_state(source: str, data: bytes) -> dict[str, Any]:
 def _from_storage(source: str) -> Loaded:
     """An encoder file, an encoder folder, or a checkpoint / run folder (its newest checkpoint_* that
     holds the encoder), local or on object storage."""
-    from ctssl_base import storage
     from ray_jobs.pretrain.checkpoint import ENCODER_CONFIG_FILE, ENCODER_FILE
 
     fs, root = storage.open_fs(source)
@@ -130,7 +132,6 @@ def _from_storage(source: str) -> Loaded:
 
 def _mlflow_folder(source: str, uri: str) -> str:
     """The artifact URI of the encoder folder a ``runs:/`` or ``models:/`` source names."""
-    from ray_jobs import tracking
 
     if source.startswith("runs:/"):
         parts = source[len("runs:/"):].strip("/").split("/", 1)
@@ -167,8 +168,6 @@ BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 def _download(source: str, uri: str) -> Loaded:
     import mlflow
 
-    from ray_jobs import tracking
-    from ray_jobs.errors import CLIError
     from ray_jobs.pretrain.checkpoint import ENCODER_CONFIG_FILE, ENCODER_FILE
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +175,7 @@ def _download(source: str, uri: str) -> Loaded:
             folder = _mlflow_folder(source, uri).rstrip("/")
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{ENCODER_FILE}", dst_path=tmp,
                                                         tracking_uri=uri)
-        except CLIError:
+        except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - no such run / model / alias / artifact, server down
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -227,20 +226,19 @@ def _check_features(a, b, what: str) -> float:  # noqa: ANN001 - tensors
     from ssl_core.export import CHECK_ATOL
 
     if a.shape != b.shape or not torch.allclose(a, b, atol=CHECK_ATOL, rtol=CHECK_ATOL):
-        from ray_jobs.errors import CLIError
+        from ctssl_base.errors import UserError
 
-        raise CLIError(f"{what}: read back, it does not reproduce the encoder's features; nothing to trust here")
+        raise UserError(f"{what}: read back, it does not reproduce the encoder's features; nothing to trust here")
     return float((a - b).abs().max())
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ray_jobs.errors import CLIError
     from ssl_core import export as ex
 
     if args.onnx and ex.onnx_missing():
-        raise CLIError(f"--onnx needs the {' and '.join(ex.onnx_missing())} package(s) (pip install "
+        raise UserError(f"--onnx needs the {' and '.join(ex.onnx_missing())} package(s) (pip install "
                        f"{' '.join(ex.ONNX_PACKAGES)}); nothing written")
     loaded = load_source(args)
     cfg = loaded.config
@@ -248,16 +246,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         module = ex.encoder_module(backbone, loaded.state, chans)
     except ValueError as e:
-        raise CLIError(f"{args.source}: {e}") from None
+        raise UserError(f"{args.source}: {e}") from None
     if args.rgb and chans != 1:
-        raise CLIError(f"--rgb: {args.source} has {chans} input channels; --rgb widens a 1-channel encoder")
+        raise UserError(f"--rgb: {args.source} has {chans} input channels; --rgb widens a 1-channel encoder")
     need_size = args.torchscript or args.pt2 or args.onnx
     img_size = cfg.get("img_size")
     if need_size and not img_size:
-        raise CLIError(f"{args.source}: no input size in its config; give --img-size for the traced formats")
+        raise UserError(f"{args.source}: no input size in its config; give --img-size for the traced formats")
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
-        raise CLIError(f"--out {out}: exists and is not a folder")
+        raise UserError(f"--out {out}: exists and is not a folder")
     os.makedirs(out, exist_ok=True)
 
     probe = ex.example_input(chans, int(img_size or 64))
@@ -309,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
                 checked = save(plain, os.path.join(out, name), probe) is not False
             except Exception as e:  # noqa: BLE001 - a model the tracer / exporter cannot take: say which
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise CLIError(f"{args.source}: cannot write {name} ({type(e).__name__}: {first[:200]})") from None
+                raise UserError(f"{args.source}: cannot write {name} ({type(e).__name__}: {first[:200]})") from None
             written[key] = name
             lines.append(f"{name}: written and checked against the encoder's features" if checked else
                          f"{name}: written, not checked (onnxruntime is not installed)")
@@ -328,7 +326,6 @@ def run(args: argparse.Namespace) -> int:
 def _sidecar(args: argparse.Namespace, cfg: dict[str, Any], chans: int, img_size: Any, module: Any,
              written: dict[str, str], torchvision_note: str | None) -> dict[str, Any]:
     """What a user of the files needs besides the weights; no data values, only the run's settings."""
-    from ctssl_base.uri_secrets import redact_uri
     from ssl_core.backbones import feature_dim
     from ssl_core.export import input_description
 

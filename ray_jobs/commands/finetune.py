@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ray_jobs.finetune.config import FinetuneConfig, parse_recipes, parse_sizes
+
 NAME = "finetune"
 HELP = "fine-tuning study on Ray Tune: encoders x training-set sizes x patient-level folds"
 DESCRIPTION = """\
@@ -113,8 +115,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ray_jobs.finetune.config import FinetuneConfig, parse_recipes, parse_sizes
-
     sizes = parse_sizes(reductions=args.reductions, samples_per_class=args.samples_per_class)
     return FinetuneConfig(
         data=args.data, encoders=args.encoders or ["random"], backbone=args.backbone, sizes=sizes,

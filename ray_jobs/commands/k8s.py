@@ -15,7 +15,11 @@ from typing import Any
 
 import yaml
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
+from ray_jobs.k8s.api import KubeAPI
+from ray_jobs.k8s.mlflow_links import MLflowLinks
+from ray_jobs.k8s.status import current_stage
+from ray_jobs.study import spec
 
 NAME = "k8s"
 HELP = "run and follow a study on Kubernetes (the Helm chart's RayJob: values / status / logs / cancel)"
@@ -55,8 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _connect(args: argparse.Namespace):
-    from ray_jobs.k8s.api import KubeAPI
-
     return KubeAPI.connect(args.kubeconfig, args.context, args.namespace)
 
 
@@ -64,7 +66,6 @@ def _connect(args: argparse.Namespace):
 def values(args: argparse.Namespace) -> int:
     """The study document (as written, not with its defaults) under `study:`: values.schema.json checks
     it again at install, and the chart fills in storage, MLflow and the work folder where it is silent."""
-    from ray_jobs.study import spec
 
     study = spec.load(args.file)
     print(f"# from {args.file} (ctssl k8s values)")
@@ -83,7 +84,6 @@ def _submitter_pods(api, name: str) -> list[dict[str, Any]]:
 
 def _stage_reader(api) -> Any:
     from ray_jobs.k8s.api import KubeAPIError
-    from ray_jobs.k8s.status import current_stage
 
     def stage_of(rayjob: dict[str, Any]) -> str:
         try:
@@ -100,14 +100,13 @@ def _stage_reader(api) -> Any:
 
 def status(args: argparse.Namespace) -> int:
     from ray_jobs.k8s.api import RAYJOB
-    from ray_jobs.k8s.mlflow_links import MLflowLinks
     from ray_jobs.k8s.status import INSTANCE_LABEL, STUDY_LABEL, render_table, report_location, rows
 
     api = _connect(args)
     selector = f"{INSTANCE_LABEL}={args.release}"
     rayjobs = [r for r in api.list(RAYJOB, selector) if STUDY_LABEL in (r["metadata"].get("labels") or {})]
     if not rayjobs:
-        raise CLIError(f"no study RayJob of release {args.release!r} in namespace {api.namespace} "
+        raise UserError(f"no study RayJob of release {args.release!r} in namespace {api.namespace} "
                        f"(label {selector}); check -n / --release, or the release has no `study:` values")
     links = MLflowLinks(args.mlflow_url).link if args.mlflow_url else None
     print(render_table(rows(rayjobs, _stage_reader(api), links)))
@@ -131,7 +130,7 @@ def _pods_of(api, name: str) -> tuple[str, list[dict[str, Any]]]:
         rj = api.get(RAYJOB, name)
     except KubeAPIError as e:
         if e.status == 404:
-            raise CLIError(f"no RayJob named {name!r} in namespace {api.namespace}; "
+            raise UserError(f"no RayJob named {name!r} in namespace {api.namespace}; "
                            f"`ctssl k8s status --release <release>` lists the studies") from e
         raise
     pods = _submitter_pods(api, name)
@@ -174,7 +173,7 @@ def cancel(args: argparse.Namespace) -> int:
     from ray_jobs.k8s.status import INSTANCE_LABEL, STUDY_LABEL
 
     if not args.names and not args.release:
-        raise CLIError("name the study RayJobs to cancel, or pass --release NAME for every study of a release")
+        raise UserError("name the study RayJobs to cancel, or pass --release NAME for every study of a release")
     api = _connect(args)
     targets: list[str] = []
     if args.release:
@@ -182,13 +181,13 @@ def cancel(args: argparse.Namespace) -> int:
         targets += [o["metadata"]["name"] for o in api.list(RAYJOB, sel)
                     if STUDY_LABEL in (o["metadata"].get("labels") or {})]
         if not targets:
-            raise CLIError(f"release {args.release!r} has no study RayJob in namespace {api.namespace}")
+            raise UserError(f"release {args.release!r} has no study RayJob in namespace {api.namespace}")
     for name in args.names:
         try:
             api.get(RAYJOB, name)
         except KubeAPIError as e:
             if e.status == 404:
-                raise CLIError(f"no RayJob named {name!r} in namespace {api.namespace}") from e
+                raise UserError(f"no RayJob named {name!r} in namespace {api.namespace}") from e
             raise
         targets.append(name)
     for name in targets:

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from data_prep.phantom.cohort import write_cohort
+
 NAME = "phantom"
 HELP = "write a synthetic CT phantom cohort (DICOM series + region / lesion label CSVs)"
 DESCRIPTION = """Write synthetic CT series of the trunk (lung apex to pelvis) as CT Image Storage DICOM:
@@ -39,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from data_prep.phantom.cohort import write_cohort
 
     total = max(args.patients, 0) * max(args.slices, 0)
     t0 = time.perf_counter()

@@ -7,6 +7,12 @@ import json
 import os
 import sys
 
+from data_prep.deid import load_key
+from data_prep.reader_warnings import summary_line
+from data_prep.reject_kinds import summary_line as kinds_line
+from data_prep.sources import source_names
+from data_prep.volume_qc import summary_lines
+
 NAME = "prep"
 HELP = "convert DICOM / NIfTI / MedMNIST / image folders into Parquet shards with a manifest"
 DESCRIPTION = """Convert CT inputs into int16-HU Parquet shards (zstd) with a committing _manifest.json.
@@ -22,8 +28,6 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from data_prep.sources import source_names
-
     p.add_argument("src", help="input folder or file (DICOM tree, NIfTI, .npz, image folder)")
     p.add_argument("dst", help="output URL: local path, file:// or s3://bucket/prefix")
     p.add_argument("--source", choices=source_names(), help="input layout (default: detected)")
@@ -51,7 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.deid import load_key
     from data_prep.prep import PrepConfig, RejectThresholdExceeded, run_prep
 
     cfg = PrepConfig(src=args.src, dst=args.dst, source=args.source, size=args.size or None,
@@ -80,15 +83,12 @@ def print_summary(s, dst: str, as_json: bool = False) -> None:  # noqa: ANN001 -
           f"in {s.seconds:.1f}s; {s.rejected} of {s.inputs} inputs rejected"
           + (f", {s.ignored} non-image files ignored" if s.ignored else "")
           + (f", {s.resumed_series} series resumed from an earlier run" if s.resumed_series else ""))
-    from data_prep.reject_kinds import summary_line as kinds_line
 
     if s.rejects:
         print(kinds_line(s.rejects))
-    from data_prep.volume_qc import summary_lines
 
     for line in summary_lines(s.volume_qc):
         print(line)
-    from data_prep.reader_warnings import summary_line
 
     line = summary_line(getattr(s, "reader_warnings", {}), dst)
     if line:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from ctssl_base.errors import UserError
+from ray_jobs.pretrain.config import RUNNERS, PretrainConfig, parse_duration, parse_method_options, parse_monitor_every
+from ssl_core.methods import METHOD_NAMES
+
 NAME = "pretrain"
 HELP = "pre-train an encoder with BYOL / MoCo v2 / SwAV / SparK on Ray Train"
 DESCRIPTION = """\
@@ -24,9 +28,6 @@ Example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ray_jobs.pretrain.config import RUNNERS
-    from ssl_core.methods import METHOD_NAMES
-
     p.add_argument("--method", required=True, help=" | ".join(METHOD_NAMES))
     p.add_argument("--data", required=True, metavar="URL", help="prep output folder (local path or s3://)")
     p.add_argument("--selection", metavar="URL", help="a selection (reduction output) of --data to train on")
@@ -98,8 +99,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_method_options, parse_monitor_every
-
     every_steps, every_s = parse_monitor_every(args.monitor_every) if args.monitor_every else (None, None)
     return PretrainConfig(
         method=args.method, data=args.data, selection=args.selection, backbone=args.backbone,
@@ -120,14 +119,13 @@ def config_from_args(args: argparse.Namespace):
 
 def _fractions(text: str | None) -> list[float]:
     """``0.125,0.25,1`` -> [0.125, 0.25, 1.0]; PretrainConfig.validate checks range and order."""
-    from ray_jobs.errors import CLIError
 
     if not text:
         return []
     try:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
-        raise CLIError(f"--keep-at-fractions: not a comma-separated list of numbers: {text!r}") from e
+        raise UserError(f"--keep-at-fractions: not a comma-separated list of numbers: {text!r}") from e
 
 
 def run(args: argparse.Namespace) -> int:

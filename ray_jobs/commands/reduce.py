@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 from typing import Any
+
+from data_prep.reduce import STRATEGIES, get_strategy, reduce_dataset
+from data_prep.reduce.report import local_copies
+from ray_jobs import tracking
+from ray_jobs.names import check_experiment_name
+from ray_jobs.tracking import check_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,6 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from data_prep.reduce import STRATEGIES
-
     p.add_argument("src", metavar="SRC", help="prep output (or selection) URL: path, file:// or s3://")
     p.add_argument("dst", metavar="DST", help="where to commit the selection (a new folder/prefix)")
     p.add_argument("--strategy", required=True, metavar="NAME",
@@ -59,12 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from data_prep.reduce import get_strategy, reduce_dataset
-    from ray_jobs.names import check_experiment_name
-    from ray_jobs.tracking import check_tracking_uri
-
     check_experiment_name(args.experiment)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:  # before the reduction runs, not after it
@@ -97,8 +96,6 @@ def strategy_inputs(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def log_to_mlflow(tracking_uri: str, experiment: str, summary: dict) -> str:
     """One MLflow run per reduction: params, metrics and the report files as artifacts."""
-    from data_prep.reduce.report import local_copies
-    from ray_jobs import tracking
 
     cl = tracking.client(tracking_uri)
     exp_id = tracking.get_or_create_experiment(cl, experiment)

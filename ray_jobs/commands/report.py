@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from ctssl_base.errors import UserError
+from ray_jobs import tracking
+from ray_jobs.names import check_experiment_name
 
 NAME = "report"
 HELP = "report of a fine-tuning study from MLflow: tables, AUC-vs-size plot, Wilcoxon tests"
@@ -47,15 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _maps_input(args: argparse.Namespace):  # noqa: ANN202 - embedding_maps.MapsInput or None
     """The embedding maps the flags ask for; None without --maps-data. One line naming the flag missing."""
-    from ray_jobs.errors import CLIError
 
     if not args.maps_data:
         if args.maps_pool or args.maps_encoder:
-            raise CLIError("--maps-pool/--maps-encoder need --maps-data (the labelled prep output to map)")
+            raise UserError("--maps-pool/--maps-encoder need --maps-data (the labelled prep output to map)")
         return None
     if not args.maps_pool:
-        raise CLIError("--maps-data needs --maps-pool (the pre-training pool the nearest neighbours come from)")
-    import os
+        raise UserError("--maps-data needs --maps-pool (the pre-training pool the nearest neighbours come from)")
 
     from ray_jobs.finetune.frozen_views import load_maps_data
     from ray_jobs.report.embedding_maps import MapsInput
@@ -67,8 +70,6 @@ def _maps_input(args: argparse.Namespace):  # noqa: ANN202 - embedding_maps.Maps
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_jobs import tracking
-    from ray_jobs.names import check_experiment_name
     from ray_jobs.report.build import ReportConfig, build_report
 
     check_experiment_name(args.experiment)

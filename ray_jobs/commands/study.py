@@ -6,7 +6,12 @@ import argparse
 import json
 import shutil
 
+from ctssl_base import storage
 from ctssl_base.errors import UserError
+from ray_jobs import tracking
+from ray_jobs.study import runner, spec
+from ray_jobs.study.runner import SENTINEL, STORAGE_OUTPUTS, WORKDIR_OUTPUTS
+from ray_jobs.tracking import redact_uri
 
 NAME = "study"
 HELP = "check or run a whole study (data -> reduction -> pre-training -> fine-tuning -> report) from one file"
@@ -61,8 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_jobs.study import spec
-
     if args.study_command == "schema":
         print(spec.reference_markdown() if args.reference else json.dumps(spec.schema(), indent=2))
         return 0
@@ -90,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_study(study, address: str | None, *, fresh: bool = False) -> int:
     """Run ``study`` and print where its results are (shared with ``ctssl demo``)."""
-    from ray_jobs.study import runner
 
     if fresh:
         _clean(study)
@@ -102,7 +104,6 @@ def run_study(study, address: str | None, *, fresh: bool = False) -> int:
     if rep.get("uploaded"):
         print(f"             {rep['uploaded']}/report.html")
     uri = study.spec["tracking"]["uri"] or _tracking(study)
-    from ray_jobs.tracking import redact_uri
 
     print(f"  MLflow:    experiment {study.name!r} at {redact_uri(uri)}")
     if uri.startswith("sqlite:"):
@@ -112,8 +113,6 @@ def run_study(study, address: str | None, *, fresh: bool = False) -> int:
 
 
 def _tracking(study) -> str:
-    from ray_jobs import tracking
-
     return tracking.resolve_tracking_uri(None, study.storage)
 
 
@@ -123,8 +122,6 @@ def _clean(study) -> None:
     A root is touched only when it holds the sentinel naming this study (written by its first run), so
     ``storage: /data`` beside a DICOM archive or ``workdir: ~`` loses no file ctssl did not make.
     """
-    from ctssl_base import storage
-    from ray_jobs.study.runner import SENTINEL, STORAGE_OUTPUTS, WORKDIR_OUTPUTS
 
     for url, key in ((study.storage, "storage"), (str(study.workdir.resolve()), "workdir")):
         fs, root = storage.open_fs(url)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.names import check_experiment_name
 from ray_jobs.tracking import check_tags
 from ray_jobs.trial_record import SizeSpec
@@ -74,13 +74,13 @@ def parse_recipes(text: str | None) -> list[Recipe] | None:
         try:
             r = Recipe.from_text(tok)
         except ValueError:
-            raise CLIError(f"--recipes: {tok!r} is not LR:FROZEN_EPOCHS (e.g. 1e-3:0)") from None
+            raise UserError(f"--recipes: {tok!r} is not LR:FROZEN_EPOCHS (e.g. 1e-3:0)") from None
         if not r.lr > 0 or r.frozen_epochs < 0:
-            raise CLIError(f"--recipes: {tok!r} needs lr > 0 and frozen epochs >= 0")
+            raise UserError(f"--recipes: {tok!r} needs lr > 0 and frozen epochs >= 0")
         if r not in out:
             out.append(r)
     if not out:
-        raise CLIError("--recipes: no recipe given")
+        raise UserError("--recipes: no recipe given")
     return out
 
 
@@ -98,9 +98,9 @@ def parse_sizes(reductions: str | None = None, samples_per_class: str | None = N
             try:
                 n = int(tok)
             except ValueError:
-                raise CLIError(f"--samples-per-class: {tok!r} is not a whole number or 'all'") from None
+                raise UserError(f"--samples-per-class: {tok!r} is not a whole number or 'all'") from None
             if n < 1:
-                raise CLIError(f"--samples-per-class: {n} must be >= 1")
+                raise UserError(f"--samples-per-class: {n} must be >= 1")
             out.append(SizeSpec("per_class", n))
     else:
         for tok in (reductions.split(",") if reductions else [str(r) for r in DEFAULT_REDUCTIONS]):
@@ -110,12 +110,12 @@ def parse_sizes(reductions: str | None = None, samples_per_class: str | None = N
             try:
                 r = int(tok)
             except ValueError:
-                raise CLIError(f"--reductions: {tok!r} is not a whole percentage") from None
+                raise UserError(f"--reductions: {tok!r} is not a whole percentage") from None
             if not 0 <= r < 100:
-                raise CLIError(f"--reductions: {r} must be in 0..99 (% of training images removed)")
+                raise UserError(f"--reductions: {r} must be in 0..99 (% of training images removed)")
             out.append(SizeSpec("reduction", r))
     if not out:
-        raise CLIError("no training-set sizes given")
+        raise UserError("no training-set sizes given")
     return sorted(set(out), key=SizeSpec.sort_key)
 
 
@@ -163,48 +163,48 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if self.folds < 2:
-            raise CLIError(f"--folds must be >= 2, got {self.folds}")
+            raise UserError(f"--folds must be >= 2, got {self.folds}")
         if not 0.0 < self.val_fraction < 0.5:
-            raise CLIError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
+            raise UserError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.epochs < 1 or (self.protocol == "fixed" and not 0 <= self.frozen_epochs <= self.epochs):
-            raise CLIError(f"need --epochs >= 1 and 0 <= --frozen-epochs <= --epochs, got {self.epochs}, "
+            raise UserError(f"need --epochs >= 1 and 0 <= --frozen-epochs <= --epochs, got {self.epochs}, "
                            f"{self.frozen_epochs}")
         if self.batch_size < 1 or self.lr <= 0:
-            raise CLIError(f"invalid --batch-size {self.batch_size} or --lr {self.lr}")
+            raise UserError(f"invalid --batch-size {self.batch_size} or --lr {self.lr}")
         if not self.encoders:
-            raise CLIError("no --encoder given")
+            raise UserError("no --encoder given")
         if not self.seeds:
-            raise CLIError("no --seeds given")
+            raise UserError("no --seeds given")
         if self.search_target_auc is not None and not 0.5 <= self.search_target_auc <= 1.0:
-            raise CLIError(f"--search-target-auc must be in [0.5, 1], got {self.search_target_auc}")
+            raise UserError(f"--search-target-auc must be in [0.5, 1], got {self.search_target_auc}")
         if self.search_margin is not None and not 0.0 <= self.search_margin < 1.0:
-            raise CLIError(f"--search-margin must be in [0, 1), got {self.search_margin}")
+            raise UserError(f"--search-margin must be in [0, 1), got {self.search_margin}")
         check_experiment_name(self.experiment)  # names the Tune runs' folders under --storage
         if self.protocol not in PROTOCOLS:
-            raise CLIError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+            raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.protocol == "fixed" and self.recipes:
-            raise CLIError("--recipes is the grid of --protocol tuned; --protocol fixed uses --lr and --frozen-epochs")
+            raise UserError("--recipes is the grid of --protocol tuned; --protocol fixed uses --lr and --frozen-epochs")
         for r in self.recipe_grid():
             if r.frozen_epochs > self.epochs:
-                raise CLIError(f"recipe '{r.to_text()}' freezes the backbone for {r.frozen_epochs} epochs, "
+                raise UserError(f"recipe '{r.to_text()}' freezes the backbone for {r.frozen_epochs} epochs, "
                                f"more than --epochs {self.epochs}")
         if not isinstance(self.encoder_tags, dict):
-            raise CLIError(f"encoder_tags must map encoder names to tag mappings, got {self.encoder_tags!r}")
+            raise UserError(f"encoder_tags must map encoder names to tag mappings, got {self.encoder_tags!r}")
         for name, tags in self.encoder_tags.items():
             check_tags(tags, f"encoder_tags[{name!r}]")
         if self.stopping not in STOPPINGS:
-            raise CLIError(f"--stopping must be one of {', '.join(STOPPINGS)}, got {self.stopping!r}")
+            raise UserError(f"--stopping must be one of {', '.join(STOPPINGS)}, got {self.stopping!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
-            raise CLIError(f"--patience must be a whole number of epochs >= 1, got {self.patience!r}")
+            raise UserError(f"--patience must be a whole number of epochs >= 1, got {self.patience!r}")
         if not 0.0 <= self.min_delta < 1.0:
-            raise CLIError(f"--min-delta must be in [0, 1) (an AUC gain), got {self.min_delta}")
+            raise UserError(f"--min-delta must be in [0, 1) (an AUC gain), got {self.min_delta}")
         if self.extend_epochs is not None and self.extend_epochs < 0:
-            raise CLIError(f"--extend-epochs must be >= 0, got {self.extend_epochs}")
+            raise UserError(f"--extend-epochs must be >= 0, got {self.extend_epochs}")
         if self.protocol == "tuned" and self.asha:
-            raise CLIError("--asha needs --protocol fixed: with a tuned recipe every trial trains several "
+            raise UserError("--asha needs --protocol fixed: with a tuned recipe every trial trains several "
                            "recipes in turn, which ASHA's per-epoch rungs cannot compare")
         if self.asha and self.stopping != "fixed":
-            raise CLIError("--asha needs --stopping fixed: ASHA compares trials at fixed epoch counts, and a "
+            raise UserError("--asha needs --stopping fixed: ASHA compares trials at fixed epoch counts, and a "
                            "recipe that stops on validation or continues past --epochs ends at its own count")
 
     def recipe_grid(self) -> list[Recipe]:

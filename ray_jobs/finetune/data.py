@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctssl_base.errors import ManifestError
+from ctssl_base.errors import ManifestError, UserError
 from data_prep import intensity, shards
-from ray_jobs.errors import CLIError
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +37,11 @@ def load_labelled(url: str) -> LabelledData:
         manifest = shards.read_manifest(url)
         table = shards.read_table(url, columns=["image", "height", "width", "patient_id", "label", "source"])
     except ManifestError as e:
-        raise CLIError(f"--data {e}") from None
+        raise UserError(f"--data {e}") from None
     labels = table.column("label").to_pylist()
     keep = np.array([lab is not None and lab != "" for lab in labels])
     if not keep.any():
-        raise CLIError(f"--data {url}: no slice has a label; fine-tuning needs a labelled prep output "
+        raise UserError(f"--data {url}: no slice has a label; fine-tuning needs a labelled prep output "
                        "(prep with a labels CSV or a labelled source)")
     if not keep.all():
         log.info("%s: %d of %d slices have no label and are left out", url, int((~keep).sum()), len(keep))
@@ -50,7 +49,7 @@ def load_labelled(url: str) -> LabelledData:
         labels = [lab for lab, k in zip(labels, keep, strict=True) if k]
     classes = sorted(set(labels))
     if len(classes) < 2:
-        raise CLIError(f"--data {url}: only one class ({classes[0]!r}); fine-tuning needs at least two")
+        raise UserError(f"--data {url}: only one class ({classes[0]!r}); fine-tuning needs at least two")
     images = shards.decode_images(table)
     y = np.array([classes.index(lab) for lab in labels], dtype=np.int64)
     sources = sorted(set(table.column("source").to_pylist()))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ctssl_base import storage
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.pretrain.checkpoint import ENCODER_CONFIG_FILE, ENCODER_FILE
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,14 @@ def _load_from_folder(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """A folder holding encoder.pt, or a pre-training run folder whose newest checkpoint holds it."""
     fs, root = storage.open_fs(url)
     if not fs.exists(root):
-        raise CLIError(f"--encoder {url}: not found")
+        raise UserError(f"--encoder {url}: not found")
     candidates = [root]
     if not fs.exists(storage.join(root, ENCODER_FILE)):
         subs = sorted(p for p in fs.ls(root, detail=False)
                       if posixpath.basename(p.rstrip("/")).startswith("checkpoint_"))
         candidates = [p for p in reversed(subs) if fs.exists(storage.join(p, ENCODER_FILE))]
         if not candidates:
-            raise CLIError(f"--encoder {url}: no {ENCODER_FILE} here nor in a checkpoint_* folder (is the "
+            raise UserError(f"--encoder {url}: no {ENCODER_FILE} here nor in a checkpoint_* folder (is the "
                            "pre-training finished? only the final checkpoint holds the encoder)")
     folder = candidates[0]
     state = torch.load(io.BytesIO(fs.cat_file(storage.join(folder, ENCODER_FILE))), map_location="cpu",
@@ -77,10 +77,10 @@ def _load_from_mlflow(run_uri: str, tracking_uri: str) -> tuple[dict[str, torch.
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="encoder", dst_path=tmp,
                                                         tracking_uri=tracking_uri)
         except Exception as e:  # noqa: BLE001 - unknown run, no artifacts, server down: say which
-            raise CLIError(f"--encoder {run_uri}: cannot download the encoder from MLflow ({e})") from None
+            raise UserError(f"--encoder {run_uri}: cannot download the encoder from MLflow ({e})") from None
         path = os.path.join(local, ENCODER_FILE)
         if not os.path.exists(path):
-            raise CLIError(f"--encoder {run_uri}: the run has no encoder/{ENCODER_FILE} artifact")
+            raise UserError(f"--encoder {run_uri}: the run has no encoder/{ENCODER_FILE} artifact")
         state = torch.load(path, map_location="cpu", weights_only=True)
         cpath = os.path.join(local, ENCODER_CONFIG_FILE)
         config = {}
@@ -102,7 +102,7 @@ def resolve_encoder(value: str, *, default_backbone: str, in_chans: int | None, 
     backbone = config.get("backbone", default_backbone)
     enc_chans = int(config.get("in_chans", in_chans or 1))
     if in_chans is not None and enc_chans != in_chans:
-        raise CLIError(f"--encoder {value}: pre-trained with in_chans={enc_chans}, but --in-chans {in_chans}")
+        raise UserError(f"--encoder {value}: pre-trained with in_chans={enc_chans}, but --in-chans {in_chans}")
     method = str(config.get("method", "pretrained"))
     # fail now, in the driver, if the weights do not fit the model they claim to be
     from ssl_core.backbones import load_encoder_state_dict
@@ -110,7 +110,7 @@ def resolve_encoder(value: str, *, default_backbone: str, in_chans: int | None, 
     try:
         load_encoder_state_dict(backbone, state, in_chans=enc_chans, num_classes=2)
     except ValueError as e:
-        raise CLIError(f"--encoder {value}: {e}") from None
+        raise UserError(f"--encoder {value}: {e}") from None
     return EncoderSpec(name=name or method, source=src, backbone=backbone, in_chans=enc_chans, method=method,
                        state=state, config=config)
 
@@ -130,7 +130,7 @@ def resolve_encoders(values: list[str], *, default_backbone: str | None, in_chan
     backbones = sorted({s.backbone for s in pre})
     chans = sorted({s.in_chans for s in pre})
     if default_backbone is None and len(backbones) > 1 and len(pre) < len(values):
-        raise CLIError(f"--encoder random: the pre-trained encoders use different backbones ({', '.join(backbones)}); "
+        raise UserError(f"--encoder random: the pre-trained encoders use different backbones ({', '.join(backbones)}); "
                        "name the baseline's with --backbone")
     base_backbone = default_backbone or (backbones[0] if backbones else DEFAULT_BACKBONE)
     if default_backbone is not None and backbones and backbones != [default_backbone] and len(pre) < len(values):
@@ -143,5 +143,5 @@ def resolve_encoders(values: list[str], *, default_backbone: str | None, in_chan
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise CLIError(f"two encoders are both named {dup}; give them names with NAME=SOURCE")
+        raise UserError(f"two encoders are both named {dup}; give them names with NAME=SOURCE")
     return specs

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.trial_record import SizeSpec
 
 
@@ -91,10 +91,10 @@ def make_folds(patients: np.ndarray, labels: np.ndarray, k: int, val_fraction: f
     labels = np.asarray(labels).astype(str)
     n_classes = len(set(labels.tolist()))
     if n_classes < 2:
-        raise CLIError(f"the labelled data has {n_classes} class(es); fine-tuning needs at least 2")
+        raise UserError(f"the labelled data has {n_classes} class(es); fine-tuning needs at least 2")
     plabels = patient_labels(patients, labels)
     if len(plabels) < k + 1:
-        raise CLIError(f"{len(plabels)} patients cannot make {k} patient-level folds plus validation")
+        raise UserError(f"{len(plabels)} patients cannot make {k} patient-level folds plus validation")
     counts = {p: Counter(labels[patients == p].tolist()) for p in plabels}
     per_slice = any(len(c) > 1 for c in counts.values())  # a patient holds several classes
     rng = np.random.default_rng(seed)
@@ -111,7 +111,7 @@ def make_folds(patients: np.ndarray, labels: np.ndarray, k: int, val_fraction: f
             val_p = _validation_patients(rest, val_fraction, np.random.default_rng([seed, i]))
         train_p = set(rest) - val_p
         if not train_p or not val_p:
-            raise CLIError(f"fold {i}: too few patients for training and validation ({len(rest)} left)")
+            raise UserError(f"fold {i}: too few patients for training and validation ({len(rest)} left)")
         idx = np.arange(len(patients))
         out.append(FoldSplit(
             fold=i,

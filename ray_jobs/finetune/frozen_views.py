@@ -16,6 +16,7 @@ import numpy as np
 from ray_jobs.finetune.data import LabelledData, load_labelled
 from ray_jobs.finetune.encoders import resolve_encoders
 from ray_jobs.finetune.study import _encoder_payload
+from ssl_core.ct_window import default_windows
 
 
 @dataclass
@@ -36,7 +37,6 @@ class EncoderView:
 
     def window(self):  # noqa: ANN201 - a ct_window.WindowSpec
         """The window the thumbnails are drawn through: the encoder's first input window."""
-        from ssl_core.ct_window import default_windows
 
         return (self.windows or default_windows(self.in_chans))[0]
 

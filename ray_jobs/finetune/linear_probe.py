@@ -21,6 +21,7 @@ from ray_jobs.finetune.data import LabelledData
 from ray_jobs.finetune.encoders import EncoderSpec
 from ray_jobs.finetune.folds import FoldSplit, nested_subset
 from ray_jobs.trial_record import SizeSpec
+from ssl_core.ct_window import dataset_windows
 from ssl_core.probe import auc_ovr
 
 C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
@@ -34,7 +35,6 @@ def embed_labelled(spec: EncoderSpec, data: LabelledData, *, batch: int = 128, i
     labelled set's (8-bit data standardised by its own statistics), resized to ``img_size`` (None: the
     slices' own size). A random-init encoder is seeded so its features are reproducible.
     """
-    from ssl_core.ct_window import dataset_windows
     from ssl_core.finetune import create_classifier
     from ssl_core.probe import embed
 

@@ -17,15 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from ray_jobs import tracking
-from ray_jobs.errors import CLIError
+from ctssl_base import ray_connect
+from ctssl_base.errors import UserError
+from ray_jobs import ray_cluster, tracking
 from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.finetune.data import load_labelled
 from ray_jobs.finetune.encoders import resolve_encoders
 from ray_jobs.finetune.folds import make_folds
 from ray_jobs.finetune.search import SearchState, bisect_sizes, ladder, threshold_for
 from ray_jobs.finetune.trial import SELECT_METRIC, StudyContext, run_trial
+from ray_jobs.ray_cluster import arrow_filesystem
 from ray_jobs.trial_record import SizeSpec
+from ssl_core.ct_window import dataset_windows
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,7 @@ def run_trials(grid: list[dict[str, Any]], ctx: StudyContext, cfg: FinetuneConfi
     """Run ``grid`` as one Tune experiment; returns each trial's spec with its last result."""
     from ray import tune
 
-    from ctssl_base import ray_connect
     from ray_jobs.finetune.progress import StudyProgress
-    from ray_jobs.ray_cluster import arrow_filesystem
 
     ray_connect.keep_secrets_out_of_tune()
     fs, path = arrow_filesystem(cfg.storage)
@@ -143,7 +144,6 @@ def mean_auc(results: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
 def _encoder_payload(specs, intensity: str, stats: dict[str, float] | None) -> dict[str, dict[str, Any]]:
     """What a trial needs of each encoder. Input windows: the ones the encoder was pre-trained with
     (its encoder_config), else the labelled set's (8-bit data standardised by its own statistics)."""
-    from ssl_core.ct_window import dataset_windows
 
     return {s.name: {"backbone": s.backbone, "in_chans": s.in_chans, "method": s.method, "state": s.state,
                      "windows": s.config.get("windows") or dataset_windows(intensity, stats, s.in_chans)}
@@ -151,9 +151,6 @@ def _encoder_payload(specs, intensity: str, stats: dict[str, float] | None) -> d
 
 
 def run_study(cfg: FinetuneConfig) -> StudyResult:
-    from ctssl_base import ray_connect
-    from ray_jobs import ray_cluster
-
     cfg.validate()
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
     data = load_labelled(cfg.data)
@@ -162,7 +159,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
                                 tracking_uri=tracking_uri)
     unknown = sorted(set(cfg.encoder_tags) - {e.name for e in encoders})
     if unknown:
-        raise CLIError(f"encoder_tags name {unknown}, which are not encoders of the study "
+        raise UserError(f"encoder_tags name {unknown}, which are not encoders of the study "
                        f"({', '.join(e.name for e in encoders)})")
     settings = cfg.to_dict()
     settings["encoder_tags"] = {k: tracking.check_tags(v, f"encoder_tags[{k!r}]") for k, v in cfg.encoder_tags.items()}

@@ -10,19 +10,26 @@ weights, evaluated once at the end — the test fold never influences any choice
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ctssl_base.ray_connect import apply_env
 from ray_jobs import tracking
 from ray_jobs.finetune.cell import SELECT_METRIC, fit_cell, late_best
-from ray_jobs.finetune.config import Recipe
+from ray_jobs.finetune.config import FinetuneConfig, Recipe
 from ray_jobs.finetune.folds import FoldSplit, nested_subset
 from ray_jobs.trial_record import PREDICTIONS_ARTIFACT, SizeSpec
+from ssl_core.metrics import bootstrap_metrics
 
 log = logging.getLogger("ctssl.finetune")
 
@@ -52,7 +59,6 @@ def log_test_predictions(cl, run_id: str, y: np.ndarray, p: np.ndarray, rows: np
     """The test set's labels, class probabilities, row numbers and patient pseudonyms, as an MLflow
     artifact: the report pools them over folds to test encoders against each other per patient,
     which three folds' mean AUCs alone cannot do (a paired test over 3 folds never reaches p < 0.05)."""
-    import tempfile
 
     pats = np.asarray(patients)[rows].astype(str) if patients is not None else np.array([], dtype=str)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,14 +82,12 @@ def trial_tags(encoder: str, method: str, size: SizeSpec, fold: int, seed: int, 
 
 def recipes_of(settings: dict[str, Any]) -> list[Recipe]:
     """The recipes a trial trains, from the study settings (FinetuneConfig.to_dict())."""
-    from ray_jobs.finetune.config import FinetuneConfig
 
     return FinetuneConfig.from_dict(settings).recipe_grid()
 
 
 def stopping_of(settings: dict[str, Any]) -> dict[str, Any]:
     """The stopping rule a trial trains each recipe with (settings of an older ctssl: a fixed count)."""
-    from ray_jobs.finetune.config import FinetuneConfig
 
     if "stopping" not in settings:
         return FinetuneConfig.from_dict({**settings, "stopping": "fixed"}).stopping_kwargs()
@@ -106,10 +110,6 @@ def release_memory() -> None:
     resident (models, optimiser state and best-epoch copies freed into glibc's arenas but never given
     back), and two trial processes of a 45-trial study grew past 8 GB each. With it the resident size
     stays flat from trial to trial."""
-    import contextlib
-    import ctypes
-    import gc
-    import sys
 
     gc.collect()
     if sys.platform.startswith("linux"):
@@ -127,9 +127,7 @@ def _run_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     import torch
     from ray import tune
 
-    from ctssl_base.ray_connect import apply_env
     from ssl_core.finetune import FineTuner, create_classifier
-    from ssl_core.metrics import bootstrap_metrics
 
     apply_env(ctx.env)
     torch.set_num_threads(max(1, int(ctx.settings["cpus_per_trial"])))  # no oversubscription of shared nodes

@@ -3,7 +3,7 @@
 It rides on the official client's configuration and transport (in-cluster service account or
 kubeconfig, TLS, tokens, exec plugins) but sends plain dicts: RayJobs are custom objects the typed
 models do not know, and a dict is what the chart renders and the CRD schema validates. Every error
-from the API server becomes one :class:`~ray_jobs.errors.CLIError` line that names the verb, the
+from the API server becomes one :class:`~ctssl_base.errors.UserError` line that names the verb, the
 object and the server's reason, with a hint for the usual causes.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -49,7 +49,7 @@ _HINTS = {
 }
 
 
-class KubeAPIError(CLIError):
+class KubeAPIError(UserError):
     """An API call failed; ``status`` is the HTTP status (0 when the server was unreachable)."""
 
     def __init__(self, message: str, status: int) -> None:
@@ -122,7 +122,7 @@ class KubeAPI:
                     ns = (active or {}).get("context", {}).get("namespace")
         except (ConfigException, OSError) as e:
             where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-            raise CLIError(f"no usable Kubernetes configuration ({where}): {e}") from e
+            raise UserError(f"no usable Kubernetes configuration ({where}): {e}") from e
         return cls(client.ApiClient(cfg), ns or "default")
 
     # -- transport --------------------------------------------------------------------------------

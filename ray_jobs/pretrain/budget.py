@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ray_jobs.pretrain.config import format_duration
+
 #: schedule steps of a time-budgeted run: fine enough that consecutive real steps of a long run still
 #: see distinct lr values, coarse enough to stay an exact int in float arithmetic
 SCHEDULE_STEPS = 100_000
@@ -124,7 +126,6 @@ class Budget:
 
     def describe(self) -> str:
         """``12m time budget``, ``500 steps``, ``12m time budget or 500 steps``: for log lines."""
-        from ray_jobs.pretrain.config import format_duration
 
         parts = []
         if self.time_s is not None:

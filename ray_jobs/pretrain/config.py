@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.names import check_experiment_name
 from ray_jobs.tracking import check_tags
 
@@ -88,86 +88,86 @@ class PretrainConfig:
         every worker and be retried ``--max-failures`` times.
         """
         if self.workers < 1:
-            raise CLIError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
         if self.runner not in RUNNERS:
-            raise CLIError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+            raise UserError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.epochs is not None and self.epochs < 1:
-            raise CLIError(f"--epochs must be >= 1, got {self.epochs}")
+            raise UserError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size is not None:
             if self.batch_size < self.workers:
-                raise CLIError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}: "
+                raise UserError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}: "
                                "every worker needs at least one image per step")
             if self.batch_size % self.workers:
-                raise CLIError(f"--batch-size {self.batch_size} is the global batch and must be divisible by "
+                raise UserError(f"--batch-size {self.batch_size} is the global batch and must be divisible by "
                                f"--workers {self.workers}")
         if self.in_chans not in (1, 3):
-            raise CLIError(f"--in-chans must be 1 (one HU window) or 3 (three windows), got {self.in_chans}")
+            raise UserError(f"--in-chans must be 1 (one HU window) or 3 (three windows), got {self.in_chans}")
         fr = list(self.keep_at_fractions)
         if any(not (isinstance(f, int | float) and 0 < f <= 1) for f in fr) or fr != sorted(set(fr)):
-            raise CLIError(f"--keep-at-fractions must be sorted, unique fractions in (0, 1], got {fr}")
+            raise UserError(f"--keep-at-fractions must be sorted, unique fractions in (0, 1], got {fr}")
         if self.checkpoint_every < 1:
-            raise CLIError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+            raise UserError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.max_failures < -1:
-            raise CLIError(f"--max-failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+            raise UserError(f"--max-failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise CLIError(f"--placement-strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+            raise UserError(f"--placement-strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                            f"got {self.placement_strategy!r}")
         if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
-            raise CLIError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+            raise UserError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
-            raise CLIError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+            raise UserError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.img_size is not None and self.img_size < 16:
-            raise CLIError(f"--img-size must be >= 16, got {self.img_size}")
+            raise UserError(f"--img-size must be >= 16, got {self.img_size}")
         check_experiment_name(self.experiment)  # STORAGE/EXPERIMENT holds the checkpoints it prunes
         if self.mlflow_experiment is not None and not self.mlflow_experiment.strip():
-            raise CLIError("mlflow_experiment must be a non-empty name (or None: the --experiment name)")
+            raise UserError("mlflow_experiment must be a non-empty name (or None: the --experiment name)")
         if self.register_as is not None and (not self.register_as.strip() or any(c in self.register_as for c in "/:")):
-            raise CLIError(f"register_as must be a non-empty model name without '/' or ':', got {self.register_as!r}")
+            raise UserError(f"register_as must be a non-empty model name without '/' or ':', got {self.register_as!r}")
         check_tags(self.tags, "pre-training tags")
         self._validate_monitor()
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise CLIError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
+            raise UserError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
         if self.log_every < 1:
-            raise CLIError(f"--log-every must be >= 1, got {self.log_every}")
+            raise UserError(f"--log-every must be >= 1, got {self.log_every}")
         if self.shuffle_buffer < 0:
-            raise CLIError(f"--shuffle-buffer must be >= 0 (0 = no local shuffle), got {self.shuffle_buffer}")
+            raise UserError(f"--shuffle-buffer must be >= 0 (0 = no local shuffle), got {self.shuffle_buffer}")
         if self.cache_mb < 0:
-            raise CLIError(f"--cache-mb must be >= 0 (0 = always stream), got {self.cache_mb}")
+            raise UserError(f"--cache-mb must be >= 0 (0 = always stream), got {self.cache_mb}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise CLIError(f"--lr must be > 0, got {self.lr}")
+            raise UserError(f"--lr must be > 0, got {self.lr}")
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise CLIError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.warmup_epochs is not None and not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
-            raise CLIError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+            raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.seed < 0:
-            raise CLIError(f"--seed must be >= 0, got {self.seed}")
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
-            raise CLIError(f"--time-budget must be > 0 seconds, got {self.time_budget_s}")
+            raise UserError(f"--time-budget must be > 0 seconds, got {self.time_budget_s}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise CLIError(f"--max-steps must be >= 1, got {self.max_steps}")
+            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
         if (self.time_budget_s is not None and self.warmup_epochs and self.epochs is None
                 and self.max_steps is None):
-            raise CLIError(f"--warmup-epochs {self.warmup_epochs:g} cannot be placed in a --time-budget run of "
+            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} cannot be placed in a --time-budget run of "
                            "unknown length; give --epochs or --max-steps as well, or leave it out (warm-up is "
                            "then at most 10 % of the budget)")
 
     def _validate_monitor(self) -> None:
         if self.monitor_every is not None and self.monitor_every_s is not None:
-            raise CLIError("monitor_every (steps) and monitor_every_s (seconds) exclude each other; give one")
+            raise UserError("monitor_every (steps) and monitor_every_s (seconds) exclude each other; give one")
         if self.monitor_every is not None and self.monitor_every < 1:
-            raise CLIError(f"--monitor-every must be >= 1 step, got {self.monitor_every}")
+            raise UserError(f"--monitor-every must be >= 1 step, got {self.monitor_every}")
         if self.monitor_every_s is not None and not (math.isfinite(self.monitor_every_s) and self.monitor_every_s > 0):
-            raise CLIError(f"--monitor-every must be > 0 seconds, got {self.monitor_every_s}")
+            raise UserError(f"--monitor-every must be > 0 seconds, got {self.monitor_every_s}")
         if self.monitor_k < 1:
-            raise CLIError(f"--monitor-k must be >= 1, got {self.monitor_k}")
+            raise UserError(f"--monitor-k must be >= 1, got {self.monitor_k}")
         if not (math.isfinite(self.monitor_temperature) and self.monitor_temperature > 0):
-            raise CLIError(f"monitor_temperature must be > 0, got {self.monitor_temperature}")
+            raise UserError(f"monitor_temperature must be > 0, got {self.monitor_temperature}")
         if self.monitor_slices < 4:
-            raise CLIError(f"--monitor-slices must be >= 4, got {self.monitor_slices}")
+            raise UserError(f"--monitor-slices must be >= 4, got {self.monitor_slices}")
         if self.monitor_folds < 2:
-            raise CLIError(f"monitor_folds must be >= 2, got {self.monitor_folds}")
+            raise UserError(f"monitor_folds must be >= 2, got {self.monitor_folds}")
         if not 0.0 < self.monitor_val_fraction < 0.5:
-            raise CLIError(f"monitor_val_fraction must be in (0, 0.5), got {self.monitor_val_fraction}")
+            raise UserError(f"monitor_val_fraction must be in (0, 0.5), got {self.monitor_val_fraction}")
 
     @property
     def monitor_every_steps(self) -> int | None:
@@ -211,7 +211,7 @@ class PretrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise CLIError(f"unknown pre-training settings {unknown}")
+            raise UserError(f"unknown pre-training settings {unknown}")
         return cls(**d)
 
     def as_params(self) -> dict[str, str]:
@@ -230,10 +230,10 @@ def parse_duration(text: str, flag: str = "--time-budget") -> float:
     """Seconds from ``90``, ``90s``, ``12m``, ``1.5h`` (a budget reads more naturally in minutes)."""
     m = _DURATION.match(str(text))
     if not m:
-        raise CLIError(f"{flag} expects a duration like 90s, 12m, 1.5h or plain seconds, got {text!r}")
+        raise UserError(f"{flag} expects a duration like 90s, 12m, 1.5h or plain seconds, got {text!r}")
     seconds = float(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
     if not seconds > 0:
-        raise CLIError(f"{flag} must be > 0 seconds, got {text!r}")
+        raise UserError(f"{flag} must be > 0 seconds, got {text!r}")
     return seconds
 
 
@@ -244,7 +244,7 @@ def parse_monitor_every(text: str) -> tuple[int | None, float | None]:
     if t.isdigit():
         return int(t), None
     if not re.search(r"[a-zA-Z]\s*$", t):
-        raise CLIError(f"--monitor-every expects steps (e.g. 200) or a duration (e.g. 5m, 90s), got {text!r}")
+        raise UserError(f"--monitor-every expects steps (e.g. 200) or a duration (e.g. 5m, 90s), got {text!r}")
     return None, parse_duration(t, "--monitor-every")
 
 
@@ -262,7 +262,7 @@ def parse_method_options(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise CLIError(f"--method-option expects key=value, got {item!r}")
+            raise UserError(f"--method-option expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)

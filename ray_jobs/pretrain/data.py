@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ctssl_base import storage
-from ctssl_base.errors import ManifestError
+from ctssl_base.errors import ManifestError, UserError
 from data_prep import shards
-from ray_jobs.errors import CLIError
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,26 @@ def inspect_data(data: str, selection: str | None) -> DataInfo:
     try:
         base_manifest = shards.read_manifest(data)
     except ManifestError as e:
-        raise CLIError(f"--data {e}") from None
+        raise UserError(f"--data {e}") from None
     if base_manifest.get("kind", "prep") == "selection":
-        raise CLIError(f"--data {data} is a selection; pass its base prep output as --data and it as --selection")
+        raise UserError(f"--data {data} is a selection; pass its base prep output as --data and it as --selection")
     read_url = data
     if selection:
         try:
             resolved = shards.resolve(selection)
         except ManifestError as e:
-            raise CLIError(f"--selection {e}") from None
+            raise UserError(f"--selection {e}") from None
         if resolved.manifest.get("kind") != "selection":
-            raise CLIError(f"--selection {selection} is not a selection (its manifest kind is "
+            raise UserError(f"--selection {selection} is not a selection (its manifest kind is "
                            f"{resolved.manifest.get('kind', 'prep')!r})")
         if _norm(resolved.base_url) != _norm(data):
-            raise CLIError(f"--selection {selection} was made from {resolved.base_url}, not from --data {data}")
+            raise UserError(f"--selection {selection} was made from {resolved.base_url}, not from --data {data}")
         rows = len(resolved.keep_ids) if resolved.keep_ids is not None else 0
         read_url = selection
     else:
         rows = sum(int(s["rows"]) for s in base_manifest["shards"])
     if rows == 0:
-        raise CLIError(f"{read_url}: no slices to train on (0 committed rows)")
+        raise UserError(f"{read_url}: no slices to train on (0 committed rows)")
     height, width = _probe_size(data, base_manifest)
     name = _dataset_name(base_manifest)
     if name in ("", "data"):
@@ -89,12 +90,11 @@ def inspect_data(data: str, selection: str | None) -> DataInfo:
 
 def _probe_size(url: str, manifest: dict[str, Any]) -> tuple[int, int]:
     """Slice size from the first shard's first row (prep writes one fixed resolution)."""
-    import pyarrow.parquet as pq
 
     fs, root = storage.open_fs(url)
     first = next((s for s in manifest["shards"] if int(s["rows"]) > 0), None)
     if first is None:
-        raise CLIError(f"{url}: the manifest lists no rows")
+        raise UserError(f"{url}: the manifest lists no rows")
     with fs.open(storage.join(root, first["path"]), "rb") as f:
         pf = pq.ParquetFile(f)
         rb = next(pf.iter_batches(batch_size=1, columns=["height", "width"]))
@@ -109,8 +109,6 @@ class KeepSelected:
         self.keep_ids = keep_ids
 
     def __call__(self, table):
-        import pyarrow.compute as pc
-
         t = table.filter(pc.is_in(table["slice_id"], value_set=self.keep_ids))
         return t.select(PIXEL_COLUMNS)
 

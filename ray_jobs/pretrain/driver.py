@@ -16,15 +16,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from ctssl_base import storage
+from ctssl_base import ray_connect, storage
+from ctssl_base.errors import UserError
 from ctssl_base.lease import Lease
-from ray_jobs import tracking
-from ray_jobs.errors import CLIError
+from ray_jobs import ray_cluster, tracking
 from ray_jobs.pretrain import checkpoint as ckpt_io
-from ray_jobs.pretrain import orphans, resume_guard
+from ray_jobs.pretrain import monitor, orphans, resume_guard
 from ray_jobs.pretrain.budget import Budget
+from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import DataInfo, build_dataset, inspect_data
+from ray_jobs.pretrain.loop import train_loop_per_worker
+from ssl_core.methods import create_method, get_method_class, method_names
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +57,28 @@ class PretrainResult:
 
 
 def check_method(cfg: PretrainConfig) -> None:
-    from ssl_core.methods import method_names
-
     names = method_names()
     if cfg.method not in names:
-        raise CLIError(f"--method {cfg.method!r} is not a pre-training method; known: {', '.join(names)}")
+        raise UserError(f"--method {cfg.method!r} is not a pre-training method; known: {', '.join(names)}")
 
 
 def check_backbone(name: str) -> None:
     import timm
 
     if not timm.list_models(name):
-        raise CLIError(f"--backbone {name!r} is not a timm model (see timm.list_models())")
+        raise UserError(f"--backbone {name!r} is not a timm model (see timm.list_models())")
 
 
 def check_method_builds(cfg: PretrainConfig, img_size: int, opts: dict) -> None:
     """Build the method once here: a setting it cannot take (an image too small for SparK's patches,
     a mask ratio its patch grid cannot realise, an unknown option) is then one line before any worker
     starts, not an error every worker repeats through --max-failures restarts."""
-    from ssl_core.methods import create_method
 
     try:
         method = create_method(cfg.method, backbone=cfg.backbone, in_chans=cfg.in_chans, img_size=img_size, **opts)
         method.check_setup()
     except (ValueError, TypeError) as e:
-        raise CLIError(f"--method {cfg.method} with --backbone {cfg.backbone} at {img_size} px: {e}") from None
+        raise UserError(f"--method {cfg.method} with --backbone {cfg.backbone} at {img_size} px: {e}") from None
 
 
 def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None = None) -> dict:
@@ -88,14 +88,13 @@ def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None 
     method's own (:meth:`SSLMethod.options_for_pool`); ``total_steps`` is the schedules' length, None
     for a time-budgeted run. 8-bit image sets get the ``gray8`` window unless windows are given.
     Every data-derived value is logged."""
-    from ssl_core.methods import get_method_class
 
     cls = get_method_class(cfg.method)
     user = dict(cfg.method_options)
     if cfg.time_budget_s is not None:
         fixed = [k for k in cls.step_count_options if k in user]
         if fixed:
-            raise CLIError(f"--method-option {fixed[0]} counts optimiser steps, but how many steps a --time-budget "
+            raise UserError(f"--method-option {fixed[0]} counts optimiser steps, but how many steps a --time-budget "
                            "run makes is known only when it ends; leave it out (the method sizes it as a share "
                            "of the budget) or use --max-steps instead of --time-budget")
     batch = cfg.batch_size if cfg.batch_size is not None else auto_batch_size(info.rows, cfg.workers)[0]
@@ -147,7 +146,7 @@ def runs_in_process(cfg: PretrainConfig) -> bool:
     """
     if cfg.runner == "in-process":
         if cfg.workers != 1:
-            raise CLIError(f"--runner in-process trains one worker in this process; --workers {cfg.workers} "
+            raise UserError(f"--runner in-process trains one worker in this process; --workers {cfg.workers} "
                            "needs --runner ray (or auto)")
         return True
     if cfg.runner == "ray":
@@ -161,7 +160,7 @@ def check_local_device(cfg: PretrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise CLIError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: this machine has no CUDA device, and a "
+            raise UserError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: this machine has no CUDA device, and a "
                            "one-worker run trains here (--runner in-process); use --gpus-per-worker 0, or name "
                            "a cluster with GPUs (--address, --runner ray)")
 
@@ -204,7 +203,7 @@ def plan_steps(cfg: PretrainConfig, info: DataInfo) -> int:
     per_worker_rows = info.rows // cfg.workers
     spe = per_worker_rows // cfg.per_worker_batch
     if spe == 0:
-        raise CLIError(f"--batch-size {cfg.batch_size} over {cfg.workers} worker(s) needs at least "
+        raise UserError(f"--batch-size {cfg.batch_size} over {cfg.workers} worker(s) needs at least "
                        f"{cfg.batch_size} slices, {info.read_url} has {info.rows}")
     if cfg.steps_per_epoch is not None:
         spe = min(spe, cfg.steps_per_epoch)
@@ -300,9 +299,6 @@ def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainRe
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ctssl_base import ray_connect
-    from ray_jobs import ray_cluster
-    from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 
     cfg, info, img_size, spe, batch_note = prepare(cfg)
     in_process = runs_in_process(cfg)
@@ -310,7 +306,6 @@ def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainRe
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri, cfg.storage)
     opts = method_options(cfg, info, None if budget.timed else budget.schedule_steps)
     check_method_builds(cfg, img_size, opts)
-    from ray_jobs.pretrain import monitor
 
     probe_set = monitor.build_probe_set(cfg)  # a --monitor-data that cannot make a fold: one line, here
     ident = resume_guard.identity(cfg, img_size, spe, opts)
@@ -352,7 +347,6 @@ def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainRe
         "in_process": in_process,
         "monitor": monitor.ship(probe_set, in_process),  # the probe's slices (rank 0 embeds them)
     }
-    from ray_jobs.pretrain.loop import train_loop_per_worker
 
     if in_process:
         from ray_jobs.pretrain.shard_stream import ShardStream

@@ -28,12 +28,17 @@ from typing import Any
 
 import torch
 
+from ctssl_base.ray_connect import apply_env
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.budget import Budget
 from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import decode_batch, to_training_tensor
 from ray_jobs.pretrain.epoch_cache import EpochCache
+from ray_jobs.pretrain.monitor import Monitor
+from ray_jobs.pretrain.optim_setup import build_optimizer, max_grad_norm
+from ray_jobs.ray_cluster import arrow_filesystem
+from ssl_core.methods import StepContext, create_method
 
 log = logging.getLogger("ctssl.pretrain")
 
@@ -75,7 +80,6 @@ def _stored(cfg: PretrainConfig, path: str | None):  # noqa: ANN202 - ray.train.
         return None
     import ray.train
 
-    from ray_jobs.ray_cluster import arrow_filesystem
 
     return ray.train.Checkpoint(path=path, filesystem=arrow_filesystem(cfg.storage)[0])
 
@@ -104,9 +108,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ctssl_base.ray_connect import apply_env
     from ssl_core.backbones import export_encoder_state_dict
-    from ssl_core.methods import StepContext, create_method
 
     apply_env(payload.get("env"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -134,7 +136,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     method.to(device)
     if on_cuda:
         method.to(memory_format=torch.channels_last)
-    from ray_jobs.pretrain.optim_setup import build_optimizer, max_grad_norm
 
     optimizer, scheduler = build_optimizer(method, cfg, total_steps, steps_per_epoch, budget)
     clip = max_grad_norm(method)
@@ -177,7 +178,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             mlog.log({"resumed_from_step": progress.step, "restarts": progress.restarts}, progress.step)
             mlog.flush()
     # the online probe (--monitor-data), rank 0 only; its time is kept out of the loop clock below
-    from ray_jobs.pretrain.monitor import Monitor
 
     probe = None if mlog is None else Monitor.create(payload, cfg, method, img_size=img_size, device=device,
                                                      mlog=mlog, cl=cl, run_id=payload["mlflow_run_id"])

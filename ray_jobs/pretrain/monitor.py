@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
+from ray_jobs import tracking
+from ray_jobs.finetune.data import load_labelled
+from ray_jobs.finetune.folds import make_folds
 from ray_jobs.pretrain.config import PretrainConfig
 
 log = logging.getLogger("ctssl.pretrain")
@@ -49,16 +52,14 @@ def build_probe_set(cfg: PretrainConfig):  # noqa: ANN201 - ssl_core.probe.Probe
     the data cannot make a fold."""
     if not cfg.monitor_data:
         return None
-    from ray_jobs.finetune.data import load_labelled
-    from ray_jobs.finetune.folds import make_folds
     from ssl_core.probe import ProbeSet
 
     try:
         data = load_labelled(cfg.monitor_data)
         split = make_folds(data.patients, data.label_names, cfg.monitor_folds, cfg.monitor_val_fraction,
                            cfg.monitor_fold_seed)[0]
-    except CLIError as e:
-        raise CLIError(f"--monitor-data {cfg.monitor_data}: {str(e).removeprefix('--data ')}") from None
+    except UserError as e:
+        raise UserError(f"--monitor-data {cfg.monitor_data}: {str(e).removeprefix('--data ')}") from None
     rng = np.random.default_rng([cfg.monitor_fold_seed, 0x9B0E])
     n_train, n_val = len(split.train), len(split.val)
     quota_val = max(1, int(round(cfg.monitor_slices * n_val / (n_train + n_val))))
@@ -113,7 +114,6 @@ class Monitor:
         mon = cls(data, cfg, method.encoder(), img_size=img_size,
                   windows=payload.get("method_options", {}).get("windows"), device=device, mlog=mlog, cl=cl,
                   run_id=run_id)
-        from ray_jobs import tracking
 
         tracking.set_tags(cl, run_id, {"probe.train_slices": len(data.train_images),
                                        "probe.val_slices": len(data.val_images), "probe.k": cfg.monitor_k,

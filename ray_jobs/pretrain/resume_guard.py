@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from ctssl_base import storage
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.pretrain import orphans
 from ray_jobs.pretrain.config import PretrainConfig
 
@@ -57,7 +57,7 @@ def _paths(cfg: PretrainConfig):  # noqa: ANN202 - (fs, run folder, settings fil
 
 
 def check(cfg: PretrainConfig, ident: dict[str, Any]) -> bool:
-    """Raise :class:`CLIError` when ``cfg.experiment`` already has checkpoints made with other settings;
+    """Raise :class:`UserError` when ``cfg.experiment`` already has checkpoints made with other settings;
     return whether it has checkpoints (a resume) made with these."""
     fs, run_dir, path = _paths(cfg)
     if not (fs.exists(path) and _has_checkpoint(fs, run_dir)):
@@ -66,7 +66,7 @@ def check(cfg: PretrainConfig, ident: dict[str, Any]) -> bool:
     diff = [k for k in sorted(set(before) | set(ident)) if before.get(k) != ident.get(k)]
     if diff:
         changes = "; ".join(f"{k}: {before.get(k)!r} -> {ident.get(k)!r}" for k in diff)
-        raise CLIError(f"--experiment {cfg.experiment!r} in {cfg.storage} already has checkpoints made with "
+        raise UserError(f"--experiment {cfg.experiment!r} in {cfg.storage} already has checkpoints made with "
                        f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
                        "name, or rerun with the original settings to continue that run")
     log.info("resuming experiment %s with the settings its checkpoints were made with", cfg.experiment)

@@ -17,6 +17,7 @@ import pandas as pd
 from ctssl_base import storage
 from ctssl_base.errors import UserError
 from ray_jobs import tracking
+from ray_jobs.report.budget_plot import protocols_section, report_section
 from ray_jobs.report.collect import load_study, unfinished_note
 from ray_jobs.report.embedding_maps import SECTION as MAPS_SECTION
 from ray_jobs.report.embedding_maps import MapsInput, write_maps
@@ -126,8 +127,6 @@ def build_report(cfg: ReportConfig) -> ReportPaths:
 
 
 def _build(cfg: ReportConfig, out: str) -> ReportPaths:
-    from ray_jobs.report.budget_plot import protocols_section, report_section
-
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         if not cfg.storage:

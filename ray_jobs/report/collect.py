@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from ctssl_base.errors import UserError
 from ray_jobs import tracking
-from ray_jobs.errors import CLIError
 
 METRIC_KEYS = ("test_auc", "test_f1_macro", "test_accuracy", "best_val_auc", "best_epoch", "trial_time_s",
                "n_train", "train_per_class_min", "late_best", "epochs_run", "max_epochs", "stopped_early",
@@ -37,22 +37,22 @@ class Study:
 def find_study_run(cl, experiment: str, study_run: str | None = None):
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
-        raise CLIError(f"--experiment {experiment!r}: no such MLflow experiment at "
+        raise UserError(f"--experiment {experiment!r}: no such MLflow experiment at "
                        f"{tracking.redact_uri(cl.tracking_uri)}")
     if study_run:
         try:
             run = cl.get_run(study_run)
         except Exception as e:  # noqa: BLE001 - MlflowException for unknown ids
-            raise CLIError(f"--study-run {study_run}: {e}") from None
+            raise UserError(f"--study-run {study_run}: {e}") from None
         kind = run.data.tags.get(tracking.TAG_KIND)
         if kind not in (None, "study"):  # a study's experiment also holds its pre-training runs
-            raise CLIError(f"--study-run {study_run} is a {kind} run, not a fine-tuning study run "
+            raise UserError(f"--study-run {study_run} is a {kind} run, not a fine-tuning study run "
                            f"(tag {tracking.TAG_KIND}=study)")
         return run
     runs = cl.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'study'",
                           order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise CLIError(f"--experiment {experiment!r} has no fine-tuning study run (tag {tracking.TAG_KIND}=study)")
+        raise UserError(f"--experiment {experiment!r} has no fine-tuning study run (tag {tracking.TAG_KIND}=study)")
     return runs[0]
 
 

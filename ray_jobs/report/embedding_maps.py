@@ -33,10 +33,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are built in jobs and CI
 
+import os
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from data_prep import shards
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +155,6 @@ def read_pool_sample(url: str, n: int, seed: int, size: int | None = None) -> np
     import torch
     import torch.nn.functional as F
 
-    from data_prep import shards
 
     res = shards.resolve(url)
     rng = np.random.default_rng([seed, 0x9001])
@@ -289,7 +292,6 @@ NOTE = ("Each frozen encoder embeds the labelled slices as fine-tuning reads the
 
 def write_maps(inp: MapsInput, out_dir: str) -> MapsResult:
     """Embed, draw and save the pictures into ``out_dir``; the result holds the section's markdown."""
-    import os
 
     if inp.load is None:
         raise ValueError("MapsInput.load is unset: hand in ray_jobs.finetune.frozen_views.load_maps_data")

@@ -15,10 +15,13 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
+from ray_jobs.report.tables import by_encoder_and_size
 from ray_jobs.trial_record import PREDICTIONS_ARTIFACT
 
 Predictions = dict[str, dict[str, np.ndarray]]  # run_id -> {y, p, rows, patients}
@@ -46,7 +49,6 @@ def _download(cl, run_ids: list[str], out: Predictions) -> None:  # noqa: ANN001
     """One GET per trial, several at a time. Why: ``MlflowClient.download_artifacts`` costs three
     requests per run (the run for its artifact URI, a listing, the file); a 525-trial study spent most
     of its report there. The runs' artifact URIs come from a few paged searches instead."""
-    from concurrent.futures import ThreadPoolExecutor
 
     uris = _artifact_uris(cl, run_ids)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +107,6 @@ def _fetch(cl, rid: str, root: str | None, dst: str) -> str | None:  # noqa: ANN
 def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
     """Macro one-vs-rest ROC AUC with tied scores counted half (as scikit-learn); NaN when a class
     has no positive or no negative. Binary: ``p`` may be (N, 2) or (N,) positive-class scores."""
-    from scipy.stats import rankdata
 
     if p.ndim == 1 or p.shape[1] == 2:
         scores = [p if p.ndim == 1 else p[:, 1]]
@@ -186,7 +187,6 @@ def bootstrap_vs_baseline(trials: pd.DataFrame, preds: Predictions, baseline: st
         rows_out.append({"encoder": enc, "size": size, "patients": n_pat, "slices": n_sl,
                          "auc": float(np.mean(points)), "auc_base": float(np.mean(bases)), "diff": point,
                          "ci_low": lo, "ci_high": hi, "p_value": pval, "n_boot": len(d)})
-    from ray_jobs.report.tables import by_encoder_and_size
 
     return by_encoder_and_size(pd.DataFrame(rows_out, columns=cols))
 

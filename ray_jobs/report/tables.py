@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import wilcoxon
 
 from ray_jobs.trial_record import SizeSpec
 
@@ -68,7 +69,6 @@ def wilcoxon_vs_baseline(trials: pd.DataFrame, baseline: str = "random", metric:
     With five folds the smallest attainable two-sided p is 0.0625, so "not significant" is expected
     for a single seed; the table reports the pair count so a reader can judge.
     """
-    from scipy.stats import wilcoxon
 
     cols = ["encoder", "size", "n_pairs", "median_diff", "statistic", "p_value"]
     rows = []

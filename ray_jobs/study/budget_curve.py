@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ray_jobs.report.budget_plot import COLUMNS, RANDOM, bootstrap_band
+from ctssl_base import storage
+from ray_jobs import tracking
+from ray_jobs.finetune.config import parse_sizes
+from ray_jobs.finetune.data import load_labelled
+from ray_jobs.finetune.folds import make_folds
+from ray_jobs.report.budget_plot import COLUMNS, RANDOM, bootstrap_band, plot_budget_curve
+from ray_jobs.study.stages import data_url
 
 Embed = Callable[[Any, Any], np.ndarray]  # (EncoderSpec, LabelledData) -> (N, D)
 Probe = Callable[..., list[dict]]  # (emb, data, folds, sizes, seeds) -> rows with size, fold, seed, auc
@@ -47,7 +53,6 @@ def _rows(method: str, fraction: float, step: int, seconds: float, cells: list[d
 def milestone_encoder(random_spec: Any, folder: str) -> tuple[Any, int, float]:
     """The encoder of a milestone folder (local or object storage) in the form of ``random_spec`` (an
     EncoderSpec), its step and training seconds."""
-    from ctssl_base import storage
     from ray_jobs.finetune.encoders import _load_from_folder
     from ray_jobs.pretrain import checkpoint as ckpt_io
 
@@ -79,13 +84,7 @@ def budget_table(milestones: dict[str, dict[float, str]], random_spec: Any, data
 def run_stage(ctx: Any) -> dict[str, Any]:
     """The study's ``budget`` stage: probe every method's milestones, write ``budget_curve.csv`` (and its
     plot) into the study's report folder and onto the fine-tuning study's parent MLflow run."""
-    from ray_jobs import tracking
-    from ray_jobs.finetune.config import parse_sizes
-    from ray_jobs.finetune.data import load_labelled
     from ray_jobs.finetune.encoders import resolve_encoder
-    from ray_jobs.finetune.folds import make_folds
-    from ray_jobs.report.budget_plot import plot_budget_curve
-    from ray_jobs.study.stages import data_url
 
     spec = ctx.study.spec
     ft, pre = spec["finetune"], spec["pretrain"]

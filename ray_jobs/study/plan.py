@@ -22,8 +22,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.errors import CLIError
+import numpy as np
+
+from ctssl_base import storage
+from ctssl_base.errors import UserError
+from data_prep import shards
+from ray_jobs.finetune.config import default_recipes
+from ray_jobs.pretrain.budget import Budget
+from ray_jobs.pretrain.config import PretrainConfig, parse_duration
+from ray_jobs.study.runner import Markers, check_stage
 from ray_jobs.study.spec import Study
+from ray_jobs.study.stages import Context
+from ray_jobs.study.stages import plan as stage_plan
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 DEVICES = ("auto", "cpu", "gpu")
@@ -193,8 +203,6 @@ def fmt_bytes(n: int) -> str:
 # ------------------------------------------------------------------------------ the data
 def _manifest(url: str) -> dict[str, Any] | None:
     """The committed manifest at ``url``, or None when there is none (or it cannot be read)."""
-    from ctssl_base.errors import UserError
-    from data_prep import shards
 
     try:
         return shards.read_manifest(url)
@@ -228,8 +236,6 @@ def _count_local(src: dict[str, Any]) -> tuple[int | None, str]:
 
 
 def _npz_classes(path: Path) -> int | None:
-    import numpy as np
-
     try:
         with np.load(path) as z:
             labels = [z[k].ravel() for k in z.files if k.endswith("_labels")]
@@ -239,8 +245,6 @@ def _npz_classes(path: Path) -> int | None:
 
 
 def _classes_of(url: str) -> int | None:
-    from data_prep import shards
-
     try:
         col = shards.read_table(url, columns=["label"], verify=False).column("label")
     except Exception:  # noqa: BLE001 - no label column, unreadable: the plan assumes instead
@@ -250,7 +254,6 @@ def _classes_of(url: str) -> int | None:
 
 def pool(study: Study, role: str, opts: Options) -> Pool:
     """The size of a source: measured shards first, then --slices, the phantom's spec, a local count."""
-    from ctssl_base import storage
 
     src = study.spec["data"][role]
     url = src["path"] if src["type"] == "shards" else storage.join(study.storage, "shards", role)
@@ -377,9 +380,6 @@ def shard_bytes(slices: int, size: int, kind: str) -> int:
 # ------------------------------------------------------------------------------ the plan
 def make_plan(study: Study, opts: Options | None = None) -> Plan:
     """The plan of ``study``: one row per stage the runner derives, in its order."""
-    from ray_jobs.finetune.config import default_recipes
-    from ray_jobs.pretrain.config import PretrainConfig, parse_duration
-    from ray_jobs.study.stages import plan as stage_plan
 
     opts = opts or Options()
     spec, res = study.spec, study.spec["resources"]
@@ -390,7 +390,7 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
     if device == "gpu":
         gpu_type = (opts.gpu_type or cal["gpu_types"][0]).lower()
         if gpu_type not in cal["gpu_types"]:
-            raise CLIError(f"--gpu-type {gpu_type}: no calibration for it; measured: {', '.join(cal['gpu_types'])}")
+            raise UserError(f"--gpu-type {gpu_type}: no calibration for it; measured: {', '.join(cal['gpu_types'])}")
         if opts.gpu_type is None:
             notes.append(f"GPU type {gpu_type.upper()} (the only one measured; --gpu-type picks another)")
     cpus = opts.cpus or cal["reference_cpus"]
@@ -532,14 +532,12 @@ def _n(n: int | None) -> str:
 
 
 def _url(study: Study, *parts: str) -> str:
-    from ctssl_base import storage
-
     return storage.join(study.storage, *parts)
 
 
 def _device(study: Study, opts: Options, notes: list[str]) -> str:
     if opts.device not in DEVICES:
-        raise CLIError(f"--device {opts.device}: choose from {', '.join(DEVICES)}")
+        raise UserError(f"--device {opts.device}: choose from {', '.join(DEVICES)}")
     want = study.spec["resources"]["gpusPerWorker"]
     if opts.device != "auto":
         return opts.device
@@ -555,7 +553,6 @@ def _device(study: Study, opts: Options, notes: list[str]) -> str:
 def _pretrain_row(study: Study, st: Any, method: str, level: int | None, pools: dict[str, Pool],
                   kept: dict[str, tuple[int | None, bool]], device: str, gpu_type: str | None,
                   gpus_per_worker: float, cpus: int, PretrainConfig: Any, parse_duration: Any) -> Row:  # noqa: N803
-    from ray_jobs.pretrain.budget import Budget
     from ray_jobs.pretrain.driver import auto_batch_size
 
     res = study.spec["resources"]
@@ -677,8 +674,6 @@ def _reuse(study: Study, stages: list[Any], opts: Options, notes: list[str]) -> 
     """stage -> "reused" or "runs (why)", by the runner's own rule, reading the stage markers only."""
     if not opts.look:
         return {}
-    from ray_jobs.study.runner import Markers, check_stage
-    from ray_jobs.study.stages import Context
 
     out: dict[str, str] = {}
     try:
@@ -710,6 +705,6 @@ def parse_slices(items: list[str] | None) -> dict[str, int]:
         for tok in item.split(","):
             role, _, value = tok.strip().partition("=")
             if role not in ("pretrain", "labelled") or not value.strip().isdigit() or int(value) < 1:
-                raise CLIError(f"--slices {tok.strip()!r}: expected pretrain=N or labelled=N (N >= 1)")
+                raise UserError(f"--slices {tok.strip()!r}: expected pretrain=N or labelled=N (N >= 1)")
             out[role] = int(value)
     return out

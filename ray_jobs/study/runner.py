@@ -20,6 +20,9 @@ import time
 import uuid
 from typing import Any
 
+from ctssl_base import ray_connect, storage
+from ctssl_base.lease import Lease
+from ray_jobs import tracking
 from ray_jobs.study.spec import Study
 from ray_jobs.study.stages import Context, Stage, plan
 
@@ -34,7 +37,6 @@ WORKDIR_OUTPUTS = ("phantom", "report", "deid.key")
 
 def mark_root(url: str, name: str) -> None:
     """Leave the sentinel naming study ``name`` in the root ``url`` (a folder or object-store prefix)."""
-    from ctssl_base import storage
 
     fs, base = storage.open_fs(url)
     path = storage.join(base, SENTINEL)
@@ -51,21 +53,15 @@ class Markers:
     """The stage markers of one study under its storage root (local folder or object store)."""
 
     def __init__(self, root: str, *, create: bool = True):
-        from ctssl_base import storage
-
         self.fs, base = storage.open_fs(root)
         self.dir = storage.join(base, MARKERS)
         if create:  # `ctssl study plan` only reads: it leaves the storage root as it found it
             storage.ensure_dir(self.fs, self.dir)
 
     def _path(self, name: str) -> str:
-        from ctssl_base import storage
-
         return storage.join(self.dir, f"{name}.json")
 
     def read(self, name: str) -> dict[str, Any] | None:
-        from ctssl_base import storage
-
         try:
             return storage.read_json(self.fs, self._path(name))
         except FileNotFoundError:
@@ -75,8 +71,6 @@ class Markers:
             return None
 
     def write(self, name: str, marker: dict[str, Any]) -> None:
-        from ctssl_base import storage
-
         storage.write_json_atomic(self.fs, self._path(name), marker)
 
 
@@ -131,16 +125,12 @@ def run(study: Study, address: str | None = None) -> dict[str, Any]:
 
     The driver holds the lease on the storage root meanwhile: a second driver of the study is refused
     in one line naming the holder, and changes nothing."""
-    from ctssl_base.lease import Lease
 
     with Lease(study.storage, f"study {study.name}"):
         return _run(study, address)
 
 
 def _run(study: Study, address: str | None) -> dict[str, Any]:
-    from ctssl_base import ray_connect
-    from ray_jobs import tracking
-
     tracking_uri = tracking.resolve_tracking_uri(study.spec["tracking"]["uri"], study.storage)
     study.workdir.mkdir(parents=True, exist_ok=True)
     markers = Markers(study.storage)

@@ -16,9 +16,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
+from ray_jobs.finetune.config import parse_recipes
+from ray_jobs.pretrain.config import parse_duration
 from ssl_core.methods import METHOD_NAMES
 
 SCHEMA_FILE = Path(__file__).with_name("study.schema.json")
@@ -28,7 +31,7 @@ PHANTOM_KEYS = ("patients", "slices", "renderSize", "task")
 MAX_TIME_BUDGET_S = 30 * 24 * 3600
 
 
-class SpecError(CLIError):
+class SpecError(UserError):
     """One or more problems of a study file, one line each (``FILE:LINE:COL: key.path: what``)."""
 
     def __init__(self, problems: list[str]):
@@ -170,8 +173,6 @@ def _short(value: Any) -> str:
 
 
 def _schema_problems(data: Any, source: str, root: yaml.Node | None) -> list[str]:
-    import jsonschema
-
     validator = jsonschema.Draft202012Validator(schema())
     found: dict[str, tuple[int, int]] = {}
     for err in validator.iter_errors(data):
@@ -257,8 +258,6 @@ class Study:
 
 def check_semantics(study: Study, root: yaml.Node | None = None) -> list[str]:
     """The rules the schema cannot express; each problem names the key."""
-    from ray_jobs.finetune.config import parse_recipes
-    from ray_jobs.pretrain.config import parse_duration
 
     found: list[tuple[tuple[int, int], str]] = []
     spec = study.spec
@@ -276,7 +275,7 @@ def check_semantics(study: Study, root: yaml.Node | None = None) -> list[str]:
         if text is not None:
             try:
                 seconds = parse_duration(text, flag="timeBudget")
-            except CLIError as e:
+            except UserError as e:
                 bad(path, str(e).replace("timeBudget ", "", 1))
                 continue
             if seconds > MAX_TIME_BUDGET_S:
@@ -285,7 +284,7 @@ def check_semantics(study: Study, root: yaml.Node | None = None) -> list[str]:
     if ft["recipes"] is not None:
         try:
             recipes = parse_recipes(",".join(ft["recipes"])) or []
-        except CLIError as e:
+        except UserError as e:
             bad(["spec", "finetune", "recipes"], str(e).replace("--recipes: ", ""))
             recipes = []
         for i, r in enumerate(recipes):

@@ -10,12 +10,25 @@ and ``done`` checks that the output a finished marker points at still exists.
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctssl_base import storage
+from ctssl_base.errors import UserError
+from data_prep import shards
+from data_prep.deid import load_key
+from data_prep.phantom.cohort import write_cohort
+from data_prep.reduce import reduce_dataset
+from data_prep.volume_qc import summary_lines
+from ray_jobs import tracking
+from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_monitor_every
 from ray_jobs.study.spec import PHANTOM_KEYS, Study
+from ray_jobs.trial_record import SizeSpec
 
 log = logging.getLogger("ctssl.study")
 
@@ -32,8 +45,6 @@ class Context:
     fingerprint: str = ""  # of the stage being run: names its resumable Ray runs
 
     def url(self, *parts: str) -> str:
-        from ctssl_base import storage
-
         return storage.join(self.study.storage, *parts)
 
 
@@ -49,9 +60,6 @@ class Stage:
 
 # ----------------------------------------------------------------------------------------- checks
 def _committed(url: str) -> bool:
-    from ctssl_base.errors import UserError
-    from data_prep import shards
-
     try:
         shards.read_manifest(url)
         return True
@@ -60,8 +68,6 @@ def _committed(url: str) -> bool:
 
 
 def _exists(url: str) -> bool:
-    from ctssl_base import storage
-
     fs, path = storage.open_fs(url)
     return fs.exists(path)
 
@@ -73,10 +79,7 @@ def _phantom_dir(study: Study, role: str) -> Path:
 
 def _phantom(role: str) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        import shutil
-
         from ctssl_base.progress import Progress
-        from data_prep.phantom.cohort import write_cohort
 
         src = ctx.study.spec["data"][role]
         dst = _phantom_dir(ctx.study, role)
@@ -92,8 +95,6 @@ def _phantom(role: str) -> Callable[[Context], dict[str, Any]]:
 
 
 def _deid_key(study: Study) -> bytes:
-    from data_prep.deid import load_key
-
     every_phantom = all(study.spec["data"][r]["type"] == "phantom" for r in ("pretrain", "labelled"))
     return load_key(study.spec["deid"]["keyFile"], allow_generate=every_phantom,
                     generated_path=str(study.workdir.resolve() / "deid.key"))
@@ -120,7 +121,6 @@ def _prep(role: str) -> Callable[[Context], dict[str, Any]]:
         s = run_prep(pc, _deid_key(study))
         print(f"    {role}: {s.slices_written} slices from {s.series} series, {s.rejected} rejected -> {pc.dst}",
               flush=True)
-        from data_prep.volume_qc import summary_lines
 
         for line in summary_lines(s.volume_qc):
             print(f"    {line}", flush=True)
@@ -149,8 +149,6 @@ def _prep_settings(study: Study, src: dict[str, Any]) -> dict[str, Any]:
 def _prep_done(ctx: Context, r: dict[str, Any]) -> bool:
     """The prep output is committed, and under strict holds no flagged series (else prep runs again,
     and stops naming one)."""
-    from ctssl_base.errors import UserError
-    from data_prep import shards
 
     try:
         m = shards.read_manifest(r["url"])
@@ -167,8 +165,6 @@ def data_url(ctx: Context, role: str) -> str:
 
 def _reduce(level: int) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        from data_prep.reduce import reduce_dataset
-
         study = ctx.study
         strategy = study.spec["reduction"]["strategy"]
         dst = ctx.url("shards", f"pretrain-{study.level_label(level)}")
@@ -183,7 +179,6 @@ def _reduce(level: int) -> Callable[[Context], dict[str, Any]]:
 # ----------------------------------------------------------------------------------------- training
 def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        from ray_jobs.pretrain.config import PretrainConfig, parse_duration
         from ray_jobs.pretrain.driver import run_pretrain
 
         study = ctx.study
@@ -223,7 +218,6 @@ def _monitor_settings(ctx: Context) -> dict[str, Any]:
     patients, validation share and seed), so the probe embeds training and validation slices of the
     labelled set and never one of that fold's test patients. Not part of the stage's settings: the
     probe only watches, so changing it does not redo a finished pre-training run."""
-    from ray_jobs.pretrain.config import parse_monitor_every
 
     mon, ft = ctx.study.spec["pretrain"]["monitor"], ctx.study.spec["finetune"]
     if not mon["enabled"]:
@@ -235,7 +229,6 @@ def _monitor_settings(ctx: Context) -> dict[str, Any]:
 
 
 def _finetune(ctx: Context) -> dict[str, Any]:
-    from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
     from ray_jobs.finetune.study import run_study
 
     study = ctx.study
@@ -261,13 +254,11 @@ def _finetune(ctx: Context) -> dict[str, Any]:
 
 def _report_done(ctx: Context, r: dict[str, Any]) -> bool:
     """The local report exists, and so does its upload when the storage is remote."""
-    from ctssl_base import storage
 
     return Path(r["html"]).exists() and ("uploaded" not in r or _exists(storage.join(r["uploaded"], "report.html")))
 
 
 def _report(ctx: Context) -> dict[str, Any]:
-    from ctssl_base import storage
     from ray_jobs.report.build import ReportConfig, build_report
 
     study = ctx.study
@@ -310,11 +301,9 @@ def best_at_smallest(summary_csv: str, encoders: set[str]) -> tuple[str, str, fl
     """(size, encoder, mean AUC) of the encoder among ``encoders`` with the highest mean test AUC at the
     smallest training-set size of the report's summary table (its ``summary.csv``); None when none of
     them has a finite AUC there. The verdict's text says whether that encoder also beats the baseline."""
-    import math
 
     import pandas as pd
 
-    from ray_jobs.trial_record import SizeSpec
 
     table = pd.read_csv(summary_csv)
     if table.empty:
@@ -333,7 +322,6 @@ def _alias_best(ctx: Context, summary_csv: str) -> dict[str, Any]:
     best mean test AUC at the smallest size (moved off the study's other encoders), and the study run
     tagged with its ``models:/`` URI; {} when no pre-trained encoder has a result there. A registry
     that refuses costs a warning: the report is written either way."""
-    from ray_jobs import tracking
 
     pre = {r["encoder"]: r for k, r in ctx.results.items() if k.startswith("pretrain-")}
     best = best_at_smallest(summary_csv, set(pre))
@@ -399,11 +387,11 @@ def plan(study: Study) -> list[Stage]:
                       "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
                      _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
     if spec["pretrain"].get("budgetCurve"):
-        from ray_jobs.errors import CLIError
+        from ctssl_base.errors import UserError
         from ray_jobs.study.budget_curve import run_stage as _budget
 
         if (fr := spec["pretrain"]["budgetCurve"]) != sorted(fr):
-            raise CLIError(f"{study.source}: pretrain.budgetCurve must be sorted ascending, got {fr}")
+            raise UserError(f"{study.source}: pretrain.budgetCurve must be sorted ascending, got {fr}")
 
         out.append(Stage("budget", "gain versus pre-training budget (linear probe on budget-curve checkpoints)",
                          {k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")}, _budget,

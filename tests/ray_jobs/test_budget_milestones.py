@@ -12,8 +12,8 @@ import os
 
 import pytest
 
+from ctssl_base.errors import UserError
 from ray_jobs.cli import main
-from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.checkpoint_store import CheckpointStore
 from ray_jobs.pretrain.config import PretrainConfig
@@ -65,5 +65,5 @@ def test_milestones_survive_rotation_and_a_resume(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad", [[0.5, 0.25], [0.0, 1.0], [0.5, 0.5], [1.5]])
 def test_bad_fractions_are_refused_with_one_line(bad):
     cfg = PretrainConfig(method="byol", data="d", storage="s", experiment="e", keep_at_fractions=bad)
-    with pytest.raises(CLIError, match="--keep-at-fractions"):
+    with pytest.raises(UserError, match="--keep-at-fractions"):
         cfg.validate()

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.report.tables import (
     convergence_note,
@@ -73,7 +73,7 @@ def test_bad_rule_settings_are_refused():
                     ({"patience": 0}, "--patience must be a whole number of epochs >= 1"),
                     ({"min_delta": 1.5}, r"--min-delta must be in \[0, 1\)"),
                     ({"extend_epochs": -1}, "--extend-epochs must be >= 0")):
-        with pytest.raises(CLIError, match=msg):
+        with pytest.raises(UserError, match=msg):
             FinetuneConfig(**{**cfg.to_dict(), **kw, "sizes": cfg.sizes}).validate()
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.finetune.cell import choose_recipe, late_best
 from ray_jobs.finetune.config import FinetuneConfig, Recipe, default_recipes, parse_recipes
 from ray_jobs.finetune.encoders import resolve_encoders
@@ -40,15 +40,15 @@ def test_recipes_parse_and_bad_ones_are_one_line_errors():
     assert parse_recipes("1e-3:0, 3e-4:5,1e-3:0") == [Recipe(1e-3, 0), Recipe(3e-4, 5)]
     assert parse_recipes(None) is None
     for bad, msg in (("fast", "is not LR:FROZEN_EPOCHS"), ("0:1", "needs lr > 0"), ("1e-3:-1", "needs lr > 0")):
-        with pytest.raises(CLIError, match=msg):
+        with pytest.raises(UserError, match=msg):
             parse_recipes(bad)
-    with pytest.raises(CLIError, match="freezes the backbone for 20 epochs, more than --epochs 8"):
+    with pytest.raises(UserError, match="freezes the backbone for 20 epochs, more than --epochs 8"):
         _cfg(epochs=8, recipes=["1e-3:20"]).validate()
-    with pytest.raises(CLIError, match="--asha needs --protocol fixed"):
+    with pytest.raises(UserError, match="--asha needs --protocol fixed"):
         _cfg(asha=True).validate()
-    with pytest.raises(CLIError, match="--recipes is the grid of --protocol tuned"):
+    with pytest.raises(UserError, match="--recipes is the grid of --protocol tuned"):
         _cfg(protocol="fixed", recipes=["1e-3:0"]).validate()
-    with pytest.raises(CLIError, match="--protocol must be one of tuned, fixed"):
+    with pytest.raises(UserError, match="--protocol must be one of tuned, fixed"):
         _cfg(protocol="best").validate()
 
 
@@ -93,7 +93,7 @@ def test_the_random_baseline_takes_the_encoders_backbone(tmp_path):
 
 def test_encoders_of_different_backbones_need_the_baselines_named(tmp_path):
     a, b = _encoder(tmp_path, "byol", "resnet18"), _encoder(tmp_path, "spark", "resnet34")
-    with pytest.raises(CLIError, match=r"different backbones \(resnet18, resnet34\); name the baseline's with "
+    with pytest.raises(UserError, match=r"different backbones \(resnet18, resnet34\); name the baseline's with "
                                        "--backbone"):
         resolve_encoders(["random", a, b], default_backbone=None, in_chans=None, tracking_uri="sqlite://")
     # without a random baseline, different backbones are fine

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.pretrain import resume_guard
 from ray_jobs.pretrain.budget import MAX_BUDGET_WARMUP_FRACTION, SCHEDULE_STEPS, Budget
 from ray_jobs.pretrain.config import PretrainConfig, format_duration, parse_duration
@@ -48,7 +48,7 @@ def test_durations_read_like_a_user_writes_them(text, seconds):
 
 @pytest.mark.parametrize("text", ["12 minutes", "m", "-5s", "0", "1e3", ""])
 def test_a_duration_that_is_not_one_names_the_flag(text):
-    with pytest.raises(CLIError, match="--time-budget"):
+    with pytest.raises(UserError, match="--time-budget"):
         parse_duration(text)
 
 
@@ -163,7 +163,7 @@ def test_an_explicit_batch_is_kept_and_the_epoch_limit_depends_on_a_budget():
 def test_swav_freezes_prototypes_for_a_share_of_a_time_budget_and_refuses_a_step_count():
     opts = method_options(_cfg("swav", batch_size=32, time_budget_s=600.0), _info(1700), None)
     assert opts["freeze_prototypes_fraction"] == 0.1 and "freeze_prototypes_iters" not in opts
-    with pytest.raises(CLIError, match="--method-option freeze_prototypes_iters counts optimiser steps"):
+    with pytest.raises(UserError, match="--method-option freeze_prototypes_iters counts optimiser steps"):
         method_options(_cfg("swav", batch_size=32, time_budget_s=600.0,
                             method_options={"freeze_prototypes_iters": 50}), _info(1700), None)
     # a step budget knows its steps: a tenth of 200
@@ -187,7 +187,7 @@ def test_the_budget_is_part_of_the_run_identity(tmp_path):
     (tmp_path / "runs" / "e" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
     assert resume_guard.check(first, ident)  # same budget: a resume
     longer = PretrainConfig(**{**first.to_dict(), "time_budget_s": 1800.0})
-    with pytest.raises(CLIError, match=r"time_budget_s: 720\.0 -> 1800\.0"):
+    with pytest.raises(UserError, match=r"time_budget_s: 720\.0 -> 1800\.0"):
         resume_guard.check(longer, resume_guard.identity(longer, 64, 54, {}))
 
 
@@ -218,7 +218,7 @@ def test_settings_recorded_before_budgets_existed_still_match():
     ({"time_budget_s": 60.0, "warmup_epochs": 5.0}, "--warmup-epochs 5 cannot be placed in a --time-budget run"),
 ])
 def test_every_number_is_checked_before_ray_starts(kw, message):
-    with pytest.raises(CLIError) as e:
+    with pytest.raises(UserError) as e:
         _cfg(**kw).validate()
     assert message in str(e.value) and "\n" not in str(e.value)
 

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
+from ctssl_base.errors import UserError
 from ray_jobs import tracking
-from ray_jobs.errors import CLIError
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.driver import run_pretrain
 from tests.ray_jobs.servers import list_keys
@@ -130,7 +130,7 @@ def test_two_workers_on_two_nodes_survive_a_killed_worker_and_a_rerun_resumes(ra
 def test_more_workers_than_the_cluster_has_fails_before_training(ray_cluster, ray_s3, s3_data, tmp_path, workers,
                                                                  message):
     cfg = _cfg(tmp_path, ray_s3, s3_data, f"too-big-{workers}", workers=workers, batch_size=8)
-    with pytest.raises(CLIError, match=message):
+    with pytest.raises(UserError, match=message):
         run_pretrain(cfg)
     assert list_keys(ray_s3, f"runs/too-big-{workers}/") == []
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ctssl_base.errors import ManifestError
+from ctssl_base.errors import ManifestError, UserError
 from data_prep import shards
 from ray_jobs.cli import main
-from ray_jobs.errors import CLIError
 from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.checkpoint_store import PARTIAL_PREFIX, CheckpointStore
 from ray_jobs.pretrain.config import PretrainConfig
@@ -154,9 +153,9 @@ def test_auto_trains_one_worker_here_and_everything_else_on_ray_train(monkeypatc
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # under `ray job submit`
     assert runs_in_process(_cfg()) is False
     assert runs_in_process(_cfg(runner="in-process")) is True
-    with pytest.raises(CLIError, match="--runner in-process trains one worker in this process; --workers 2"):
+    with pytest.raises(UserError, match="--runner in-process trains one worker in this process; --workers 2"):
         runs_in_process(_cfg(workers=2, runner="in-process"))
-    with pytest.raises(CLIError, match="--runner must be one of auto, ray, in-process, got 'threads'"):
+    with pytest.raises(UserError, match="--runner must be one of auto, ray, in-process, got 'threads'"):
         _cfg(runner="threads").validate()
 
 
@@ -165,7 +164,7 @@ def test_gpus_this_machine_lacks_are_refused_in_one_line(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_local_device(_cfg())  # a CPU run needs nothing
-    with pytest.raises(CLIError, match="--gpus-per-worker 1: this machine has no CUDA device"):
+    with pytest.raises(UserError, match="--gpus-per-worker 1: this machine has no CUDA device"):
         check_local_device(_cfg(gpus_per_worker=1.0))
 
 

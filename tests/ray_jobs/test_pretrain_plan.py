@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import DataInfo
 from ray_jobs.pretrain.driver import method_options, plan_steps
@@ -26,7 +26,7 @@ def test_every_worker_takes_the_same_number_of_full_batches():
 
 
 def test_a_global_batch_not_divisible_by_workers_is_rejected():
-    with pytest.raises(CLIError, match="--batch-size 50 is the global batch and must be divisible by --workers 3"):
+    with pytest.raises(UserError, match="--batch-size 50 is the global batch and must be divisible by --workers 3"):
         _cfg("byol", workers=3, batch_size=50).validate()
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from ctssl_base.errors import UserError
 from ray_jobs import tracking
 from ray_jobs.cli import main
-from ray_jobs.errors import CLIError
 from ray_jobs.finetune.data import load_labelled
 from ray_jobs.finetune.folds import make_folds
 from ray_jobs.pretrain.config import PretrainConfig, parse_monitor_every
@@ -66,11 +66,11 @@ def test_the_probe_set_holds_training_and_validation_rows_of_fold_0_never_its_te
 def test_monitor_data_that_cannot_make_a_fold_is_one_line_naming_the_flag(tmp_path):
     unlabelled = str(tmp_path / "u")
     write_tiny_dataset(unlabelled, patients=8, slices=2, size=16, labelled=False)
-    with pytest.raises(CLIError, match=r"^--monitor-data .*/u: no slice has a label"):
+    with pytest.raises(UserError, match=r"^--monitor-data .*/u: no slice has a label"):
         build_probe_set(_cfg(monitor_data=unlabelled))
     few = str(tmp_path / "few")
     write_tiny_dataset(few, patients=4, slices=2, size=16)
-    with pytest.raises(CLIError, match=r"^--monitor-data .*/few: 4 patients cannot make 5 patient-level folds"):
+    with pytest.raises(UserError, match=r"^--monitor-data .*/few: 4 patients cannot make 5 patient-level folds"):
         build_probe_set(_cfg(monitor_data=few))
 
 
@@ -78,11 +78,11 @@ def test_monitor_every_takes_steps_or_a_duration_and_bad_values_name_the_flag():
     assert parse_monitor_every("200") == (200, None)
     assert parse_monitor_every("5m") == (None, 300.0)
     assert parse_monitor_every("90s") == (None, 90.0)
-    with pytest.raises(CLIError, match="--monitor-every expects steps"):
+    with pytest.raises(UserError, match="--monitor-every expects steps"):
         parse_monitor_every("1.5")
-    with pytest.raises(CLIError, match="--monitor-every must be >= 1 step, got 0"):
+    with pytest.raises(UserError, match="--monitor-every must be >= 1 step, got 0"):
         _cfg(monitor_every=0).validate()
-    with pytest.raises(CLIError, match="--monitor-k must be >= 1"):
+    with pytest.raises(UserError, match="--monitor-k must be >= 1"):
         _cfg(monitor_k=0).validate()
     assert _cfg().monitor_every_steps == 100 and _cfg(monitor_every_s=60.0).monitor_every_steps is None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.finetune.config import parse_sizes
 from ray_jobs.finetune.folds import make_folds, nested_subset
 from ray_jobs.finetune.search import SearchState, bisect_sizes, ladder, threshold_for
@@ -105,15 +105,15 @@ def test_reduction_levels_keep_the_rounded_share_of_each_class():
 def test_sizes_parse_from_either_flag_and_bad_values_are_named():
     assert [s.label for s in parse_sizes()] == ["r90", "r75", "r50", "r25", "r0"]
     assert [s.label for s in parse_sizes(samples_per_class="all,5,60,10")] == ["n5", "n10", "n60", "all"]
-    with pytest.raises(CLIError, match="'abc' is not a whole number"):
+    with pytest.raises(UserError, match="'abc' is not a whole number"):
         parse_sizes(samples_per_class="5,abc")
-    with pytest.raises(CLIError, match="100 must be in 0..99"):
+    with pytest.raises(UserError, match="100 must be in 0..99"):
         parse_sizes(reductions="0,100")
 
 
 def test_too_few_patients_for_the_folds_is_a_clear_error():
     patients, labels = _cohort(4)
-    with pytest.raises(CLIError, match="4 patients cannot make 5 patient-level folds"):
+    with pytest.raises(UserError, match="4 patients cannot make 5 patient-level folds"):
         make_folds(patients, labels, k=5)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from ctssl_base.errors import UserError
 from data_prep import shards
 from ray_jobs import tracking
-from ray_jobs.errors import CLIError
 from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.finetune.trial import trial_tags
 from ray_jobs.pretrain.config import PretrainConfig
@@ -182,7 +182,7 @@ def test_without_the_new_settings_a_run_is_logged_as_before(uri, pool, tmp_path)
     ({"mlflow_experiment": " "}, "mlflow_experiment must be a non-empty name"),
 ])
 def test_bad_study_settings_of_a_pre_training_run_are_refused_before_ray(kw, message):
-    with pytest.raises(CLIError, match=message):
+    with pytest.raises(UserError, match=message):
         PretrainConfig(method="byol", data="/d", storage="/s", experiment="e", **kw).validate()
 
 
@@ -199,7 +199,7 @@ def test_trials_carry_their_encoders_tags_and_the_studys_own_tags_win():
 
 
 def test_encoder_tags_are_checked_and_unknown_encoders_are_refused_before_ray(tmp_path, monkeypatch):
-    with pytest.raises(CLIError, match=r"encoder_tags\['byol'\]"):
+    with pytest.raises(UserError, match=r"encoder_tags\['byol'\]"):
         FinetuneConfig(data="/d", storage="/s", experiment="e", encoder_tags={"byol": {"encoder": {"x": 1}}}
                        ).validate()
     from ctssl_base import ray_connect
@@ -210,7 +210,7 @@ def test_encoder_tags_are_checked_and_unknown_encoders_are_refused_before_ray(tm
     write_tiny_dataset(data, patients=6, slices=2, size=32)
     cfg = FinetuneConfig(data=data, storage=str(tmp_path / "s"), experiment="e", encoders=["random"], folds=2,
                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", encoder_tags={"byol-hash6": {"r": "6"}})
-    with pytest.raises(CLIError, match=r"encoder_tags name \['byol-hash6'\], which are not encoders of the study"):
+    with pytest.raises(UserError, match=r"encoder_tags name \['byol-hash6'\], which are not encoders of the study"):
         run_study(cfg)
 
 
@@ -311,7 +311,7 @@ def test_report_logs_nothing_unless_asked_and_refuses_a_pre_training_run_as_the_
     cl = tracking.client(uri)
     assert "report" not in _artifacts(cl, parent)
     pre = cl.search_runs([exp], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pretrain'", max_results=1)[0]
-    with pytest.raises(CLIError, match="is a pretrain run, not a fine-tuning study run"):
+    with pytest.raises(UserError, match="is a pretrain run, not a fine-tuning study run"):
         build_report(ReportConfig(experiment=STUDY, out=str(tmp_path / "r2"), tracking_uri=uri,
                                   study_run=pre.info.run_id))
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from ctssl_base.errors import UserError
 from ray_jobs import tracking
-from ray_jobs.errors import CLIError
 from tests.ray_jobs.tiny_data import write_tiny_dataset
 
 HINT = "use one of sqlite:///PATH/mlflow.db, http(s)://HOST:PORT"
@@ -38,7 +38,7 @@ def test_uris_mlflow_opens_are_accepted(uri):
 ])
 def test_uris_mlflow_cannot_open_are_one_clear_error(uri, why, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    with pytest.raises(CLIError) as e:
+    with pytest.raises(UserError) as e:
         tracking.resolve_tracking_uri(uri, None)
     assert str(e.value).startswith(f"--tracking-uri {uri}: {why}")
     if "host" not in why:
@@ -48,7 +48,7 @@ def test_uris_mlflow_cannot_open_are_one_clear_error(uri, why, monkeypatch):
 def test_the_environment_variable_is_checked_and_named(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    with pytest.raises(CLIError, match=r"^MLFLOW_TRACKING_URI file:///tmp/mlruns: MLflow no longer opens"):
+    with pytest.raises(UserError, match=r"^MLFLOW_TRACKING_URI file:///tmp/mlruns: MLflow no longer opens"):
         tracking.resolve_tracking_uri(None, "/tmp/storage")
 
 

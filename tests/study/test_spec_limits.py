@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ray_jobs.errors import CLIError
+from ctssl_base.errors import UserError
 from ray_jobs.names import MAX_NAME_LENGTH, check_experiment_name
 from ray_jobs.study import spec
 from tests.study.test_spec import GOOD  # the smallest valid study
@@ -173,7 +173,7 @@ BAD_NAMES = ["..", ".", "/", "", "   ", "a/b", "../runs", "a\\b", "a\x00b", "a\n
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_a_name_that_is_no_single_folder_is_refused_naming_the_flag(name: str) -> None:
-    with pytest.raises(CLIError) as e:
+    with pytest.raises(UserError) as e:
         check_experiment_name(name, "--experiment")
     line = str(e.value)
     assert line.startswith("--experiment ") and "\n" not in line, line
