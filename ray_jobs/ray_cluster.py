@@ -38,20 +38,20 @@ def check_capacity(req: WorkerRequest, *, what: str = "--workers") -> None:
     need_gpu = req.workers * req.gpus_per_worker
     if need_gpu > gpus + 1e-9:
         raise UserError(f"{what} {req.workers} x {req.gpus_per_worker:g} GPU needs {need_gpu:g} GPUs but the "
-                       f"cluster has {gpus:g}")
+                        f"cluster has {gpus:g}")
     if need_cpu > cpus + 1e-9:
         raise UserError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
-                       f"cluster has {cpus:g}")
+                        f"cluster has {cpus:g}")
     if req.streams_data and need_cpu > cpus - 1 + 1e-9:
         # Ray Data's read tasks need a CPU too; without one the stream (and training) waits forever
         raise UserError(f"{what} {req.workers} x {req.cpus_per_worker:g} CPU leaves no CPU of the cluster's "
-                       f"{cpus:g} for reading the data; use fewer workers or --cpus-per-worker")
+                        f"{cpus:g} for reading the data; use fewer workers or --cpus-per-worker")
     if req.gpus_per_worker == 0 and req.workers > 0:
         # each worker must also fit on one node
         per_node = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         if per_node and req.cpus_per_worker > max(per_node) + 1e-9:
             raise UserError(f"--cpus-per-worker {req.cpus_per_worker:g} exceeds the largest node "
-                           f"({max(per_node):g} CPUs)")
+                            f"({max(per_node):g} CPUs)")
 
 
 def arrow_filesystem(url: str):

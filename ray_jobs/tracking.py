@@ -63,7 +63,7 @@ def check_tracking_uri(uri: str, origin: str = "--tracking-uri") -> str:
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes"):
             return uri
         raise UserError(f"{origin} {redact_uri(uri)}: MLflow no longer opens a file store (file:// or a folder) unless "
-                       f"MLFLOW_ALLOW_FILE_STORE=true; use one of {WORKING_SCHEMES}")
+                        f"MLFLOW_ALLOW_FILE_STORE=true; use one of {WORKING_SCHEMES}")
     raise UserError(f"{origin} {redact_uri(uri)}: unknown tracking URI scheme {scheme!r}; use one of {WORKING_SCHEMES}")
 
 
@@ -97,7 +97,7 @@ def resolve_tracking_uri(explicit: str | None, storage: str | None) -> str:
         os.makedirs(path, exist_ok=True)
         return f"sqlite:///{os.path.join(path, DEFAULT_DB)}"
     raise UserError(f"--storage {storage} is not a local folder: give --tracking-uri (or set "
-                   "MLFLOW_TRACKING_URI) so the runs are recorded where they can be found again")
+                    "MLFLOW_TRACKING_URI) so the runs are recorded where they can be found again")
 
 
 def default_artifact_location(tracking_uri: str, storage: str | None) -> str | None:
@@ -279,7 +279,6 @@ def dataset_input(name: str, data_url: str, selection: str | None = None, *,
     """
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
-
 
     base = shards.read_manifest(data_url)
     digest = shards.manifest_digest(data_url)

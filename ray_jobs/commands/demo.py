@@ -75,12 +75,12 @@ def demo_study(args: argparse.Namespace) -> dict:
     unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
         raise UserError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                       f"{', '.join(method_names())}")
+                        f"{', '.join(method_names())}")
     if args.finetune_recipes:
         for r in parse_recipes(args.finetune_recipes) or []:
             if r.frozen_epochs > args.finetune_epochs:
                 raise UserError(f"--finetune-recipes: {r.to_text()} freezes more than --finetune-epochs "
-                               f"{args.finetune_epochs}")
+                                f"{args.finetune_epochs}")
     out = Path(args.out).resolve()
     d["workdir"] = str(out)
     d["storage"] = args.storage or str(out / "store")

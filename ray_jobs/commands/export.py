@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.onnx and ex.onnx_missing():
         raise UserError(f"--onnx needs the {' and '.join(ex.onnx_missing())} package(s) (pip install "
-                       f"{' '.join(ex.ONNX_PACKAGES)}); nothing written")
+                        f"{' '.join(ex.ONNX_PACKAGES)}); nothing written")
     loaded = load_source(args)
     cfg = loaded.config
     backbone, chans = str(cfg["backbone"]), int(cfg["in_chans"])

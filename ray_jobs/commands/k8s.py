@@ -107,7 +107,7 @@ def status(args: argparse.Namespace) -> int:
     rayjobs = [r for r in api.list(RAYJOB, selector) if STUDY_LABEL in (r["metadata"].get("labels") or {})]
     if not rayjobs:
         raise UserError(f"no study RayJob of release {args.release!r} in namespace {api.namespace} "
-                       f"(label {selector}); check -n / --release, or the release has no `study:` values")
+                        f"(label {selector}); check -n / --release, or the release has no `study:` values")
     links = MLflowLinks(args.mlflow_url).link if args.mlflow_url else None
     print(render_table(rows(rayjobs, _stage_reader(api), links)))
     for r in sorted(rayjobs, key=lambda o: o["metadata"]["name"]):
@@ -131,7 +131,7 @@ def _pods_of(api, name: str) -> tuple[str, list[dict[str, Any]]]:
     except KubeAPIError as e:
         if e.status == 404:
             raise UserError(f"no RayJob named {name!r} in namespace {api.namespace}; "
-                           f"`ctssl k8s status --release <release>` lists the studies") from e
+                            f"`ctssl k8s status --release <release>` lists the studies") from e
         raise
     pods = _submitter_pods(api, name)
     if pods:

@@ -41,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-
     total = max(args.patients, 0) * max(args.slices, 0)
     t0 = time.perf_counter()
     with tqdm(total=total, unit="slice", desc="phantom", disable=args.no_progress, file=sys.stderr) as bar:

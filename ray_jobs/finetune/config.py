@@ -168,7 +168,7 @@ class FinetuneConfig:
             raise UserError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.epochs < 1 or (self.protocol == "fixed" and not 0 <= self.frozen_epochs <= self.epochs):
             raise UserError(f"need --epochs >= 1 and 0 <= --frozen-epochs <= --epochs, got {self.epochs}, "
-                           f"{self.frozen_epochs}")
+                            f"{self.frozen_epochs}")
         if self.batch_size < 1 or self.lr <= 0:
             raise UserError(f"invalid --batch-size {self.batch_size} or --lr {self.lr}")
         if not self.encoders:
@@ -187,7 +187,7 @@ class FinetuneConfig:
         for r in self.recipe_grid():
             if r.frozen_epochs > self.epochs:
                 raise UserError(f"recipe '{r.to_text()}' freezes the backbone for {r.frozen_epochs} epochs, "
-                               f"more than --epochs {self.epochs}")
+                                f"more than --epochs {self.epochs}")
         if not isinstance(self.encoder_tags, dict):
             raise UserError(f"encoder_tags must map encoder names to tag mappings, got {self.encoder_tags!r}")
         for name, tags in self.encoder_tags.items():
@@ -202,10 +202,10 @@ class FinetuneConfig:
             raise UserError(f"--extend-epochs must be >= 0, got {self.extend_epochs}")
         if self.protocol == "tuned" and self.asha:
             raise UserError("--asha needs --protocol fixed: with a tuned recipe every trial trains several "
-                           "recipes in turn, which ASHA's per-epoch rungs cannot compare")
+                            "recipes in turn, which ASHA's per-epoch rungs cannot compare")
         if self.asha and self.stopping != "fixed":
             raise UserError("--asha needs --stopping fixed: ASHA compares trials at fixed epoch counts, and a "
-                           "recipe that stops on validation or continues past --epochs ends at its own count")
+                            "recipe that stops on validation or continues past --epochs ends at its own count")
 
     def recipe_grid(self) -> list[Recipe]:
         """The recipes a trial trains: the grid (tuned) or the one given recipe (fixed)."""

@@ -42,7 +42,7 @@ def load_labelled(url: str) -> LabelledData:
     keep = np.array([lab is not None and lab != "" for lab in labels])
     if not keep.any():
         raise UserError(f"--data {url}: no slice has a label; fine-tuning needs a labelled prep output "
-                       "(prep with a labels CSV or a labelled source)")
+                        "(prep with a labels CSV or a labelled source)")
     if not keep.all():
         log.info("%s: %d of %d slices have no label and are left out", url, int((~keep).sum()), len(keep))
         table = table.filter(keep)

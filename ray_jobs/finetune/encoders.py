@@ -59,7 +59,7 @@ def _load_from_folder(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         candidates = [p for p in reversed(subs) if fs.exists(storage.join(p, ENCODER_FILE))]
         if not candidates:
             raise UserError(f"--encoder {url}: no {ENCODER_FILE} here nor in a checkpoint_* folder (is the "
-                           "pre-training finished? only the final checkpoint holds the encoder)")
+                            "pre-training finished? only the final checkpoint holds the encoder)")
     folder = candidates[0]
     state = torch.load(io.BytesIO(fs.cat_file(storage.join(folder, ENCODER_FILE))), map_location="cpu",
                        weights_only=True)
@@ -131,7 +131,7 @@ def resolve_encoders(values: list[str], *, default_backbone: str | None, in_chan
     chans = sorted({s.in_chans for s in pre})
     if default_backbone is None and len(backbones) > 1 and len(pre) < len(values):
         raise UserError(f"--encoder random: the pre-trained encoders use different backbones ({', '.join(backbones)}); "
-                       "name the baseline's with --backbone")
+                        "name the baseline's with --backbone")
     base_backbone = default_backbone or (backbones[0] if backbones else DEFAULT_BACKBONE)
     if default_backbone is not None and backbones and backbones != [default_backbone] and len(pre) < len(values):
         log.warning("the random baseline is a %s, the pre-trained encoders are %s: the comparison mixes networks",

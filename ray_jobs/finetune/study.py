@@ -160,7 +160,7 @@ def run_study(cfg: FinetuneConfig) -> StudyResult:
     unknown = sorted(set(cfg.encoder_tags) - {e.name for e in encoders})
     if unknown:
         raise UserError(f"encoder_tags name {unknown}, which are not encoders of the study "
-                       f"({', '.join(e.name for e in encoders)})")
+                        f"({', '.join(e.name for e in encoders)})")
     settings = cfg.to_dict()
     settings["encoder_tags"] = {k: tracking.check_tags(v, f"encoder_tags[{k!r}]") for k, v in cfg.encoder_tags.items()}
     settings["img_size"] = cfg.img_size or int(data.images.shape[-1])

@@ -96,10 +96,10 @@ class PretrainConfig:
         if self.batch_size is not None:
             if self.batch_size < self.workers:
                 raise UserError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}: "
-                               "every worker needs at least one image per step")
+                                "every worker needs at least one image per step")
             if self.batch_size % self.workers:
                 raise UserError(f"--batch-size {self.batch_size} is the global batch and must be divisible by "
-                               f"--workers {self.workers}")
+                                f"--workers {self.workers}")
         if self.in_chans not in (1, 3):
             raise UserError(f"--in-chans must be 1 (one HU window) or 3 (three windows), got {self.in_chans}")
         fr = list(self.keep_at_fractions)
@@ -111,7 +111,7 @@ class PretrainConfig:
             raise UserError(f"--max-failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise UserError(f"--placement-strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                           f"got {self.placement_strategy!r}")
+                            f"got {self.placement_strategy!r}")
         if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
             raise UserError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
@@ -148,8 +148,8 @@ class PretrainConfig:
         if (self.time_budget_s is not None and self.warmup_epochs and self.epochs is None
                 and self.max_steps is None):
             raise UserError(f"--warmup-epochs {self.warmup_epochs:g} cannot be placed in a --time-budget run of "
-                           "unknown length; give --epochs or --max-steps as well, or leave it out (warm-up is "
-                           "then at most 10 % of the budget)")
+                            "unknown length; give --epochs or --max-steps as well, or leave it out (warm-up is "
+                            "then at most 10 % of the budget)")
 
     def _validate_monitor(self) -> None:
         if self.monitor_every is not None and self.monitor_every_s is not None:

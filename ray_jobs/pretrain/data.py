@@ -71,7 +71,7 @@ def inspect_data(data: str, selection: str | None) -> DataInfo:
             raise UserError(f"--selection {e}") from None
         if resolved.manifest.get("kind") != "selection":
             raise UserError(f"--selection {selection} is not a selection (its manifest kind is "
-                           f"{resolved.manifest.get('kind', 'prep')!r})")
+                            f"{resolved.manifest.get('kind', 'prep')!r})")
         if _norm(resolved.base_url) != _norm(data):
             raise UserError(f"--selection {selection} was made from {resolved.base_url}, not from --data {data}")
         rows = len(resolved.keep_ids) if resolved.keep_ids is not None else 0

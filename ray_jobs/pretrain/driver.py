@@ -95,8 +95,8 @@ def method_options(cfg: PretrainConfig, info: DataInfo, total_steps: int | None 
         fixed = [k for k in cls.step_count_options if k in user]
         if fixed:
             raise UserError(f"--method-option {fixed[0]} counts optimiser steps, but how many steps a --time-budget "
-                           "run makes is known only when it ends; leave it out (the method sizes it as a share "
-                           "of the budget) or use --max-steps instead of --time-budget")
+                            "run makes is known only when it ends; leave it out (the method sizes it as a share "
+                            "of the budget) or use --max-steps instead of --time-budget")
     batch = cfg.batch_size if cfg.batch_size is not None else auto_batch_size(info.rows, cfg.workers)[0]
     suggested = cls.options_for_pool(info.rows, batch, total_steps, given=set(user))
     suggested = {k: v for k, v in suggested.items() if k not in user}
@@ -147,7 +147,7 @@ def runs_in_process(cfg: PretrainConfig) -> bool:
     if cfg.runner == "in-process":
         if cfg.workers != 1:
             raise UserError(f"--runner in-process trains one worker in this process; --workers {cfg.workers} "
-                           "needs --runner ray (or auto)")
+                            "needs --runner ray (or auto)")
         return True
     if cfg.runner == "ray":
         return False
@@ -161,8 +161,8 @@ def check_local_device(cfg: PretrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise UserError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: this machine has no CUDA device, and a "
-                           "one-worker run trains here (--runner in-process); use --gpus-per-worker 0, or name "
-                           "a cluster with GPUs (--address, --runner ray)")
+                            "one-worker run trains here (--runner in-process); use --gpus-per-worker 0, or name "
+                            "a cluster with GPUs (--address, --runner ray)")
 
 
 #: the auto batch aims at this many steps per epoch at least: a pool of a few thousand slices at the
@@ -204,7 +204,7 @@ def plan_steps(cfg: PretrainConfig, info: DataInfo) -> int:
     spe = per_worker_rows // cfg.per_worker_batch
     if spe == 0:
         raise UserError(f"--batch-size {cfg.batch_size} over {cfg.workers} worker(s) needs at least "
-                       f"{cfg.batch_size} slices, {info.read_url} has {info.rows}")
+                        f"{cfg.batch_size} slices, {info.read_url} has {info.rows}")
     if cfg.steps_per_epoch is not None:
         spe = min(spe, cfg.steps_per_epoch)
     return spe
@@ -298,7 +298,6 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
 def _run_pretrain(cfg: PretrainConfig, held: contextlib.ExitStack) -> PretrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
 
     cfg, info, img_size, spe, batch_note = prepare(cfg)
     in_process = runs_in_process(cfg)

@@ -80,7 +80,6 @@ def _stored(cfg: PretrainConfig, path: str | None):  # noqa: ANN202 - ray.train.
         return None
     import ray.train
 
-
     return ray.train.Checkpoint(path=path, filesystem=arrow_filesystem(cfg.storage)[0])
 
 

@@ -67,8 +67,8 @@ def check(cfg: PretrainConfig, ident: dict[str, Any]) -> bool:
     if diff:
         changes = "; ".join(f"{k}: {before.get(k)!r} -> {ident.get(k)!r}" for k in diff)
         raise UserError(f"--experiment {cfg.experiment!r} in {cfg.storage} already has checkpoints made with "
-                       f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
-                       "name, or rerun with the original settings to continue that run")
+                        f"other settings ({changes}); a resume would not fit them. Use a new --experiment "
+                        "name, or rerun with the original settings to continue that run")
     log.info("resuming experiment %s with the settings its checkpoints were made with", cfg.experiment)
     return True
 

@@ -38,7 +38,7 @@ def find_study_run(cl, experiment: str, study_run: str | None = None):
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"--experiment {experiment!r}: no such MLflow experiment at "
-                       f"{tracking.redact_uri(cl.tracking_uri)}")
+                        f"{tracking.redact_uri(cl.tracking_uri)}")
     if study_run:
         try:
             run = cl.get_run(study_run)
@@ -47,7 +47,7 @@ def find_study_run(cl, experiment: str, study_run: str | None = None):
         kind = run.data.tags.get(tracking.TAG_KIND)
         if kind not in (None, "study"):  # a study's experiment also holds its pre-training runs
             raise UserError(f"--study-run {study_run} is a {kind} run, not a fine-tuning study run "
-                           f"(tag {tracking.TAG_KIND}=study)")
+                            f"(tag {tracking.TAG_KIND}=study)")
         return run
     runs = cl.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'study'",
                           order_by=["attributes.start_time DESC"], max_results=1)

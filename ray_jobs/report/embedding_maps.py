@@ -155,7 +155,6 @@ def read_pool_sample(url: str, n: int, seed: int, size: int | None = None) -> np
     import torch
     import torch.nn.functional as F
 
-
     res = shards.resolve(url)
     rng = np.random.default_rng([seed, 0x9001])
     files = [res.files[i] for i in rng.permutation(len(res.files))]

@@ -304,7 +304,6 @@ def best_at_smallest(summary_csv: str, encoders: set[str]) -> tuple[str, str, fl
 
     import pandas as pd
 
-
     table = pd.read_csv(summary_csv)
     if table.empty:
         return None
