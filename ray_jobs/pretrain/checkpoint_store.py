@@ -2,7 +2,7 @@
 
 Under Ray Train the controller uploads each reported checkpoint to ``STORAGE/EXPERIMENT/checkpoint_<time>``
 and keeps the newest two. A run that trains in the driver process (one local worker, see
-:func:`ray_jobs.pretrain.driver.runs_in_process`) has no controller, so this does the same: the
+:func:`ray_jobs.pretrain.sizing.runs_in_process`) has no controller, so this does the same: the
 same folder names, so either way of running can resume the other's checkpoints and the orphan
 pruning and the fine-tuning study read them alike.
 

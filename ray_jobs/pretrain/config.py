@@ -36,7 +36,7 @@ class PretrainConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
     #: where the loop runs: "ray" (Ray Train workers), "in-process" (this process, one worker) or
-    #: "auto" (in-process for one worker and no named cluster; see driver.runs_in_process)
+    #: "auto" (in-process for one worker and no named cluster; see sizing.runs_in_process)
     runner: str = "auto"
     epochs: int | None = None  # None: 100 without a budget, unlimited with one (an upper bound then)
     batch_size: int | None = None  # global batch (all workers together); None: sized from the pool
@@ -196,7 +196,7 @@ class PretrainConfig:
     @property
     def per_worker_batch(self) -> int:
         if self.batch_size is None:
-            raise RuntimeError("the batch size is sized from the pool first (driver.resolve_batch)")
+            raise RuntimeError("the batch size is sized from the pool first (sizing.resolve)")
         return self.batch_size // self.workers
 
     @property

@@ -1,7 +1,7 @@
 """The pre-training input without Ray Data: committed shards read with pyarrow in this process.
 
 A run with one worker on the local machine trains in the driver process (see
-:func:`ray_jobs.pretrain.driver.runs_in_process`); there is no Ray Data there, so this object stands
+:func:`ray_jobs.pretrain.sizing.runs_in_process`); there is no Ray Data there, so this object stands
 in for ``ray.train.get_dataset_shard("train")``. It offers the one call the training loop makes,
 ``iter_batches``, with the same rows (the committed ones, filtered to a selection's slice ids) and
 the same batch contents (the pixel columns), so the loop's code is the same for both.

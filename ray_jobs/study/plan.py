@@ -553,7 +553,7 @@ def _device(study: Study, opts: Options, notes: list[str]) -> str:
 def _pretrain_row(study: Study, st: Any, method: str, level: int | None, pools: dict[str, Pool],
                   kept: dict[str, tuple[int | None, bool]], device: str, gpu_type: str | None,
                   gpus_per_worker: float, cpus: int, PretrainConfig: Any, parse_duration: Any) -> Row:  # noqa: N803
-    from ray_jobs.pretrain.driver import auto_batch_size
+    from ray_jobs.pretrain.sizing import auto_batch_size
 
     res = study.spec["resources"]
     s = study.method_settings(method)

@@ -156,7 +156,7 @@ def _summary(path: Path, aucs: dict[tuple[str, str], float]) -> str:
 def test_registered_encoder_loads_with_mlflow_pytorch_by_the_alias_the_report_sets(encoder, tmp_path, capsys):
     import mlflow
 
-    from ray_jobs.pretrain.driver import register_encoder
+    from ray_jobs.pretrain.mlflow_run import register_encoder
     from ray_jobs.study.stages import Context, _alias_best
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

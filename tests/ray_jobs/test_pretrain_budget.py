@@ -12,7 +12,7 @@ from ray_jobs.pretrain import resume_guard
 from ray_jobs.pretrain.budget import MAX_BUDGET_WARMUP_FRACTION, SCHEDULE_STEPS, Budget
 from ray_jobs.pretrain.config import PretrainConfig, format_duration, parse_duration
 from ray_jobs.pretrain.data import DataInfo
-from ray_jobs.pretrain.driver import auto_batch_size, method_options, resolve
+from ray_jobs.pretrain.sizing import auto_batch_size, method_options, resolve
 from ssl_core.momentum import cosine_tau
 from ssl_core.schedules import warmup_cosine
 

@@ -22,8 +22,8 @@ from ray_jobs.pretrain import checkpoint as ckpt_io
 from ray_jobs.pretrain.checkpoint_store import PARTIAL_PREFIX, CheckpointStore
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import inspect_data
-from ray_jobs.pretrain.driver import check_local_device, runs_in_process
 from ray_jobs.pretrain.shard_stream import ShardStream
+from ray_jobs.pretrain.sizing import check_local_device, runs_in_process
 from tests.ray_jobs.tiny_data import write_tiny_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -174,13 +174,13 @@ def test_a_one_worker_run_trains_without_ray_and_a_rerun_after_a_crash_resumes(t
 
     from ctssl_base import ray_connect
     from ray_jobs import tracking
-    from ray_jobs.pretrain import driver
+    from ray_jobs.pretrain import trainer
 
     def no_ray(monkeypatch) -> None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: pytest.fail("Ray was started"))
         monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
-        monkeypatch.setattr(driver, "build_dataset", lambda *a, **k: pytest.fail("Ray Data was used"))
+        monkeypatch.setattr(trainer, "build_dataset", lambda *a, **k: pytest.fail("Ray Data was used"))
 
     was_up = ray.is_initialized()  # an earlier test of the session may have left a Ray running
     no_ray(monkeypatch)

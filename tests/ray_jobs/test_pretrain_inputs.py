@@ -93,7 +93,7 @@ def test_resume_with_settings_its_checkpoints_cannot_take_is_refused_before_ray(
     # Ray itself is not needed here: connecting is recorded, training is replaced by a stop
     monkeypatch.setattr(ray_connect, "connect", lambda *a, **k: connected.append(1))
     monkeypatch.setattr(ray_cluster, "check_capacity", lambda *a, **k: None)
-    monkeypatch.setattr(driver, "_mlflow_run", stop)
+    monkeypatch.setattr(driver, "open_run", stop)
     write_tiny_dataset(str(tmp_path / "data"), patients=2, slices=4, size=32)
     first = _pretrain(tmp_path, "--method", "byol", "--data", str(tmp_path / "data"))
     with pytest.raises(_StopBeforeRay):  # the first run records its settings just before training

@@ -7,7 +7,7 @@ import pytest
 from ctssl_base.errors import UserError
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import DataInfo
-from ray_jobs.pretrain.driver import method_options, plan_steps
+from ray_jobs.pretrain.sizing import method_options, plan_steps
 
 
 def _info(rows: int, intensity: str = "hu") -> DataInfo:

@@ -21,7 +21,7 @@ from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.finetune.trial import trial_tags
 from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.pretrain.data import inspect_data
-from ray_jobs.pretrain.driver import _mlflow_run, register_encoder
+from ray_jobs.pretrain.mlflow_run import open_run, register_encoder
 from ray_jobs.report.build import ReportConfig, build_report
 from ray_jobs.report.collect import load_study
 from ray_jobs.trial_record import SizeSpec
@@ -138,7 +138,7 @@ def test_pre_training_runs_land_in_the_named_experiment_with_their_tags_and_a_re
                         tags=tags)
     cfg.validate()
     info = inspect_data(cfg.data, cfg.selection)
-    run_id = _mlflow_run(cfg, info, uri, 32, 1, {})
+    run_id = open_run(cfg, info, uri, 32, 1, {})
     cl = tracking.client(uri)
     assert cl.get_experiment_by_name("demo-byol-hash6-0f3a") is None  # the Ray run name is no MLflow experiment
     exp_id = cl.get_experiment_by_name("demo").experiment_id
@@ -152,13 +152,13 @@ def test_pre_training_runs_land_in_the_named_experiment_with_their_tags_and_a_re
     assert json.loads(inp.dataset.source)["selection"] == sel
 
     # a restarted driver: the same run, no duplicate, tags added since are set
-    again = _mlflow_run(PretrainConfig(**{**cfg.to_dict(), "tags": {**tags, "note": "restarted"}}), info, uri,
+    again = open_run(PretrainConfig(**{**cfg.to_dict(), "tags": {**tags, "note": "restarted"}}), info, uri,
                         32, 1, {})
     assert again == run_id and cl.get_run(run_id).data.tags["note"] == "restarted"
     # another method x level of the study: its own run in the same experiment
     other_cfg = _pretrain_cfg(pool, tmp_path, uri, "demo-byol-all-0f3a", mlflow_experiment="demo",
                               tags={**tags, "encoder": "byol-all", "reduction": "all"})
-    other = _mlflow_run(other_cfg, inspect_data(pool, None), uri, 32, 2, {})
+    other = open_run(other_cfg, inspect_data(pool, None), uri, 32, 2, {})
     runs = cl.search_runs([exp_id])
     assert other != run_id and sorted(r.info.run_id for r in runs) == sorted([run_id, other])
     assert len(cl.get_run(run_id).inputs.dataset_inputs) == 1
@@ -166,7 +166,7 @@ def test_pre_training_runs_land_in_the_named_experiment_with_their_tags_and_a_re
 
 def test_without_the_new_settings_a_run_is_logged_as_before(uri, pool, tmp_path):
     cfg = _pretrain_cfg(pool, tmp_path, uri, "plain")
-    run_id = _mlflow_run(cfg, inspect_data(pool, None), uri, 32, 2, {})
+    run_id = open_run(cfg, inspect_data(pool, None), uri, 32, 2, {})
     cl = tracking.client(uri)
     run = cl.get_run(run_id)
     assert run.info.experiment_id == cl.get_experiment_by_name("plain").experiment_id
