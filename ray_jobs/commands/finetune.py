@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ray_jobs.finetune.config import FinetuneConfig, parse_recipes, parse_sizes
 
+#: the study config's defaults: the flags and the help text quote them from here
+D = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+LR = f"{D['lr']:.0e}".replace("e-0", "e-")  # 1e-4, as the papers write it
+
 NAME = "finetune"
 HELP = "fine-tuning study on Ray Tune: encoders x training-set sizes x patient-level folds"
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Fine-tune every encoder (pre-trained encoders and the random-init baseline) on a labelled prep output,
 over training-set sizes (reduction levels or samples per class) and patient-level stratified folds,
 one Ray Tune trial per (encoder, size, fold, seed). By default (--protocol tuned) every encoder, the
 random baseline included, gets its recipe chosen on the validation split: each trial trains every
 recipe of a small grid (Adam lr 1e-3 and 1e-4, each with the backbone trained from the start or frozen
 for the first 1/7 of the epochs) and keeps the one with the best validation AUC. --protocol fixed
-trains one recipe for all (--lr, --frozen-epochs; defaults are Wolf et al. 2023's: lr 1e-4, 10 of 70
-epochs frozen), which can handicap whichever encoder it does not suit. Each recipe trains until
-validation stops improving (--stopping early, the default: --epochs is the maximum, --patience epochs
-without a validation AUC gain above --min-delta end it, and a recipe still improving at the maximum
-continues once, by up to --extend-epochs); the rule is the same for every encoder and the baseline, and
-the report leaves cells that ended still improving out of its verdict. --stopping fixed trains exactly
---epochs. Best epoch chosen on validation; batch-norm statistics re-estimated on the training images
-before each evaluation. MLflow gets one parent run per study and one child run per trial.
+trains one recipe for all (--lr, --frozen-epochs; defaults are Wolf et al. 2023's: lr {LR},
+{D['frozen_epochs']} of {D['epochs']} epochs frozen), which can handicap whichever encoder it does
+not suit. Each recipe trains until validation stops improving (--stopping early, the default:
+--epochs is the maximum, --patience epochs without a validation AUC gain above --min-delta end it,
+and a recipe still improving at the maximum continues once, by up to --extend-epochs); the rule is
+the same for every encoder and the baseline, and the report leaves cells that ended still improving
+out of its verdict. --stopping fixed trains exactly --epochs. Best epoch chosen on validation;
+batch-norm statistics re-estimated on the training images before each evaluation. MLflow gets one
+parent run per study and one child run per trial.
 
 Encoders (--encoder, repeatable): "random", a pre-training checkpoint or encoder folder (local or s3://),
 or runs:/<mlflow-run-id> of a pre-training run; prefix NAME= to choose the label, e.g. byol=s3://b/runs/byol.
@@ -59,21 +65,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="training-set reduction levels in %% (default 0,25,50,75,90)")
     sizes.add_argument("--samples-per-class", metavar="NS",
                        help="training-set sizes as samples per class, e.g. 5,10,20,40,60,100,all")
-    p.add_argument("--folds", type=int, default=5, help="patient-level stratified folds (default 5)")
+    p.add_argument("--folds", type=int, default=D["folds"],
+                   help=f"patient-level stratified folds (default {D['folds']})")
     p.add_argument("--seeds", type=_int_list, default=[0], metavar="S1,S2", help="subset/initialisation seeds")
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=float, default=D["val_fraction"],
                    help="share of each fold's training patients held out for choosing the best epoch")
-    p.add_argument("--epochs", type=int, default=70,
+    p.add_argument("--epochs", type=int, default=D["epochs"],
                    help="per recipe: the maximum with --stopping early, the exact count with --stopping fixed "
-                        "(default 70)")
+                        f"(default {D['epochs']})")
     p.add_argument("--stopping", choices=("early", "fixed"), default="early",
                    help="early (default): stop each recipe when validation AUC stops improving; fixed: train "
                         "exactly --epochs, as in the papers")
-    p.add_argument("--patience", type=int, default=10, metavar="N",
+    p.add_argument("--patience", type=int, default=D["patience"], metavar="N",
                    help="--stopping early: epochs without a validation AUC gain (counted once the backbone is "
-                        "unfrozen) that end a recipe (default 10)")
-    p.add_argument("--min-delta", type=float, default=0.001, metavar="AUC",
-                   help="--stopping early: the smallest validation AUC gain that counts (default 0.001)")
+                        f"unfrozen) that end a recipe (default {D['patience']})")
+    p.add_argument("--min-delta", type=float, default=D["min_delta"], metavar="AUC",
+                   help=f"--stopping early: the smallest validation AUC gain that counts (default {D['min_delta']:g})")
     p.add_argument("--extend-epochs", type=int, metavar="N",
                    help="--stopping early: a recipe still improving at --epochs continues once by up to N more "
                         "epochs (default: --epochs, i.e. the maximum doubles once; 0: never)")
@@ -83,17 +90,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", metavar="LR:FROZEN,...",
                    help="the tuned grid, e.g. 1e-3:0,1e-3:10,1e-4:0,1e-4:10 (default: lr 1e-3 and 1e-4 x "
                         "0 and epochs/7 frozen)")
-    p.add_argument("--frozen-epochs", type=int, default=10,
-                   help="--protocol fixed: epochs with the backbone frozen (default 10)")
-    p.add_argument("--lr", type=float, default=1e-4, help="--protocol fixed: Adam learning rate (default 1e-4)")
+    p.add_argument("--frozen-epochs", type=int, default=D["frozen_epochs"],
+                   help=f"--protocol fixed: epochs with the backbone frozen (default {D['frozen_epochs']})")
+    p.add_argument("--lr", type=float, default=D["lr"],
+                   help=f"--protocol fixed: Adam learning rate (default {LR})")
     p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                    help="keep batch-norm running averages instead of re-estimating them before each evaluation")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=D["weight_decay"])
+    p.add_argument("--batch-size", type=int, default=D["batch_size"])
     p.add_argument("--img-size", type=int, metavar="S", help="fine-tuning resolution (default: the shards' size)")
     p.add_argument("--in-chans", type=int, choices=(1, 3), help="default: the encoder's (1 for random)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--cpus-per-trial", type=float, default=D["cpus_per_trial"])
+    p.add_argument("--gpus-per-trial", type=float, default=D["gpus_per_trial"])
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="trials at once (default: as many as the cluster's resources allow)")
     p.add_argument("--asha", action="store_true",

@@ -64,12 +64,12 @@ def fit_cell(images: Any, labels: Any, train: np.ndarray, val: np.ndarray, test:
 
     ``images`` is an (N, H, W) float tensor of HU (or standardised grey) slices, ``labels`` (N,) class
     indices; the index arrays pick rows. ``finetune_kwargs`` are the remaining
-    :class:`ssl_core.finetune.FinetuneConfig` fields (batch size, windows, weight decay, ...).
+    :class:`ssl_core.finetune.FineTuneRecipe` fields (batch size, windows, weight decay, ...).
     ``on_epoch(recipe_index, record)`` sees every epoch of every recipe. Only the chosen recipe's model
     is kept alive, so memory holds at most two models at a time."""
     import torch
 
-    from ssl_core.finetune import FinetuneConfig, FineTuner
+    from ssl_core.finetune import FineTuner, FineTuneRecipe
 
     def part(ft: FineTuner, idx: np.ndarray, is_train: bool):
         ix = torch.tensor(np.asarray(idx))  # a copy: split indices may be read-only views (object store)
@@ -79,7 +79,7 @@ def fit_cell(images: Any, labels: Any, train: np.ndarray, val: np.ndarray, test:
     best: tuple[Any, Any] | None = None  # (FineTuner, FitResult) of the best recipe so far
     for i, recipe in enumerate(recipes):
         torch.manual_seed(init_seed)  # every recipe starts from the same head initialisation
-        ft = FineTuner(make_model(), FinetuneConfig(epochs=epochs, frozen_epochs=recipe.frozen_epochs, lr=recipe.lr,
+        ft = FineTuner(make_model(), FineTuneRecipe(epochs=epochs, frozen_epochs=recipe.frozen_epochs, lr=recipe.lr,
                                                     select_metric="auc", seed=seed, **finetune_kwargs))
         cb = None if on_epoch is None else (lambda rec, i=i: on_epoch(i, rec))
         fit = ft.fit(part(ft, train, True), part(ft, val, False), on_epoch=cb)

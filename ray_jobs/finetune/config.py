@@ -15,6 +15,7 @@ from ctssl_base.errors import UserError
 from ray_jobs.names import check_experiment_name
 from ray_jobs.tracking import check_tags
 from ray_jobs.trial_record import SizeSpec
+from ssl_core.finetune_recipe import FineTuneRecipe
 
 DEFAULT_REDUCTIONS = (0, 25, 50, 75, 90)
 ALL = "all"
@@ -119,6 +120,10 @@ def parse_sizes(reductions: str | None = None, samples_per_class: str | None = N
     return sorted(set(out), key=SizeSpec.sort_key)
 
 
+#: the defaults of one fine-tuning run (ssl_core's recipe)
+RECIPE = FineTuneRecipe()
+
+
 @dataclass
 class FinetuneConfig:
     data: str
@@ -130,11 +135,12 @@ class FinetuneConfig:
     folds: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])
     val_fraction: float = 0.2
-    epochs: int = 70
-    frozen_epochs: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 5e-4
-    batch_size: int = 64
+    # one fine-tuning run's recipe: the defaults are ssl_core's (the papers' recipe), written once there
+    epochs: int = RECIPE.epochs
+    frozen_epochs: int = RECIPE.frozen_epochs
+    lr: float = RECIPE.lr
+    weight_decay: float = RECIPE.weight_decay
+    batch_size: int = RECIPE.batch_size
     img_size: int | None = None
     in_chans: int | None = None
     cpus_per_trial: float = 1.0
@@ -228,7 +234,7 @@ class FinetuneConfig:
         return self.epochs + self.extension
 
     def stopping_kwargs(self) -> dict[str, Any]:
-        """The :class:`ssl_core.finetune.FinetuneConfig` fields of the stopping rule."""
+        """The :class:`ssl_core.finetune_recipe.FineTuneRecipe` fields of the stopping rule."""
         if self.stopping == "fixed":
             return {"patience": None, "min_delta": 0.0, "extend_epochs": 0}
         return {"patience": self.patience, "min_delta": self.min_delta, "extend_epochs": self.extension}

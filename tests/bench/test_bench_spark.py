@@ -97,14 +97,14 @@ def test_finetune_epoch_time_vs_plain_loop():
     from torchvision.transforms import v2
 
     from ssl_core.ct_window import apply_window
-    from ssl_core.finetune import FinetuneConfig, FineTuner, create_classifier
+    from ssl_core.finetune import FineTuner, FineTuneRecipe, create_classifier
 
     n, size, batch = 256, 64, 64
     hu, y = _blobs(n, size)
 
     torch.manual_seed(0)
     model = create_classifier("resnet18", num_classes=2, in_chans=1)
-    ft = FineTuner(model, FinetuneConfig(epochs=1, frozen_epochs=0, batch_size=batch, windows=["soft_tissue"]),
+    ft = FineTuner(model, FineTuneRecipe(epochs=1, frozen_epochs=0, batch_size=batch, windows=["soft_tissue"]),
                    device="cpu")
     train = ft.batches(hu, y, train=True)
 

@@ -29,8 +29,14 @@ from ray_jobs.report.tables import (
     unconverged_cells,
     wilcoxon_vs_baseline,
 )
-from ssl_core.finetune import FinetuneConfig as FitConfig
-from ssl_core.finetune import FineTuner, create_classifier, last_improvement, should_stop, still_improving
+from ssl_core.finetune import (
+    FineTuner,
+    FineTuneRecipe,
+    create_classifier,
+    last_improvement,
+    should_stop,
+    still_improving,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,9 +71,9 @@ def test_gains_below_min_delta_do_not_count_and_nan_never_improves():
 
 def test_bad_rule_settings_are_refused():
     with pytest.raises(ValueError, match="patience must be >= 1"):
-        FitConfig(epochs=5, frozen_epochs=0, patience=0)
+        FineTuneRecipe(epochs=5, frozen_epochs=0, patience=0)
     with pytest.raises(ValueError, match="min_delta >= 0"):
-        FitConfig(epochs=5, frozen_epochs=0, patience=2, min_delta=-0.1)
+        FineTuneRecipe(epochs=5, frozen_epochs=0, patience=2, min_delta=-0.1)
     cfg = FinetuneConfig(data="d", storage="s", experiment="e")
     for kw, msg in (({"stopping": "sometimes"}, "--stopping must be one of early, fixed"),
                     ({"patience": 0}, "--patience must be a whole number of epochs >= 1"),
@@ -98,7 +104,7 @@ def _fit(curve, train: bool = False, **cfg) -> tuple:
     network), since only the loop's decisions are under test and a loaded machine makes real ones slow."""
     torch.manual_seed(0)
     ft = FineTuner(create_classifier("test_resnet", num_classes=2, in_chans=1),
-                   FitConfig(frozen_epochs=0, lr=1e-3, batch_size=8, windows=["soft_tissue"], **cfg), device="cpu")
+                   FineTuneRecipe(frozen_epochs=0, lr=1e-3, batch_size=8, windows=["soft_tissue"], **cfg), device="cpu")
     seen: list[int] = []
     ft.evaluate = lambda batches, prefix="val_": {"val_auc": curve(len(seen)), "val_loss": 0.5}  # type: ignore
     if not train:

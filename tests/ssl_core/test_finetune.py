@@ -8,7 +8,7 @@ import timm
 import torch
 
 from ssl_core.backbones import create_backbone, export_encoder_state_dict
-from ssl_core.finetune import FinetuneConfig, FineTuner, TensorBatches, create_classifier
+from ssl_core.finetune import FineTuner, FineTuneRecipe, TensorBatches, create_classifier
 
 
 def _blob_data(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +30,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_backbone_is_frozen_for_the_first_epochs_then_trained():
     torch.manual_seed(0)
     model = create_classifier("test_resnet", num_classes=2, in_chans=1)
-    cfg = FinetuneConfig(epochs=3, frozen_epochs=2, lr=1e-3, batch_size=16, windows=["soft_tissue"])
+    cfg = FineTuneRecipe(epochs=3, frozen_epochs=2, lr=1e-3, batch_size=16, windows=["soft_tissue"])
     ft = FineTuner(model, cfg, device="cpu")
     hu, y = _blob_data(32, seed=0)
     train = ft.batches(hu, y, train=True)
@@ -58,7 +58,7 @@ def test_backbone_is_frozen_for_the_first_epochs_then_trained():
 def test_fit_reports_every_epoch_and_keeps_the_best_epochs_weights():
     torch.manual_seed(1)
     model = create_classifier("test_resnet", num_classes=2, in_chans=1)
-    cfg = FinetuneConfig(epochs=4, frozen_epochs=1, lr=1e-3, batch_size=16, windows=["soft_tissue"],
+    cfg = FineTuneRecipe(epochs=4, frozen_epochs=1, lr=1e-3, batch_size=16, windows=["soft_tissue"],
                          select_metric="auc")
     ft = FineTuner(model, cfg, device="cpu")
     hu, y = _blob_data(48, seed=1)
@@ -94,7 +94,7 @@ def test_classifier_starts_from_the_exported_encoder():
 def test_predictions_are_the_same_from_tensors_or_any_iterable_of_batches():
     torch.manual_seed(3)
     ft = FineTuner(timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=2),
-                   FinetuneConfig(epochs=1, frozen_epochs=0, batch_size=8), device="cpu")
+                   FineTuneRecipe(epochs=1, frozen_epochs=0, batch_size=8), device="cpu")
     hu, y = _blob_data(20, seed=3)
     a_y, a_p = ft.predict(TensorBatches(hu, y, batch_size=8))
     b_y, b_p = ft.predict([(hu[:5], y[:5]), (hu[5:], y[5:])])
@@ -114,8 +114,8 @@ def test_training_batches_are_reshuffled_each_epoch_but_seeded():
 
 def test_bad_configuration_and_inputs_are_refused():
     with pytest.raises(ValueError, match="frozen_epochs"):
-        FinetuneConfig(epochs=5, frozen_epochs=6)
-    ft = FineTuner(create_classifier("test_resnet", num_classes=2), FinetuneConfig(epochs=1, frozen_epochs=0),
+        FineTuneRecipe(epochs=5, frozen_epochs=6)
+    ft = FineTuner(create_classifier("test_resnet", num_classes=2), FineTuneRecipe(epochs=1, frozen_epochs=0),
                    device="cpu")
     with pytest.raises(ValueError, match="re-iterable"):
         ft.fit(iter([(torch.zeros(2, 1, 32, 32), torch.zeros(2))]), [])
@@ -123,7 +123,7 @@ def test_bad_configuration_and_inputs_are_refused():
         ft.predict([(torch.zeros(2, 3, 32, 32), torch.zeros(2))])
     with pytest.raises(ValueError, match="select_metric 'precision'"):
         FineTuner(create_classifier("test_resnet", num_classes=2),
-                  FinetuneConfig(epochs=1, frozen_epochs=0, select_metric="precision"), device="cpu").fit(
+                  FineTuneRecipe(epochs=1, frozen_epochs=0, select_metric="precision"), device="cpu").fit(
             TensorBatches(torch.zeros(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]), 4),
             TensorBatches(torch.zeros(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]), 4))
 
@@ -131,7 +131,7 @@ def test_bad_configuration_and_inputs_are_refused():
 def test_bn_recalibration_sets_running_stats_to_the_exact_average_of_the_training_images():
     torch.manual_seed(3)
     model = create_classifier("test_resnet", num_classes=2, in_chans=1)
-    ft = FineTuner(model, FinetuneConfig(epochs=1, frozen_epochs=0, lr=1e-3, batch_size=8,
+    ft = FineTuner(model, FineTuneRecipe(epochs=1, frozen_epochs=0, lr=1e-3, batch_size=8,
                                          windows=["soft_tissue"], bn_recalibrate=True), device="cpu")
     hu, y = _blob_data(24, seed=4)
     ft.train_one_epoch(ft.batches(hu, y, train=True), 0)
@@ -160,7 +160,7 @@ def test_fit_recalibrates_before_each_evaluation_only_when_asked(monkeypatch):
         calls.clear()
         torch.manual_seed(0)
         ft = FineTuner(create_classifier("test_resnet", num_classes=2, in_chans=1),
-                       FinetuneConfig(epochs=2, frozen_epochs=0, lr=1e-3, batch_size=8, windows=["soft_tissue"],
+                       FineTuneRecipe(epochs=2, frozen_epochs=0, lr=1e-3, batch_size=8, windows=["soft_tissue"],
                                       bn_recalibrate=flag), device="cpu")
         ft.fit(ft.batches(hu, y, train=True), ft.batches(hu, y, train=False))
         assert len(calls) == expected

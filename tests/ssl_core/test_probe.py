@@ -130,7 +130,7 @@ def _encoder(in_chans: int) -> nn.Module:
 
 
 def test_embed_feeds_the_encoder_what_fine_tuning_evaluates_on():
-    from ssl_core.finetune import FinetuneConfig, FineTuner, create_classifier
+    from ssl_core.finetune import FineTuner, FineTuneRecipe, create_classifier
 
     torch.manual_seed(0)
     hu = np.random.default_rng(1).integers(-1000, 1500, (10, 40, 40)).astype(np.int16)
@@ -143,7 +143,7 @@ def test_embed_feeds_the_encoder_what_fine_tuning_evaluates_on():
     assert z.shape == (10, enc.num_features) and z.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     tuner = FineTuner(create_classifier("test_resnet", num_classes=2, in_chans=3),
-                      FinetuneConfig(img_size=32, windows=windows), device="cpu")
+                      FineTuneRecipe(img_size=32, windows=windows), device="cpu")
     want = tuner._prepare(torch.from_numpy(hu).unsqueeze(1), train=False)
     torch.testing.assert_close(torch.cat(seen), want.contiguous())
     with pytest.raises(ValueError, match="HU slices"):
