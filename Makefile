@@ -54,8 +54,10 @@ gpu-check: $(STAMP)
 bench-trials: $(STAMP)
 	$(PY) -m pytest tests/bench/test_bench_study_trials.py -s -p no:cacheprovider --override-ini="addopts=" $(BENCH_ARGS)
 
-# after an edit of ray_jobs/study/study.schema.json: the chart's values schema and the docs' key table
+# after an edit of a settings table or of ray_jobs/study/study.schema.json: the schema's table-owned
+# keywords, the chart's values schema and the docs' key table
 schema: $(STAMP)
+	$(PY) -m ray_jobs.study.schema_tables
 	$(PY) -m ray_jobs.study.chart_schema
 	$(PY) -m ray_jobs.study.reference_doc
 

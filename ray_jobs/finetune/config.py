@@ -7,17 +7,21 @@ a per-class count, so the same nested subset machinery serves them.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ctssl_base.errors import UserError
 from ray_jobs.names import check_experiment_name
+from ray_jobs.settings import from_section, setting, study_keys
 from ray_jobs.tracking import check_tags
 from ray_jobs.trial_record import SizeSpec
 from ssl_core.finetune_recipe import FineTuneRecipe
 
-DEFAULT_REDUCTIONS = (0, 25, 50, 75, 90)
+#: the training-set sizes of a fine-tuning study when none are given, for ``ctssl finetune`` and a study
+#: file alike: images per class, the few-label range the papers' question is about, then all of them
+DEFAULT_SAMPLES_PER_CLASS: tuple[int | str, ...] = (5, 10, 20, 40, "all")
 ALL = "all"
 
 #: how each encoder's fine-tuning recipe is set: chosen per trial on the validation split from a grid
@@ -85,9 +89,27 @@ def parse_recipes(text: str | None) -> list[Recipe] | None:
     return out
 
 
+def int_list(text: str) -> list[int]:
+    """``1,2,3`` -> [1, 2, 3] (an argparse type: a bad item is the flag's error)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def recipe_texts(text: str) -> list[str]:
+    """``1e-3:0,1e-4:4`` -> the recipes' canonical texts, checked (an argparse type, as :func:`int_list`)."""
+    try:
+        return [r.to_text() for r in parse_recipes(text) or []]
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--recipes: ")) from None
+
+
 def parse_sizes(reductions: str | None = None, samples_per_class: str | None = None) -> list[SizeSpec]:
     """Sizes from ``--reductions 0,25`` or ``--samples-per-class 5,10,all`` (default: the paper's levels)."""
     out: list[SizeSpec] = []
+    if not reductions and not samples_per_class:
+        samples_per_class = ",".join(map(str, DEFAULT_SAMPLES_PER_CLASS))
     if samples_per_class:
         for tok in samples_per_class.split(","):
             tok = tok.strip().lower()
@@ -104,7 +126,7 @@ def parse_sizes(reductions: str | None = None, samples_per_class: str | None = N
                 raise UserError(f"--samples-per-class: {n} must be >= 1")
             out.append(SizeSpec("per_class", n))
     else:
-        for tok in (reductions.split(",") if reductions else [str(r) for r in DEFAULT_REDUCTIONS]):
+        for tok in reductions.split(","):
             tok = tok.strip().rstrip("%")
             if not tok:
                 continue
@@ -126,43 +148,99 @@ RECIPE = FineTuneRecipe()
 
 @dataclass
 class FinetuneConfig:
-    data: str
-    storage: str
-    experiment: str
-    encoders: list[str] = field(default_factory=lambda: ["random"])
-    backbone: str | None = None  # random baseline's network; None: the pre-trained encoders' (resnet50 alone)
-    sizes: list[SizeSpec] = field(default_factory=lambda: parse_sizes())
-    folds: int = 5
-    seeds: list[int] = field(default_factory=lambda: [0])
-    val_fraction: float = 0.2
+    """The settings of a fine-tuning study: the one table ``ctssl finetune``'s flags, a study file's
+    ``finetune`` keys, the schema's defaults and the help text are made from (:mod:`ray_jobs.settings`)."""
+
+    data: str = setting(required=True, metavar="URL", help="labelled prep output (local path or s3://)")
+    storage: str = setting(required=True, metavar="URL", help="Ray Tune results folder (local or s3://)")
+    experiment: str = setting(required=True, metavar="NAME", help="study name (MLflow experiment)")
+    encoders: list[str] = setting(
+        default_factory=lambda: ["random"], flag="--encoder", action_append=True, cli_default=None,
+        metavar="[NAME=]SOURCE", help="random | checkpoint/encoder folder | runs:/RUN_ID (repeatable; default: random)")
+    backbone: str | None = setting(
+        None, key="backbone", metavar="NAME",
+        help="the random-init baseline's timm network (default: the pre-trained encoders' backbone; resnet50 when "
+             "random is the only encoder)")
+    sizes: list[SizeSpec] = field(default_factory=lambda: parse_sizes())  # samplesPerClass / the CLI's two flags
+    folds: int = setting(5, key="folds", schema={"minimum": 2, "maximum": 100},
+                         help="patient-level stratified folds (default {default})")
+    seeds: list[int] = setting(
+        default_factory=lambda: [0], key="seeds", parse=int_list, metavar="S1,S2",
+        help="seeds of each (encoder, size, fold) cell: its training subset and initialisation (default {default}); "
+             "more seeds, tighter intervals")
+    val_fraction: float = setting(
+        0.2, key="valFraction", schema={"exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+        help="share of each fold's training patients held out for validation: the best epoch and the recipe are "
+             "chosen on it (default {default})")
     # one fine-tuning run's recipe: the defaults are ssl_core's (the papers' recipe), written once there
-    epochs: int = RECIPE.epochs
-    frozen_epochs: int = RECIPE.frozen_epochs
-    lr: float = RECIPE.lr
-    weight_decay: float = RECIPE.weight_decay
-    batch_size: int = RECIPE.batch_size
-    img_size: int | None = None
-    in_chans: int | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int | None = None
-    asha: bool = False
-    search_target_auc: float | None = None
-    search_margin: float | None = None
-    search_candidates: list[int] | None = None
-    address: str | None = None
-    tracking_uri: str | None = None
-    metrics_ci: int = 0
+    epochs: int = setting(
+        RECIPE.epochs, key="epochs", schema={"minimum": 1, "maximum": 10000},
+        help="epochs per recipe: the maximum with {stopping} early, the exact count with {stopping} fixed "
+             "(default {default})")
+    frozen_epochs: int = setting(
+        RECIPE.frozen_epochs, key="frozenEpochs", schema={"minimum": 0, "maximum": 10000},
+        help="with {protocol} fixed: epochs with the backbone frozen (default {default})")
+    lr: float = setting(RECIPE.lr, key="lr", schema={"exclusiveMinimum": 0, "maximum": 10},
+                        help="with {protocol} fixed: Adam learning rate (default {default})")
+    weight_decay: float = setting(RECIPE.weight_decay, help="Adam weight decay (default {default})")
+    batch_size: int = setting(RECIPE.batch_size, key="batch", schema={"minimum": 1, "maximum": 65536},
+                              help="fine-tuning batch (default {default})")
+    img_size: int | None = setting(None, parse=int, metavar="S",
+                                   help="fine-tuning resolution (default: the shards' size)")
+    in_chans: int | None = setting(None, parse=int, choices=(1, 3), help="default: the encoder's (1 for random)")
+    cpus_per_trial: float = setting(1.0, help="CPUs per Tune trial (default {default})")
+    gpus_per_trial: float = setting(0.0, help="GPUs per Tune trial (default {default})")
+    max_concurrent: int | None = setting(None, parse=int, metavar="N",
+                                         help="trials at once (default: as many as the cluster's resources allow)")
+    asha: bool = setting(False, action="store_true",
+                         help="stop weak trials early (ASHA on validation AUC); a stopped trial has no test metrics: "
+                              "the report names it and leaves it out of the means")
+    search_target_auc: float | None = setting(None, parse=float, metavar="AUC",
+                                              help="search the smallest samples-per-class reaching this mean test AUC")
+    search_margin: float | None = setting(
+        None, parse=float, metavar="DELTA",
+        help="search the smallest samples-per-class within DELTA of the full-data AUC")
+    search_candidates: list[int] | None = setting(
+        None, parse=int_list, metavar="NS",
+        help="samples-per-class values the search may try (default 5..200 on a x1.5 ladder)")
+    address: str | None = setting(None, metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    tracking_uri: str | None = setting(
+        None, metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite under a local "
+                                  "--storage)")
+    metrics_ci: int = setting(0, metavar="N", help="bootstrap resamples for test-metric confidence intervals (0 = off)")
     fold_seed: int = 0  # seed of the patient-level fold assignment (same folds for every encoder)
-    protocol: str = "tuned"
-    recipes: list[str] | None = None  # "lr:frozen" texts for "tuned"; None: default_recipes(epochs)
-    bn_recalibrate: bool = True  # re-estimate batch-norm statistics on the training images before each evaluation
-    stopping: str = "early"
-    patience: int = DEFAULT_PATIENCE  # "early": epochs without a validation AUC gain, after the backbone unfreezes
-    min_delta: float = DEFAULT_MIN_DELTA  # "early": the smallest validation AUC gain that counts as one
+    protocol: str = setting(
+        "tuned", key="protocol", choices=PROTOCOLS,
+        help="tuned: each trial picks its recipe from {recipes} on the validation split; fixed: one recipe ({lr}, "
+             "{frozen_epochs}) for every encoder, as in the papers (default {default})")
+    recipes: list[str] | None = setting(
+        None, key="recipes", parse=recipe_texts, metavar="LR:FROZEN,...",
+        help="the tuned grid as LR:FROZEN_EPOCHS, e.g. 1e-3:0,1e-3:10,1e-4:0,1e-4:10 (default: lr 1e-3 and 1e-4 x 0 "
+             "and epochs/7 frozen)")
+    bn_recalibrate: bool = setting(
+        True, key="batchNormRecalibrate", flag="--no-bn-recalibrate", action="store_false",
+        help="re-estimate batch-norm statistics on the training images before each evaluation: with tiny training "
+             "sets the running averages never settle (default {default})",
+        flag_help="keep batch-norm running averages instead of re-estimating them on the training images before "
+                  "each evaluation")
+    stopping: str = setting(
+        "early", key="stopping", choices=STOPPINGS,
+        help="early: each recipe stops when validation AUC stops improving ({patience}, {min_delta}), at most "
+             "{epochs}; fixed: exactly {epochs}, as in the papers (default {default})")
+    patience: int = setting(
+        DEFAULT_PATIENCE, key="patience", metavar="N", schema={"minimum": 1, "maximum": 10000},
+        help="with {stopping} early: epochs without a validation AUC gain (counted once the backbone is unfrozen) "
+             "that end a recipe (default {default})")
+    min_delta: float = setting(
+        DEFAULT_MIN_DELTA, key="minDelta", metavar="AUC", schema={"minimum": 0, "exclusiveMaximum": 1},
+        help="with {stopping} early: the smallest validation AUC gain that counts as one (default {default})")
     #: "early": a recipe still improving at ``epochs`` continues once for at most this many more epochs
     #: (None: ``epochs`` more, i.e. the maximum doubles once; 0: never, the cell is reported unconverged)
-    extend_epochs: int | None = None
+    extend_epochs: int | None = setting(
+        None, key="extendEpochs", parse=int, metavar="N", schema={"minimum": 0, "maximum": 10000},
+        help="with {stopping} early: a recipe still improving at {epochs} continues once by up to this many more "
+             "epochs (default: {epochs} more, i.e. the maximum doubles once; 0: never, the cell is reported "
+             "unconverged)")
     #: encoder name -> extra tags on each of its trial runs (e.g. {"reduction": "hash6"}); the tags the
     #: report reads (ctssl.kind, method = the encoder name, size, fold, ...) are the study's own and win
     encoder_tags: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -277,5 +355,18 @@ class FinetuneConfig:
         d["sizes"] = [SizeSpec.from_label(x) if isinstance(x, str) else x for x in d.get("sizes", [])]
         return cls(**d)
 
+    @classmethod
+    def from_study(cls, section: dict[str, Any], **rest: Any) -> FinetuneConfig:
+        """The config of a study file's ``finetune`` section (defaults filled in by its schema), through
+        :data:`STUDY_KEYS`; ``rest`` holds what the study's other sections and its driver decide."""
+        if "samplesPerClass" in section:
+            rest["sizes"] = parse_sizes(samples_per_class=",".join(map(str, section["samplesPerClass"])))
+        return from_section(cls, section, **rest)
+
     def as_params(self) -> dict[str, str]:
         return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in self.to_dict().items()}
+
+
+#: study-file key (``finetune.<key>``) -> FinetuneConfig field, from the table; ``samplesPerClass`` ->
+#: ``sizes`` (a parse) and ``random``, ``linearProbe`` (what the study runs) are the study's own
+STUDY_KEYS: dict[str, str] = study_keys(FinetuneConfig)

@@ -22,6 +22,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ray_jobs.trial_record import SizeSpec  # noqa: E402
+
 RANDOM = "random"
 COLUMNS = ["method", "fraction", "step", "train_time_s", "size", "auc_mean", "ci_low", "ci_high", "n"]
 
@@ -189,8 +191,21 @@ def protocols_table(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
         rows.append({"encoder": r.method, "size": str(r.size), "linear": r.auc_mean, "linear_low": r.ci_low,
                      "linear_high": r.ci_high, "finetune": m, "finetune_std": s, "n": int(r.n)})
     out = pd.DataFrame(rows, columns=cols)
-    first = out["encoder"] == RANDOM  # random init first, as in the budget table
-    return pd.concat([out[first], out[~first].sort_values(["encoder", "size"])], ignore_index=True)
+    # random init first, as in the budget table; then by encoder, the sizes from smallest to all
+    order = sorted(range(len(out)), key=lambda i: (out["encoder"][i] != RANDOM, out["encoder"][i],
+                                                   _size_order(out["size"][i])))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def _size_order(label: str) -> tuple[float, str]:
+    """A size label's place from smallest to largest: n5 < n40 < all (r90 < r0), plain numbers by value."""
+    try:
+        return SizeSpec.from_label(label).sort_key(), label
+    except ValueError:
+        try:
+            return float(label), label
+        except ValueError:
+            return math.inf, label
 
 
 def protocols_markdown(both: pd.DataFrame) -> str:

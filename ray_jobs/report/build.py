@@ -71,6 +71,9 @@ class ReportConfig:
     embedding_maps: MapsInput | None = None
     #: a study's budget_curve.csv (its budget stage): the "Gain versus pre-training budget" section
     budget_curve: str | None = None
+    #: a study's linear_probe.csv (its linear stage): the linear probe beside fine-tuning at every size;
+    #: without it that section shows the budget curve's probed sizes
+    linear_probe: str | None = None
 
 
 #: the artifact folder of the study's parent run the report's files go to (``log_to_run``)
@@ -183,8 +186,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
             f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
         *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
         *([(MAPS_SECTION, maps_text)] if cfg.embedding_maps is not None else []),
-        *([report_section(cfg.budget_curve, out, summary), protocols_section(cfg.budget_curve, summary)]
-          if cfg.budget_curve else []),
+        *([report_section(cfg.budget_curve, out, summary)] if cfg.budget_curve else []),
+        *([protocols_section(linear, summary)] if (linear := cfg.linear_probe or cfg.budget_curve) else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
         (f"Patient-level bootstrap of the pooled out-of-fold AUC against `{cfg.baseline}`",

@@ -37,6 +37,30 @@ def _probe_fns() -> tuple[Embed, Probe]:
     return embed_labelled, probe_cells
 
 
+def embedder(ctx: Any, url: str, num_gpus: float | None = None) -> Embed:
+    """How a study stage embeds the labelled set at ``url``: in the driver's process on a CPU study, and
+    on a Ray worker with a GPU when the study's workers have GPUs (a cluster's head, where the driver
+    runs, has none; at the papers' scale embedding 25k slices per encoder on its CPUs takes hours).
+    ``num_gpus`` overrides the GPU count of the remote task (tests run the remote path with 0)."""
+    embed, _ = _probe_fns()
+    gpus = (1.0 if ctx.gpus_per_worker > 0 else 0.0) if num_gpus is None else num_gpus
+    if num_gpus is None and gpus == 0:
+        return embed
+    import ray
+
+    from ctssl_base import ray_connect
+
+    ray_connect.connect(ctx.address)
+    task = ray.remote(num_gpus=gpus)(_embed_task)
+    return lambda spec, _data: ray.get(task.remote(spec, url))
+
+
+def _embed_task(spec: Any, url: str) -> np.ndarray:
+    """On a Ray worker: load the labelled set there (it is not shipped from the driver) and embed it."""
+    embed, _ = _probe_fns()
+    return embed(spec, load_labelled(url))
+
+
 def _rows(method: str, fraction: float, step: int, seconds: float, cells: list[dict],
           sizes: Sequence[Any], seed: int) -> list[dict]:
     """One row per labelled size: mean and bootstrap interval of the cells' AUCs."""
@@ -100,7 +124,8 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     rand = resolve_encoder("random", default_backbone=backbone, in_chans=None, tracking_uri=ctx.tracking_uri)
     milestones = {r["encoder"]: {float(f): p for f, p in r.get("milestones", {}).items()}
                   for k, r in ctx.results.items() if k.startswith("pretrain-")}
-    table = budget_table(milestones, rand, data, folds, sizes, list(ft["seeds"]), seed=spec["seed"])
+    table = budget_table(milestones, rand, data, folds, sizes, list(ft["seeds"]), seed=spec["seed"],
+                         embed=embedder(ctx, data_url(ctx, "labelled")), probe=_probe_fns()[1])
     out = ctx.study.workdir.resolve() / "report"
     out.mkdir(parents=True, exist_ok=True)
     csv, png = str(out / "budget_curve.csv"), str(out / "budget_curve.png")

@@ -485,10 +485,12 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
                     peak, peak_why = conc, [f"fine-tuning: {conc} trials at once, 1 GPU each"]
                 elif conc == peak:
                     peak_why.append(f"fine-tuning: {conc} trials at once")
-        elif name == "budget":
-            n = 1 + sum(1 for r in rows if r.stage.startswith("pretrain-")) * len(spec_budget(study))
-            rows.append(Row(name, st.title, f"{n} checkpoints probed (random init included)",
-                            n * figure("budget.per_checkpoint_s"), basis=["budget.per_checkpoint_s"]))
+        elif name in ("budget", "linear"):
+            runs = sum(1 for r in rows if r.stage.startswith("pretrain-"))
+            n = 1 + runs * (len(spec_budget(study)) if name == "budget" else 1)
+            what = (f"{n} checkpoints probed (random init included)" if name == "budget" else
+                    f"{n} encoders probed at {len(study.spec['finetune']['samplesPerClass'])} sizes")
+            rows.append(_probe_row(study, st, pools, device, gpu_type, cpus, n, what))
         elif name == "report":
             trials = next(r for r in rows if r.stage == "finetune").details["trials"]
             rows.append(Row(name, st.title, f"{trials:,} trials collected",
@@ -611,6 +613,34 @@ def _pretrain_row(study: Study, st: Any, method: str, level: int | None, pools: 
 def _manifest_size(study: Study) -> int | None:
     m = _manifest(study.spec["data"]["pretrain"]["path"])
     return (m or {}).get("config", {}).get("size")
+
+
+def _probe_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gpu_type: str | None, cpus: int,
+               encoders: int, work: str) -> Row:
+    """A linear-probe stage (budget curve, linear): each encoder embeds the labelled set once (on the
+    driver's CPUs, or on one GPU worker in a GPU study), then a logistic regression per cell in the
+    driver: the per-encoder figure measured on the demo."""
+    ft = study.spec["finetune"]
+    p = pools["labelled"]
+    basis = ["finetune.cpu_epoch", "finetune.eval_share", "pretrain.pixel_rule", "budget.per_checkpoint_s"]
+    if p.slices is None:
+        return Row(st.name, st.title, work + "; ? labelled slices", None, basis=basis)
+    backbone = ft["backbone"] or study.method_settings(study.methods()[0])["backbone"]
+    per_image = finetune_core_s_per_image(backbone, study.spec["data"]["labelled"]["size"]) * figure(
+        "finetune.eval_share")
+    if device == "gpu":
+        rate, where = gpu_speedup(gpu_type), "on 1 GPU"
+        basis += ["finetune.gpu_rule", f"pretrain.gpu.{gpu_type}.resnet50_224px"]
+    else:
+        rate, where = cpus, f"on the driver's {cpus} CPUs"
+    demo = calibration()["figures"]["budget.per_checkpoint_s"]["config"]
+    demo_embed = demo["slices"] * finetune_core_s_per_image(demo["backbone"], demo["size"]) * figure(
+        "finetune.eval_share") / demo["cpus"]
+    probing = max(0.0, figure("budget.per_checkpoint_s") - demo_embed)  # the measured figure less its embedding
+    wall = encoders * (p.slices * per_image / rate + probing)
+    gpu_h = encoders * p.slices * per_image / rate / 3600 if device == "gpu" else 0.0
+    return Row(st.name, st.title, f"{work} ({p.slices:,} slices, {where})", wall, gpus=1 if device == "gpu" else 0,
+               gpu_hours=gpu_h, basis=basis)
 
 
 def _finetune_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gpu_type: str | None, cpus: int,

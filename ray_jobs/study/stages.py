@@ -25,7 +25,7 @@ from data_prep.phantom.cohort import write_cohort
 from data_prep.reduce import reduce_dataset
 from data_prep.volume_qc import summary_lines
 from ray_jobs import tracking
-from ray_jobs.finetune.config import FinetuneConfig, parse_sizes
+from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_monitor_every
 from ray_jobs.study.spec import PHANTOM_KEYS, Study
 from ray_jobs.trial_record import SizeSpec
@@ -237,13 +237,8 @@ def _finetune(ctx: Context) -> dict[str, Any]:
     encoders = (["random"] if ft["random"] else []) + [f"{r['encoder']}={r['checkpoint']}" for r in pre]
     tags = {r["encoder"]: {"ctssl.stage": "finetune", "method": r["method"], "reduction": r["reduction"]}
             for r in pre}
-    fc = FinetuneConfig(
-        data=data_url(ctx, "labelled"), storage=ctx.url("study"), experiment=study.name, encoders=encoders,
-        backbone=ft["backbone"], sizes=parse_sizes(samples_per_class=",".join(map(str, ft["samplesPerClass"]))),
-        folds=ft["folds"], seeds=list(ft["seeds"]), val_fraction=ft["valFraction"], epochs=ft["epochs"],
-        frozen_epochs=ft["frozenEpochs"], lr=ft["lr"], batch_size=ft["batch"], protocol=ft["protocol"],
-        recipes=ft["recipes"], bn_recalibrate=ft["batchNormRecalibrate"], stopping=ft["stopping"],
-        patience=ft["patience"], min_delta=ft["minDelta"], extend_epochs=ft["extendEpochs"],
+    fc = FinetuneConfig.from_study(
+        ft, data=data_url(ctx, "labelled"), storage=ctx.url("study"), experiment=study.name, encoders=encoders,
         gpus_per_trial=1.0 if ctx.gpus_per_worker > 0 else 0.0,
         max_concurrent=study.spec["resources"]["maxConcurrentTrials"], address=ctx.address,
         tracking_uri=ctx.tracking_uri, fold_seed=study.spec["seed"], encoder_tags=tags)
@@ -269,7 +264,8 @@ def _report(ctx: Context) -> dict[str, Any]:
                                       target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True,
                                       prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")},
                                       embedding_maps=_maps_input(ctx),
-                                      budget_curve=ctx.results.get("budget", {}).get("csv")))
+                                      budget_curve=ctx.results.get("budget", {}).get("csv"),
+                                      linear_probe=ctx.results.get("linear", {}).get("csv")))
     res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local),
            **_alias_best(ctx, paths.summary_csv)}
     if not storage.is_local(study.storage):  # and beside the shards, where the cluster's users look
@@ -395,8 +391,15 @@ def plan(study: Study) -> list[Stage]:
         out.append(Stage("budget", "gain versus pre-training budget (linear probe on budget-curve checkpoints)",
                          {k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")}, _budget,
                          lambda c, r: Path(r["csv"]).exists(), needs=["finetune"]))
+    if spec["finetune"]["linearProbe"]:
+        from ray_jobs.study import linear_stage
+
+        out.append(Stage("linear", "linear probe of every encoder at every training-set size",
+                         {k: spec["finetune"][k] for k in ("samplesPerClass", "folds", "seeds", "valFraction",
+                                                           "backbone", "linearProbe")},
+                         linear_stage.run_stage, linear_stage.done, needs=["finetune"]))
     out.append(Stage("report", "report", dict(spec["report"]), _report,
                      _report_done,
-                     needs=["finetune"] + (["budget"] if spec["pretrain"].get("budgetCurve") else [])))
+                     needs=["finetune"] + [s.name for s in out if s.name in ("budget", "linear")]))
     return out
 

@@ -164,7 +164,7 @@ def test_the_rendered_rayjob_runs_the_study_on_ray_with_mlflow_on_postgresql(tmp
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             stages = stage_lines(r.stdout)
-            assert list(stages)[-2:] == ["finetune", "report"] and set(stages.values()) == {"ran"}, stages
+            assert list(stages)[-3:] == ["finetune", "linear", "report"] and set(stages.values()) == {"ran"}, stages
             assert f"MLflow {server.uri}" in r.stdout  # the chart's tracking URI, through the Service
 
             # the report beside the study's data, where the chart said it would be

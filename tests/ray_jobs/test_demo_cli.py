@@ -47,7 +47,7 @@ def test_tiny_demo_on_s3_runs_every_stage_then_reuses_them(tmp_path, s3_bucket):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     stages = _stage_lines(first.stdout)
     assert list(stages) == ["phantom-pretrain", "prep-pretrain", "phantom-labelled", "prep-labelled", "reduce-hash6",
-                            "pretrain-byol", "pretrain-spark", "finetune", "budget", "report"]
+                            "pretrain-byol", "pretrain-spark", "finetune", "budget", "linear", "report"]
     assert set(stages.values()) == {"ran"}
 
     # Shards and checkpoints went to the bucket, not to the output folder.
@@ -79,9 +79,10 @@ def test_tiny_demo_on_s3_runs_every_stage_then_reuses_them(tmp_path, s3_bucket):
     third = _demo(out, storage, "--finetune-epochs", "3")
     assert third.returncode == 0, third.stderr[-4000:]
     redo = _stage_lines(third.stdout)
-    assert [k for k, v in redo.items() if v == "ran"] == ["finetune", "budget", "report"], redo
-    assert re.search(r"^\[\d+/10\] finetune: .*settings changed: epochs 2 -> 3", third.stdout, re.M), third.stdout
-    assert re.search(r"^\[10/10\] report: .*its input was redone: finetune, budget", third.stdout, re.M), third.stdout
+    assert [k for k, v in redo.items() if v == "ran"] == ["finetune", "budget", "linear", "report"], redo
+    assert re.search(r"^\[\d+/11\] finetune: .*settings changed: epochs 2 -> 3", third.stdout, re.M), third.stdout
+    assert re.search(r"^\[11/11\] report: .*its input was redone: finetune, budget, linear", third.stdout,
+                     re.M), third.stdout
 
     bad = _demo(out, storage, "--finetune-epochs", "1", "--finetune-recipes", "1e-3:2")  # 2 frozen in 1 epoch
     assert bad.returncode == 2

@@ -103,7 +103,8 @@ def test_reduction_levels_keep_the_rounded_share_of_each_class():
 
 
 def test_sizes_parse_from_either_flag_and_bad_values_are_named():
-    assert [s.label for s in parse_sizes()] == ["r90", "r75", "r50", "r25", "r0"]
+    assert [s.label for s in parse_sizes()] == ["n5", "n10", "n20", "n40", "all"]  # the study file's default
+    assert [s.label for s in parse_sizes(reductions="0,25,90")] == ["r90", "r25", "r0"]
     assert [s.label for s in parse_sizes(samples_per_class="all,5,60,10")] == ["n5", "n10", "n60", "all"]
     with pytest.raises(UserError, match="'abc' is not a whole number"):
         parse_sizes(samples_per_class="5,abc")

@@ -41,7 +41,8 @@ def test_every_example_validates_and_plans_its_stages():
     for f in files:
         study = spec.load(f)
         names = [s.name for s in plan(study)]
-        tail = ["finetune", "budget", "report"] if study.spec["pretrain"].get("budgetCurve") else ["finetune", "report"]
+        tail = (["finetune"] + (["budget"] if study.spec["pretrain"].get("budgetCurve") else [])
+                + (["linear"] if study.spec["finetune"]["linearProbe"] else []) + ["report"])
         assert names[-len(tail):] == tail, (f, names)
         assert sum(n.startswith("pretrain-") for n in names) == len(study.methods()) * len(study.levels())
 
@@ -146,7 +147,8 @@ def test_cli_validate_prints_the_stages_or_exits_2_with_one_line_per_problem(tmp
     r = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "study", "validate", "-f", str(good)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "valid study 'tiny': 10 stages (phantom-pretrain, prep-pretrain" in r.stdout
+    assert "valid study 'tiny': 11 stages (phantom-pretrain, prep-pretrain" in r.stdout
+    assert r.stdout.rstrip().endswith("finetune, linear, report)")
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("slices: 4}\n    labelled", "slices: 4, colour: red}\n    labelled"))
     r = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "study", "validate", "-f", str(bad)],

@@ -43,7 +43,7 @@ def test_ray_job_submit_runs_the_study_on_two_nodes_with_s3_storage(tmp_path, s3
                                 capture_output=True, text=True, env=env, timeout=60).stdout
         assert f"Job '{sub_id}' succeeded" in status
     stages = stage_lines(r.stdout)
-    assert list(stages)[-2:] == ["finetune", "report"] and set(stages.values()) == {"ran"}, stages
+    assert list(stages)[-3:] == ["finetune", "linear", "report"] and set(stages.values()) == {"ran"}, stages
     assert "connected to Ray at" in r.stdout + r.stderr  # the job's cluster, not a private local Ray
     assert "CPU=3" in r.stdout + r.stderr  # both nodes
 

@@ -110,7 +110,7 @@ def test_killed_mid_pretraining_resumes_then_reuses_and_compares_the_levels(tmp_
     stages = stage_lines(second.stdout)
     assert stages == {"phantom-pretrain": "reused", "prep-pretrain": "reused", "phantom-labelled": "reused",
                       "prep-labelled": "reused", "reduce-hash6": "reused", "pretrain-byol-all": "ran",
-                      "pretrain-byol-hash6": "ran", "finetune": "ran", "report": "ran"}, stages
+                      "pretrain-byol-hash6": "ran", "finetune": "ran", "linear": "ran", "report": "ran"}, stages
     assert re.search(r"resumed from step [1-9]", second.stdout + second.stderr)
 
     # one MLflow experiment for the study; one pre-training run per encoder (none from the kill)
@@ -146,6 +146,12 @@ def test_killed_mid_pretraining_resumes_then_reuses_and_compares_the_levels(tmp_
     assert len(list((tmp_path / "work" / "report").glob("*.png"))) >= 2
     assert "## Online probe during pre-training" in report and "- `byol-hash6`: k-NN AUC" in report
     assert (tmp_path / "work" / "report" / "probe_curves.png").exists()
+    # the linear probe (finetune.linearProbe is on by default) beside fine-tuning at every size, every encoder
+    linear = report.split("## Linear probe beside fine-tuning", 1)[1].split("\n## ", 1)[0]
+    cells = [tuple(c.strip() for c in ln.split("|")[1:3]) for ln in linear.splitlines() if ln.startswith("| ")]
+    assert [c for c in cells if c[0] != "encoder" and not c[0].startswith("-")] == [
+        (e, n) for e in ("random", "byol-all", "byol-hash6") for n in ("n2", "all")], linear
+    assert "linear_probe.csv" in {a.path for a in cl.list_artifacts(parent[0].info.run_id)}
 
     # 3. a third run reuses every stage
     third = _run(spec)
