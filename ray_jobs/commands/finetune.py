@@ -8,7 +8,7 @@ import dataclasses
 from ray_jobs import settings
 from ray_jobs.finetune.config import DEFAULT_SAMPLES_PER_CLASS, FinetuneConfig, parse_sizes
 
-#: the study config's defaults: the flags and the help text quote them from here
+#: the defaults the description quotes (the flags and their help come from FinetuneConfig's table)
 D = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
 LR = f"{D['lr']:.0e}".replace("e-0", "e-")  # 1e-4, as the papers write it
 SIZES = ",".join(map(str, DEFAULT_SAMPLES_PER_CLASS))
