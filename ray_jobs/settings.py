@@ -88,7 +88,7 @@ class Entry:
 
 
 def show(value: Any) -> str:
-    """A default as a person writes it: 1e-4, 0.001, 5,10,all, none."""
+    """A default as a person writes it: 0.0001, 1e-5, 5,10,all, none."""
     if value is None:
         return "none"
     if isinstance(value, bool):
