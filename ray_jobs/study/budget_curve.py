@@ -105,11 +105,24 @@ def budget_table(milestones: dict[str, dict[float, str]], random_spec: Any, data
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def probe_inputs(ctx: Any) -> tuple[Any, list, Any]:
+    """What a probing stage (budget, linear) reads: the labelled set, the fine-tuning study's folds and
+    the random-init encoder, whose network is the pre-trained encoders' unless the study names one (as
+    in fine-tuning)."""
+    from ray_jobs.finetune.encoders import resolve_encoder
+
+    spec = ctx.study.spec
+    ft = spec["finetune"]
+    data = load_labelled(data_url(ctx, "labelled"))
+    folds = make_folds(data.patients, data.label_names, ft["folds"], ft["valFraction"], seed=spec["seed"])
+    backbone = ft["backbone"] or sorted(ctx.study.method_settings(m)["backbone"] for m in ctx.study.methods())[0]
+    rand = resolve_encoder("random", default_backbone=backbone, in_chans=None, tracking_uri=ctx.tracking_uri)
+    return data, folds, rand
+
+
 def run_stage(ctx: Any) -> dict[str, Any]:
     """The study's ``budget`` stage: probe every method's milestones, write ``budget_curve.csv`` (and its
     plot) into the study's report folder and onto the fine-tuning study's parent MLflow run."""
-    from ray_jobs.finetune.encoders import resolve_encoder
-
     spec = ctx.study.spec
     ft, pre = spec["finetune"], spec["pretrain"]
     wanted = pre.get("budgetSizes") or [min(n for n in ft["samplesPerClass"] if isinstance(n, int))]
@@ -117,11 +130,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"pretrain.budgetSizes {unknown}: not in finetune.samplesPerClass {ft['samplesPerClass']}")
     sizes = parse_sizes(samples_per_class=",".join(map(str, wanted)))
-    data = load_labelled(data_url(ctx, "labelled"))
-    folds = make_folds(data.patients, data.label_names, ft["folds"], ft["valFraction"], seed=spec["seed"])
-    # the baseline's network is the pre-trained encoders' unless the study names one, as in fine-tuning
-    backbone = ft["backbone"] or sorted(ctx.study.method_settings(m)["backbone"] for m in ctx.study.methods())[0]
-    rand = resolve_encoder("random", default_backbone=backbone, in_chans=None, tracking_uri=ctx.tracking_uri)
+    data, folds, rand = probe_inputs(ctx)
     milestones = {r["encoder"]: {float(f): p for f, p in r.get("milestones", {}).items()}
                   for k, r in ctx.results.items() if k.startswith("pretrain-")}
     table = budget_table(milestones, rand, data, folds, sizes, list(ft["seeds"]), seed=spec["seed"],

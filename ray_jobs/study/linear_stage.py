@@ -16,9 +16,7 @@ from typing import Any
 
 from ray_jobs import tracking
 from ray_jobs.finetune.config import parse_sizes
-from ray_jobs.finetune.data import load_labelled
-from ray_jobs.finetune.folds import make_folds
-from ray_jobs.study.budget_curve import budget_table, embedder
+from ray_jobs.study.budget_curve import budget_table, embedder, probe_inputs
 from ray_jobs.study.stages import data_url
 
 CSV = "linear_probe.csv"
@@ -35,15 +33,12 @@ def run_stage(ctx: Any, num_gpus: float | None = None) -> dict[str, Any]:
     spec = ctx.study.spec
     ft = spec["finetune"]
     sizes = parse_sizes(samples_per_class=",".join(map(str, ft["samplesPerClass"])))
-    data = load_labelled(data_url(ctx, "labelled"))
-    folds = make_folds(data.patients, data.label_names, ft["folds"], ft["valFraction"], seed=spec["seed"])
-    backbone = ft["backbone"] or sorted(ctx.study.method_settings(m)["backbone"] for m in ctx.study.methods())[0]
-    rand = resolve_encoder("random", default_backbone=backbone, in_chans=None, tracking_uri=ctx.tracking_uri)
+    data, folds, rand = probe_inputs(ctx)
     runs = {r["encoder"]: r for k, r in ctx.results.items() if k.startswith("pretrain-")}
 
     def load(_random: Any, name: str) -> tuple[Any, int, float]:
         r = runs[name]
-        enc = resolve_encoder(f"{name}={r['checkpoint']}", default_backbone=backbone, in_chans=None,
+        enc = resolve_encoder(f"{name}={r['checkpoint']}", default_backbone=rand.backbone, in_chans=None,
                               tracking_uri=ctx.tracking_uri)
         return enc, int(r.get("steps") or 0), float(r.get("train_time_s") or 0.0)
 
