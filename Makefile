@@ -42,9 +42,10 @@ bench-budget: $(STAMP)
 bench-pretrain: $(STAMP)
 	$(PY) tests/bench/bench_pretrain_e2e.py --budget "$(or $(BUDGET),10m)" --out "$(or $(OUT),bench-pretrain-out)" $(if $(DATA),--data "$(DATA)") $(if $(METHODS),--methods "$(METHODS)") $(if $(CTSSL_ARGS),--ctssl-args "$(CTSSL_ARGS)")
 
-# cost per slice and peak RSS of prep and reduce as the pool grows (SCALE_SIZES, default 1k,10k,100k slices)
+# cost per slice and peak RSS of prep, reduce and the study driver as the pool grows (SCALE_SIZES, default 1k,10k,100k
+# slices; S3=1 adds the S3 API leg on a local moto server)
 bench-scale: $(STAMP)
-	SCALE_SIZES="$(or $(SCALE_SIZES),1000,10000,100000)" $(PY) tests/bench/bench_scale.py
+	SCALE_SIZES="$(or $(SCALE_SIZES),1000,10000,100000)" SCALE_S3="$(S3)" $(PY) tests/bench/bench_scale.py
 
 # on a machine with CUDA: each method's step at 224 px bf16 vs lightly, peak memory, CPU cores to feed a GPU
 gpu-check: $(STAMP)

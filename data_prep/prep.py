@@ -34,37 +34,63 @@ import numpy as np
 from ctssl_base import storage
 from ctssl_base.errors import UserError
 from ctssl_base.lease import Lease
+from ctssl_base.settings import setting
 from data_prep import intensity, reader_warnings, shards, volume_qc
 from data_prep.deid import REDACTED, PhiIndex, Pseudonymizer, redact
 from data_prep.dhash import dhash64_hu
 from data_prep.labels import check_labels_csv
 from data_prep.records import Reject, SeriesTask
 from data_prep.schema import SCHEMA_VERSION
-from data_prep.sources import get_source
+from data_prep.sources import get_source, source_names
 from data_prep.sources.base import PrepOptions, detect_source
 
 log = logging.getLogger("ctssl.prep")
 
 
+def _native_or_size(text: str) -> int | None:
+    """``--size``: pixels, or 0 for the native matrix (None)."""
+    try:
+        return int(text) or None
+    except ValueError:
+        raise UserError(f"--size expects pixels (0 = the native matrix), got {text!r}") from None
+
+
 @dataclass
 class PrepConfig:
-    src: str
-    dst: str
-    source: str | None = None  # registry name; auto-detected when None
-    size: int | None = 256
-    dataset: str | None = None
-    labels_csv: str | None = None
-    workers: int = 1
-    executor: str = "ray"  # "ray" (local or --address cluster) or "local" (in-process, no Ray)
-    address: str | None = None
-    shard_index: int = 0
-    num_shards: int = 1
-    rows_per_shard: int = 1024
-    max_reject_fraction: float | None = None
-    progress: bool = True
+    """The settings of one prep run: the one table ``ctssl prep``'s options, a study file's ``prep`` keys,
+    the schema's defaults there and the help text are made from (:mod:`ctssl_base.settings`)."""
+
+    src: str  # the command's positional SRC; a study's data source
+    dst: str  # the command's positional DST; the study's shards folder
+    source: str | None = setting(None, choices=tuple(source_names()), help="input layout (default: detected)")
+    size: int | None = setting(
+        256, read=_native_or_size,
+        help="output in-plane size; aspect kept by padding with air (default {default}; 0 = native)")
+    dataset: str | None = setting(None, help="dataset name stored in the 'source' column (default: the layout name)")
+    labels_csv: str | None = setting(None, flag="--labels",
+                                     help="CSV with columns file,label (paths relative to the CSV)")
+    workers: int = setting(1, help="parallel prep processes (Ray tasks)")
+    #: "ray" (local or --address cluster), "local" (in-process, no Ray) or "auto" (local for one worker)
+    executor: str = setting("ray", choices=("ray", "local", "auto"), cli_default="auto",
+                            help="'local' runs in this process without Ray (default auto: local for 1 worker)")
+    address: str | None = setting(
+        None, help="Ray cluster address (default: a private local Ray; 'auto' = running cluster)")
+    shard_index: int = 0  # the command's --shard-index (its default is $JOB_COMPLETION_INDEX)
+    num_shards: int = setting(1, help="number of processes splitting the work")
+    rows_per_shard: int = setting(1024, help="slices per Parquet shard")
+    max_reject_fraction: float | None = setting(
+        None, parse=float, help="fail (exit 3) when more than this fraction of inputs is rejected")
+    progress: bool = setting(True, flag="--no-progress", action="store_false", help="progress bar / lines",
+                             flag_help="no progress bar / lines")
     #: what a series flagged by the volume checks gets (data_prep.volume_qc): written and listed
     #: ("warn"), left out and listed as rejects ("skip"), or the run stops ("strict")
-    volume_check: str = volume_qc.DEFAULT_POLICY
+    volume_check: str = setting(
+        volume_qc.DEFAULT_POLICY, key="volumeCheck", choices=volume_qc.POLICIES,
+        help="a series that is no regular volume (slices at one position, missing slices, gantry tilt, mixed "
+             "orientation or size): warn = write it and list its flags (default), skip = leave it out and list it "
+             "as rejects, strict = stop naming its series id",
+        study_note="See docs/data-format.md; warn lists the flags in the manifest and the report, strict stops "
+                   "the study naming the series' pseudonym and flag.")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What must be equal for a rerun to continue an existing output."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ray_jobs import settings
+from ctssl_base import settings
 from ray_jobs.finetune.config import DEFAULT_SAMPLES_PER_CLASS, FinetuneConfig, parse_sizes
 
 #: the defaults the description quotes (the flags and their help come from FinetuneConfig's table)

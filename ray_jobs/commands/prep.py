@@ -7,10 +7,11 @@ import json
 import os
 import sys
 
+from ctssl_base import settings
 from data_prep.deid import load_key
+from data_prep.prep import PrepConfig
 from data_prep.reader_warnings import summary_line
 from data_prep.reject_kinds import summary_line as kinds_line
-from data_prep.sources import source_names
 from data_prep.volume_qc import summary_lines
 
 NAME = "prep"
@@ -28,41 +29,20 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """SRC and DST, PrepConfig's table, then the options that are the command's own."""
     p.add_argument("src", help="input folder or file (DICOM tree, NIfTI, .npz, image folder)")
     p.add_argument("dst", help="output URL: local path, file:// or s3://bucket/prefix")
-    p.add_argument("--source", choices=source_names(), help="input layout (default: detected)")
-    p.add_argument("--size", type=int, default=256,
-                   help="output in-plane size; aspect kept by padding with air (default 256; 0 = native)")
-    p.add_argument("--dataset", help="dataset name stored in the 'source' column (default: the layout name)")
-    p.add_argument("--labels", dest="labels_csv", help="CSV with columns file,label (paths relative to the CSV)")
-    p.add_argument("--workers", type=int, default=1, help="parallel prep processes (Ray tasks)")
-    p.add_argument("--executor", choices=["ray", "local", "auto"], default="auto",
-                   help="'local' runs in this process without Ray (default auto: local for 1 worker)")
-    p.add_argument("--address", help="Ray cluster address (default: a private local Ray; 'auto' = running cluster)")
+    settings.add_flags(p, PrepConfig)
     p.add_argument("--shard-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
                    help="this process's part of the work (default $JOB_COMPLETION_INDEX or 0)")
-    p.add_argument("--num-shards", type=int, default=1, help="number of processes splitting the work")
-    p.add_argument("--rows-per-shard", type=int, default=1024, help="slices per Parquet shard")
     p.add_argument("--deid-key-file", help="file holding the de-identification key (else $CTSSL_DEID_KEY)")
-    p.add_argument("--max-reject-fraction", type=float,
-                   help="fail (exit 3) when more than this fraction of inputs is rejected")
-    p.add_argument("--volume-check", choices=["warn", "skip", "strict"], default="warn",
-                   help="a series that is no regular volume (slices at one position, missing slices, gantry "
-                        "tilt, mixed orientation or size): warn = write it and list its flags (default), "
-                        "skip = leave it out and list it as rejects, strict = stop naming its series id")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar / lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.prep import PrepConfig, RejectThresholdExceeded, run_prep
+    from data_prep.prep import RejectThresholdExceeded, run_prep
 
-    cfg = PrepConfig(src=args.src, dst=args.dst, source=args.source, size=args.size or None,
-                     dataset=args.dataset, labels_csv=args.labels_csv, workers=args.workers,
-                     executor=args.executor, address=args.address, shard_index=args.shard_index,
-                     num_shards=args.num_shards, rows_per_shard=args.rows_per_shard,
-                     max_reject_fraction=args.max_reject_fraction, progress=not args.no_progress,
-                     volume_check=args.volume_check)
+    cfg = settings.from_args(PrepConfig, args, src=args.src, dst=args.dst, shard_index=args.shard_index)
     key = load_key(args.deid_key_file)
     try:
         s = run_prep(cfg, key)

@@ -16,7 +16,9 @@ Read a fine-tuning study's runs from MLflow (so it works for a study run anywher
 and write report.md, auc_vs_size.png and a self-contained report.html into --out: mean +- std over
 folds of AUC / F1 / accuracy per encoder x size, AUC against training-set size per method with fold
 spread, the paired Wilcoxon test of each method against the random-init baseline per size, and each
-method's minimal samples per class.
+method's minimal samples per class. A study evaluated by the linear probe alone (its finetune.evaluation:
+linear) gets the linear probe's tables instead: AUC per encoder x size and each encoder's paired
+difference to the baseline over the same folds x seeds.
 
 With --maps-data and --maps-pool (the labelled and the pre-training prep outputs) the report also
 draws "What the encoders learned": a PCA map of the labelled slices per frozen encoder (each

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", help="run (or resume) a study")
     r.add_argument("-f", "--file", required=True, help="the study file (YAML)")
     r.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a private local Ray)")
+    r.add_argument("--until", metavar="STAGE",
+                   help="run the stages up to this one and stop (e.g. prep-pretrain, reduce-hash6; `ctssl study "
+                        "validate` lists them); the next run reuses what finished")
     r.add_argument("--fresh", action="store_true",
                    help="first delete what earlier runs of this study wrote (only in roots holding its sentinel)")
     pl = sub.add_parser("plan", help="what the study will cost before it runs: work, wall time, GPU-hours, "
@@ -88,15 +91,18 @@ def run(args: argparse.Namespace) -> int:
             names = [s.name for s in plan(study)]
             print(f"{args.file}: valid study {study.name!r}: {len(names)} stages ({', '.join(names)})")
         return 0
-    return run_study(study, args.address, fresh=args.fresh)
+    return run_study(study, args.address, fresh=args.fresh, until=args.until)
 
 
-def run_study(study, address: str | None, *, fresh: bool = False) -> int:
+def run_study(study, address: str | None, *, fresh: bool = False, until: str | None = None) -> int:
     """Run ``study`` and print where its results are (shared with ``ctssl demo``)."""
 
     if fresh:
         _clean(study)
-    res = runner.run(study, address)
+    res = runner.run(study, address, until)
+    if until is not None and until != "report":
+        print(f"\nstudy {study.name}: stopped after stage {until} (--until); run it again without --until to go on")
+        return 0
     rep = res["report"]
     print(f"\nstudy {study.name} finished.")
     print(f"  report:    {rep['markdown']}")

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ctssl_base.errors import UserError
+from ctssl_base.settings import from_section, setting, study_keys
 from ray_jobs.names import check_experiment_name
-from ray_jobs.settings import from_section, setting, study_keys
 from ray_jobs.tracking import check_tags
 from ray_jobs.trial_record import SizeSpec
 from ssl_core.finetune_recipe import FineTuneRecipe
@@ -149,7 +149,7 @@ RECIPE = FineTuneRecipe()
 @dataclass
 class FinetuneConfig:
     """The settings of a fine-tuning study: the one table ``ctssl finetune``'s flags, a study file's
-    ``finetune`` keys, the schema's defaults and the help text are made from (:mod:`ray_jobs.settings`)."""
+    ``finetune`` keys, the schema's defaults and the help text are made from (:mod:`ctssl_base.settings`)."""
 
     data: str = setting(required=True, metavar="URL", help="labelled prep output (local path or s3://)")
     storage: str = setting(required=True, metavar="URL", help="Ray Tune results folder (local or s3://)")
@@ -368,5 +368,5 @@ class FinetuneConfig:
 
 
 #: study-file key (``finetune.<key>``) -> FinetuneConfig field, from the table; ``samplesPerClass`` ->
-#: ``sizes`` (a parse) and ``random``, ``linearProbe`` (what the study runs) are the study's own
+#: ``sizes`` (a parse) and ``random``, ``evaluation`` (what the study runs) are the study's own
 STUDY_KEYS: dict[str, str] = study_keys(FinetuneConfig)

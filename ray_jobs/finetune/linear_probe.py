@@ -84,8 +84,8 @@ def fit_probe(emb: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.nd
 
 def probe_cells(emb: np.ndarray, data: LabelledData, folds: list[FoldSplit], sizes: list[SizeSpec],
                 seeds: list[int]) -> list[dict]:
-    """One row per (size, fold, seed): {size, fold, seed, auc, val_auc, C, n_train}; training rows are the
-    fine-tuning study's nested subset of the fold's training part."""
+    """One row per (size, fold, seed): {size, fold, seed, auc, val_auc, C, n_train, train_per_class_min};
+    training rows are the fine-tuning study's nested subset of the fold's training part."""
     emb = np.asarray(emb, np.float64)
     labels = np.asarray(data.labels)
     n_classes = len(data.classes)
@@ -95,6 +95,7 @@ def probe_cells(emb: np.ndarray, data: LabelledData, folds: list[FoldSplit], siz
             for seed in seeds:
                 train = nested_subset(fold.train, labels, size, seed)  # as trial.py calls it
                 r = fit_probe(emb, labels, train, fold.val, fold.test, n_classes)
-                rows.append({"size": size.label, "fold": fold.fold,
-                             "seed": seed, **r})
+                per_class = np.bincount(labels[train], minlength=n_classes)
+                rows.append({"size": size.label, "fold": fold.fold, "seed": seed, **r,
+                             "train_per_class_min": int(per_class.min())})
     return rows

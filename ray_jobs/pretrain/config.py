@@ -14,48 +14,112 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ctssl_base.errors import UserError
+from ctssl_base.settings import setting
 from ray_jobs.names import check_experiment_name
 from ray_jobs.tracking import check_tags
+from ssl_core.methods import METHOD_NAMES
 
 RUNNERS = ("auto", "ray", "in-process")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 DEFAULT_EPOCHS = 100  # without a budget, as before budgets existed
 #: steps between probes of --monitor-data when neither a step nor a time period is given
 DEFAULT_MONITOR_EVERY = 100
 
 
+def parse_fractions(text: str) -> list[float]:
+    """``0.125,0.25,1`` -> [0.125, 0.25, 1.0] (the CLI's budget curve); ``validate`` checks range and order."""
+    try:
+        return [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError as e:
+        raise UserError(f"--keep-at-fractions: not a comma-separated list of numbers: {text!r}") from e
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
 @dataclass
 class PretrainConfig:
-    method: str
-    data: str
-    storage: str
-    experiment: str
-    backbone: str = "resnet50"
-    selection: str | None = None
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
+    """The settings of one pre-training run: the one table ``ctssl pretrain``'s flags, a study file's
+    ``pretrain`` keys, the schema's defaults there and the help text are made from
+    (:mod:`ctssl_base.settings`). A study's ``resources`` section, its per-method overrides and its
+    online-probe block are mapped by the study's pre-training stage."""
+
+    method: str = setting(required=True, help=" | ".join(METHOD_NAMES))
+    data: str = setting(required=True, metavar="URL", help="prep output folder (local path or s3://)")
+    storage: str = setting(required=True, metavar="URL", help="checkpoint folder (local path or s3://)")
+    experiment: str = setting(
+        required=True, metavar="NAME",
+        help="run name: checkpoints under STORAGE/NAME, MLflow experiment NAME; rerun resumes")
+    backbone: str = setting("resnet50", key="backbone", metavar="NAME", help="timm model name (default {default})",
+                            study_note="For every method unless a method names its own.")
+    selection: str | None = setting(None, metavar="URL", help="a selection (reduction output) of {data} to train on")
+    workers: int = setting(1, metavar="N", help="Ray Train workers (default {default})")
+    gpus_per_worker: float = setting(0.0, metavar="G", help="GPUs per worker (default {default})")
+    cpus_per_worker: float = setting(1.0, metavar="C", help="CPUs per worker (default {default})")
+    placement_strategy: str = setting(
+        "PACK", choices=PLACEMENTS, help="how workers are placed on nodes (default {default})")
     #: where the loop runs: "ray" (Ray Train workers), "in-process" (this process, one worker) or
     #: "auto" (in-process for one worker and no named cluster; see sizing.runs_in_process)
-    runner: str = "auto"
-    epochs: int | None = None  # None: 100 without a budget, unlimited with one (an upper bound then)
-    batch_size: int | None = None  # global batch (all workers together); None: sized from the pool
-    img_size: int | None = None  # None: the prep resolution of the shards
-    in_chans: int = 1
-    checkpoint_every: int = 500  # optimiser steps between checkpoints
-    max_failures: int = 3
-    address: str | None = None
-    tracking_uri: str | None = None
-    lr: float | None = None  # None: the method's base lr scaled by batch size
-    weight_decay: float | None = None
-    warmup_epochs: float | None = None
-    steps_per_epoch: int | None = None  # cap (None: one pass over the data per epoch)
-    shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer
-    cache_mb: int = 512  # keep a worker's epoch in memory when it fits (0: always stream)
-    seed: int = 0
-    log_every: int = 10  # steps between MLflow metric flushes
-    time_budget_s: float | None = None  # seconds of training loop; schedules follow the clock
-    max_steps: int | None = None  # optimiser steps; schedules end at this step
+    runner: str = setting(
+        "auto", choices=RUNNERS,
+        help="where training runs: in this process (one worker, no Ray Train start-up or background processes), "
+             "on Ray Train workers, or auto (default: in this process for {workers} 1 without {address} / "
+             "$RAY_ADDRESS, else Ray Train)")
+    epochs: int | None = setting(
+        None, key="epochs", parse=int, metavar="E", schema={"minimum": 1, "maximum": 100000},
+        help=f"epochs to train (default {DEFAULT_EPOCHS}); with {{time_budget_s}} or {{max_steps}} an upper "
+             "bound (default: none)")
+    time_budget_s: float | None = setting(
+        None, key="timeBudget", flag="--time-budget", read=_duration, metavar="DURATION",
+        study_note="At most 720h.",
+        help="train for this long, e.g. 90s, 12m, 1.5h or plain seconds, then write the final checkpoint. Counts "
+             "the training loop only, from its first step (Ray and worker start-up are not counted); lr, weight "
+             "decay, EMA momentum, warm-up and the other schedules run from start to end over the budget; a "
+             "resumed run continues it")
+    max_steps: int | None = setting(
+        None, key="maxSteps", parse=int, metavar="N", schema={"minimum": 1, "maximum": 100000000},
+        help="train for N optimiser steps (schedules end there); with {time_budget_s} whichever comes first")
+    #: fractions of the run's budget (steps, or training time with a time budget) at which a checkpoint
+    #: with the encoder is kept outside the rotation (CheckpointStore.MILESTONES): the budget curve
+    keep_at_fractions: list[float] = setting(
+        default_factory=list, key="budgetCurve", read=parse_fractions, metavar="F,F,...",
+        study_note="Sorted; the budget stage probes each kept encoder at the smallest labelled size(s) against random "
+                   "init (budget_curve.csv and the report's gain-versus-budget plot). Empty: off.",
+        help="budget curve: also keep a checkpoint with the encoder at these fractions of the budget (steps, or "
+             "training time with {time_budget_s}), e.g. 0.125,0.25,0.5,1, under STORAGE/NAME/milestones, outside "
+             "the checkpoint rotation; a resumed run keeps them")
+    batch_size: int | None = setting(
+        None, key="batch", parse=int, metavar="B", schema={"minimum": 2, "maximum": 65536},
+        help="global batch size over all workers (default: sized from the pool: the largest power of two <= "
+             "slices/32, within 32..256, a multiple of the number of workers)")
+    address: str | None = setting(
+        None, metavar="ADDR", help="Ray cluster: ray://host:10001, auto, or local (default: $RAY_ADDRESS, else local)")
+    tracking_uri: str | None = setting(
+        None, metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite under a local "
+                                  "{storage})")
+    img_size: int | None = setting(None, parse=int, metavar="S", help="training resolution (default: the shards' size)")
+    in_chans: int = setting(1, choices=(1, 3), help="1 = one HU window, 3 = three CT windows as channels")
+    checkpoint_every: int = setting(
+        500, key="checkpointEvery", metavar="K", schema={"minimum": 1, "maximum": 100000000},
+        help="optimiser steps between checkpoints (default {default})")
+    max_failures: int = setting(3, metavar="F", help="worker failures to recover from (restart from the last "
+                                                     "checkpoint)")
+    lr: float | None = setting(None, parse=float, help="peak learning rate (default: the method's, scaled by batch "
+                                                       "size)")
+    weight_decay: float | None = setting(None, parse=float, help="weight decay (default: the method's)")
+    warmup_epochs: float | None = setting(
+        None, parse=float, help="linear warm-up epochs (default: the method's; with {time_budget_s} at most 10 %% "
+                                "of the budget)")
+    steps_per_epoch: int | None = setting(None, parse=int, metavar="N",
+                                          help="cap on steps per epoch (default: one pass)")
+    shuffle_buffer: int = setting(1024, metavar="ROWS", help="per-worker shuffle buffer")
+    cache_mb: int = setting(
+        512, metavar="MB", help="keep each worker's epoch in memory when it fits, skipping the data pipeline's "
+                                "per-epoch start-up (0 = always stream)")
+    seed: int = setting(0, help="seed of the run (default {default})")
+    log_every: int = setting(10, metavar="STEPS", help="steps between MLflow flushes")
+    #: ``--method-option KEY=VALUE`` (repeatable; the command parses the pairs) or a study method's ``options``
     method_options: dict[str, Any] = field(default_factory=dict)
     #: MLflow experiment of the run; None: ``experiment`` (which stays the Ray Train run name and the
     #: checkpoint folder). A study names its own, so every stage of it lands in one experiment
@@ -67,18 +131,19 @@ class PretrainConfig:
     #: the online probe (ray_jobs.pretrain.monitor): a labelled prep output whose fold-0 training and
     #: validation slices are embedded every ``monitor_every`` steps or ``monitor_every_s`` seconds
     #: (None: neither given, every DEFAULT_MONITOR_EVERY steps); folds as the fine-tuning study makes them
-    monitor_data: str | None = None
+    monitor_data: str | None = setting(
+        None, metavar="URL",
+        help="a labelled prep output: probe the encoder while it trains (k-NN AUC, embedding spread) on the "
+             "training and validation slices of one patient-level fold, logged to MLflow as probe.* step metrics")
+    #: ``--monitor-every N|DURATION`` fills one of the two (the command splits it)
     monitor_every: int | None = None
     monitor_every_s: float | None = None
-    monitor_k: int = 20
+    monitor_k: int = setting(20, metavar="K", help="neighbours of the k-NN probe (default {default})")
     monitor_temperature: float = 0.07
-    monitor_slices: int = 256  # training + validation slices at most (a stratified, seeded subsample)
+    monitor_slices: int = setting(256, metavar="N", help="labelled slices the probe embeds at most (default {default})")
     monitor_folds: int = 5
     monitor_val_fraction: float = 0.2
     monitor_fold_seed: int = 0
-    #: fractions of the run's budget (steps, or training time with a time budget) at which a checkpoint
-    #: with the encoder is kept outside the rotation (CheckpointStore.MILESTONES): the budget curve
-    keep_at_fractions: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         """Cheap checks on the values alone (no I/O), each naming the flag that is wrong.
@@ -109,7 +174,7 @@ class PretrainConfig:
             raise UserError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.max_failures < -1:
             raise UserError(f"--max-failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        if self.placement_strategy not in PLACEMENTS:
             raise UserError(f"--placement-strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                             f"got {self.placement_strategy!r}")
         if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):

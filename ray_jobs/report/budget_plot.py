@@ -26,6 +26,12 @@ from ray_jobs.trial_record import SizeSpec  # noqa: E402
 
 RANDOM = "random"
 COLUMNS = ["method", "fraction", "step", "train_time_s", "size", "auc_mean", "ci_low", "ci_high", "n"]
+SECTION = "Gain versus pre-training budget"
+CSV, PLOT = "budget_curve.csv", "budget_curve.png"
+#: the budget-finetune stage's table and plot (the same columns, fine-tuning's test AUC)
+FINETUNE_CSV, FINETUNE_PLOT = "budget_finetune.csv", "budget_finetune.png"
+LINEAR_YLABEL = "linear-probe test AUC (mean, 95 % interval)"
+FINETUNE_YLABEL = "fine-tuned test AUC (mean, 95 % interval)"
 
 
 def bootstrap_band(aucs: np.ndarray | list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float, float]:
@@ -93,10 +99,11 @@ def finetuned_reference(summary: pd.DataFrame | None) -> dict[str, float]:
 
 
 def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None,
-                      finetuned: dict[str, float] | None = None) -> str:
+                      finetuned: dict[str, float] | None = None, ylabel: str | None = None) -> str:
     """AUC (mean, 95 % interval as error bars) against pre-training seconds (log x) per method and
     size, the random-init band shaded behind; ``finetuned`` (size -> AUC) adds random init's
-    fine-tuned AUC as a dotted line at each probed size."""
+    fine-tuned AUC as a dotted line at each probed size. ``ylabel``: what the AUC is of (the linear
+    probe's by default; the budget-finetune stage's table is fine-tuning's)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     curves = table[table["method"] != RANDOM]
     if curves.empty:
@@ -118,10 +125,16 @@ def plot_budget_curve(table: pd.DataFrame, path: str, title: str | None = None,
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        times: list[int] = []
+        for x in sorted(float(x) for x in curves["train_time_s"] if x > 0):
+            if not times or x > times[-1] * 1.03:  # one tick per budget (the methods' clocks differ by a second)
+                times.append(round(x))
+        if len(times) <= 8:  # the measured budgets themselves, not the decades between them
+            ax.set_xticks(times, [f"{x:g}" for x in times])
     if not table.empty:
         ax.legend(fontsize=8)
     ax.set_xlabel("pre-training time (s of training loop)")
-    ax.set_ylabel("linear-probe test AUC (mean, 95 % interval)")
+    ax.set_ylabel(ylabel or LINEAR_YLABEL)
     ax.set_title(title or "Gain versus pre-training budget")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -158,18 +171,25 @@ def budget_section(table: pd.DataFrame, image: str, finetuned: dict[str, float] 
     return "\n".join(lines) + "\n"
 
 
-SECTION = "Gain versus pre-training budget"
-PLOT = "budget_curve.png"
-
-
-def report_section(csv: str, out: str, summary: pd.DataFrame | None = None) -> tuple[str, str]:
+def report_section(csv: str, out: str, summary: pd.DataFrame | None = None,
+                   finetune_csv: str | None = None) -> tuple[str, str]:
     """(heading, body) of the report's section from a study's ``budget_curve.csv``; the plot is drawn
     into ``out`` beside the report. ``summary`` (the report's per encoder and size table) supplies
-    random init's fine-tuned AUC as the second reference."""
+    random init's fine-tuned AUC as the second reference. ``finetune_csv`` (the budget-finetune
+    stage's table) adds the same curve under fine-tuning, against fine-tuned random init."""
     table = pd.read_csv(csv)
     finetuned = finetuned_reference(summary)
     plot_budget_curve(table, f"{out}/{PLOT}", finetuned=finetuned)
-    return SECTION, budget_section(table, PLOT, finetuned)
+    body = budget_section(table, PLOT, finetuned)
+    if finetune_csv:
+        ft = pd.read_csv(finetune_csv)
+        plot_budget_curve(ft, f"{out}/{FINETUNE_PLOT}", title="Gain versus pre-training budget, fine-tuned",
+                          ylabel=FINETUNE_YLABEL)
+        body += ("\nThe same checkpoints fine-tuned (the study's fine-tuning recipe, folds and seeds; the grey "
+                 "band is random init fine-tuned the same way):\n\n"
+                 f"![AUC versus pre-training time, fine-tuned]({FINETUNE_PLOT})\n\n"
+                 + "".join(f"- fine-tuned: {s}\n" for s in summary_lines(ft)))
+    return SECTION, body
 
 
 PROTOCOLS_SECTION = "Linear probe beside fine-tuning"
@@ -193,11 +213,11 @@ def protocols_table(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows, columns=cols)
     # random init first, as in the budget table; then by encoder, the sizes from smallest to all
     order = sorted(range(len(out)), key=lambda i: (out["encoder"][i] != RANDOM, out["encoder"][i],
-                                                   _size_order(out["size"][i])))
+                                                   size_order(out["size"][i])))
     return out.iloc[order].reset_index(drop=True)
 
 
-def _size_order(label: str) -> tuple[float, str]:
+def size_order(label: str) -> tuple[float, str]:
     """A size label's place from smallest to largest: n5 < n40 < all (r90 < r0), plain numbers by value."""
     try:
         return SizeSpec.from_label(label).sort_key(), label

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import logging
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 
@@ -19,20 +15,11 @@ from ctssl_base.errors import UserError
 from ray_jobs import tracking
 from ray_jobs.report.budget_plot import protocols_section, report_section
 from ray_jobs.report.collect import load_study, unfinished_note
-from ray_jobs.report.embedding_maps import SECTION as MAPS_SECTION
-from ray_jobs.report.embedding_maps import MapsInput, write_maps
+from ray_jobs.report.embedding_maps import MapsInput
+from ray_jobs.report.linear_report import build_linear
+from ray_jobs.report.pages import REPORT_ARTIFACT, ReportPaths, extras, write_pages
 from ray_jobs.report.plots import plot_auc_vs_size
 from ray_jobs.report.pooled import bootstrap_markdown, bootstrap_vs_baseline, load_predictions
-from ray_jobs.report.pretraining import (
-    PRETRAIN_NOTE,
-    PRETRAIN_PLOT,
-    collect_pretraining,
-    display_table,
-    plot_auc_vs_pretrain_time,
-    pretraining_markdown,
-    pretraining_table,
-)
-from ray_jobs.report.probe_curves import PROBE_PLOT, collect_probe_curves, plot_probe_curves, probe_markdown
 from ray_jobs.report.tables import (
     convergence_note,
     convergence_table,
@@ -71,22 +58,11 @@ class ReportConfig:
     embedding_maps: MapsInput | None = None
     #: a study's budget_curve.csv (its budget stage): the "Gain versus pre-training budget" section
     budget_curve: str | None = None
+    #: a study's budget_finetune.csv (its budget-finetune stage): the same curve under fine-tuning
+    budget_finetune: str | None = None
     #: a study's linear_probe.csv (its linear stage): the linear probe beside fine-tuning at every size;
     #: without it that section shows the budget curve's probed sizes
     linear_probe: str | None = None
-
-
-#: the artifact folder of the study's parent run the report's files go to (``log_to_run``)
-REPORT_ARTIFACT = "report"
-
-
-@dataclass
-class ReportPaths:
-    markdown: str
-    html: str
-    plot: str
-    summary_csv: str
-    pretrain_plot: str | None = None  # AUC vs pre-training time; None when the experiment has no such runs
 
 
 def _param_float(params: dict[str, str], key: str) -> float | None:
@@ -136,6 +112,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
             raise UserError("give --tracking-uri (or MLFLOW_TRACKING_URI), or the study's local --storage")
         uri = tracking.resolve_tracking_uri(None, cfg.storage)
     study = load_study(uri, cfg.experiment, cfg.study_run)
+    if study.tags.get(tracking.TAG_STAGE) == "linear":  # a study without fine-tuning (evaluation: linear)
+        return build_linear(cfg, out, study)
     trials = study.trials
     if trials.empty:
         raise UserError(f"study run {study.parent_run_id} of {cfg.experiment!r} has no finished trials")
@@ -157,16 +135,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
 
     plot = plot_auc_vs_size(trials, os.path.join(out, "auc_vs_size.png"), title=f"{cfg.experiment}: AUC vs size")
     cl = tracking.client(uri)
-    pre = collect_pretraining(cl, study.experiment_id, sorted(trials["encoder"].unique()), study.tags, study.params)
-    pre_table = pretraining_table(pre, summary, cfg.baseline) if not pre.empty else None
-    pre_plot = None
-    if pre_table is not None:
-        pre_plot = plot_auc_vs_pretrain_time(pre_table, os.path.join(out, PRETRAIN_PLOT),
-                                             title=f"{cfg.experiment}: AUC vs pre-training time")
-    curves, collapsed = collect_probe_curves(cl, pre) if not pre.empty else (pd.DataFrame(), {})
-    probe_plot = None if curves.empty else plot_probe_curves(curves, os.path.join(out, PROBE_PLOT),
-                                                             title=f"{cfg.experiment}: online probe")
-    maps_text, maps_files = _embedding_maps(cfg.embedding_maps, out)
+    ex = extras(cl, study, cfg.baseline, sorted(trials["encoder"].unique()), summary, cfg.embedding_maps, out,
+                cfg.experiment)
     csv = os.path.join(out, "summary.csv")
     summary.to_csv(csv, index=False)
     rule = f"mean test AUC >= {target}" if target is not None else f"within {margin} of the largest size's AUC"
@@ -182,11 +152,8 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
         ("Fine-tuning recipe per encoder", f"{protocol[:1].upper()}{protocol[1:]}.\n\n"
          + recipe_markdown(recipe_table(trials))),
         ("AUC vs training-set size", "![AUC vs training-set size](auc_vs_size.png)"),
-        *([("Pre-training", f"{PRETRAIN_NOTE}\n\n{pretraining_markdown(pre_table)}\n\n"
-            f"![AUC vs pre-training time]({PRETRAIN_PLOT})")] if pre_table is not None else []),
-        *([("Online probe during pre-training", probe_markdown(curves, collapsed))] if probe_plot else []),
-        *([(MAPS_SECTION, maps_text)] if cfg.embedding_maps is not None else []),
-        *([report_section(cfg.budget_curve, out, summary)] if cfg.budget_curve else []),
+        *ex.sections(),
+        *([report_section(cfg.budget_curve, out, summary, cfg.budget_finetune)] if cfg.budget_curve else []),
         *([protocols_section(linear, summary)] if (linear := cfg.linear_probe or cfg.budget_curve) else []),
         (f"Paired Wilcoxon signed-rank test against `{cfg.baseline}`",
          wilcoxon_markdown(wil, cfg.baseline) if not wil.empty else f"no `{cfg.baseline}` trials to compare with"),
@@ -196,42 +163,13 @@ def _build(cfg: ReportConfig, out: str) -> ReportPaths:
         (f"Minimal samples per class ({rule})", _minimal_markdown(minimal, searched)),
         *([(VOLUME_SECTION, volume_checks_markdown(cfg.prep_manifests))] if cfg.prep_manifests else []),
     ]
-    md_text = "\n\n".join(f"## {h}\n\n{b}" for h, b in sections) + "\n"
-    md_path = os.path.join(out, "report.md")
-    with open(md_path, "w") as f:
-        f.write(md_text)
-    html_path = os.path.join(out, "report.html")
-    with open(html_path, "w") as f:
-        f.write(_html(cfg.experiment, sections, plot, {
-            "summary": summary, "wilcoxon": wil, "bootstrap": boot, "minimal": minimal,
-            "recipes": recipe_table(trials),
-            "pretraining": display_table(pre_table) if pre_table is not None else pd.DataFrame()},
-            pretrain_plot=pre_plot))
-    json_path = os.path.join(out, "report.json")
-    with open(json_path, "w") as f:
-        json.dump({"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
-                   "searched_minimal": searched, "convergence": conv.to_dict(orient="records"),
-                   "pretraining": [] if pre_table is None else pre_table.to_dict(orient="records")},
-                  f, indent=1, default=str)
-    paths = ReportPaths(markdown=md_path, html=html_path, plot=plot, summary_csv=csv, pretrain_plot=pre_plot)
+    paths, files = write_pages(out, cfg.experiment, sections, plot, csv, ex, tables={
+        "summary": summary, "wilcoxon": wil, "bootstrap": boot, "minimal": minimal, "recipes": recipe_table(trials)},
+        doc={"parent_run_id": study.parent_run_id, "minimal": minimal.to_dict(orient="records"),
+             "searched_minimal": searched, "convergence": conv.to_dict(orient="records")})
     if cfg.log_to_run:
-        files = [md_path, html_path, plot, *([pre_plot] if pre_plot else []), *([probe_plot] if probe_plot else []),
-                 *maps_files, csv, json_path]
         tracking.log_artifacts(cl, study.parent_run_id, files, REPORT_ARTIFACT)
     return paths
-
-
-def _embedding_maps(inp: MapsInput | None, out: str) -> tuple[str, list[str]]:
-    """The maps' section text and PNGs. A failure (an encoder that no longer loads, a pool that moved)
-    costs the pictures, with one line saying why, not the report: the tables stand without them."""
-    if inp is None:
-        return "", []
-    try:
-        res = write_maps(inp, out)
-    except Exception as e:  # noqa: BLE001 - the pictures are an addition; the report is still written
-        log.warning("embedding maps not drawn: %s", e)
-        return f"Not drawn: {type(e).__name__}: {e}", []
-    return res.markdown, res.files
 
 
 def _protocol_from_params(params: dict[str, str]) -> str:
@@ -244,67 +182,3 @@ BOOTSTRAP_NOTE = ("Each encoder's test predictions are pooled over the folds (ev
                   "a test patient exactly once), compared with the baseline's on the same slices, and "
                   "patients are resampled with replacement (1,000 times) to give a 95 % interval and a "
                   "two-sided p-value for the difference in macro AUC.")
-
-
-_IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<file>[^)/\\]+\.png)\)$")
-
-
-def _md_inline(text: str, folder: str | None = None) -> str:
-    """The little markdown the report's prose uses (bold, code, bullet lists) as HTML; a line that is
-    only ``![alt](picture.png)`` with the picture in ``folder`` (the report's) is inlined, so every
-    section's plots show in the one self-contained page without code of its own here."""
-    out, items = [], []
-    for line in text.splitlines():
-        m = _IMAGE.match(line.strip())
-        if m and folder and os.path.isfile(os.path.join(folder, m["file"])):
-            out.append(f'<img alt="{html.escape(m["alt"])}" '
-                       f'src="data:image/png;base64,{_png_base64(os.path.join(folder, m["file"]))}">')
-            continue
-        h = html.escape(line)
-        h = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", h)
-        h = re.sub(r"`(.+?)`", r"<code>\1</code>", h)
-        if line.startswith("- "):
-            items.append(f"<li>{h[2:]}</li>")
-            continue
-        if items:
-            out.append("<ul>" + "".join(items) + "</ul>")
-            items = []
-        if line.strip():
-            out.append(f"<p>{h}</p>")
-    if items:
-        out.append("<ul>" + "".join(items) + "</ul>")
-    return "".join(out)
-
-
-def _png_base64(path: str) -> str:
-    with open(path, "rb") as f:
-        return base64.b64encode(f.read()).decode()
-
-
-def _html(title: str, sections, plot: str, tables: dict[str, pd.DataFrame], pretrain_plot: str | None = None) -> str:
-    """The report as one self-contained page: every section under its own heading; tables from the
-    data frames, prose from the markdown, the plots inlined (the pictures a section's markdown names
-    are read from the folder of ``plot``)."""
-    img = _png_base64(plot)
-    folder = os.path.dirname(plot)
-    fmt = {"float_format": lambda v: f"{v:.4g}", "index": False, "na_rep": "n/a", "border": 0}
-    table_of = {"Test metrics": "summary", "Paired Wilcoxon": "wilcoxon", "Patient-level bootstrap": "bootstrap",
-                "Minimal samples": "minimal", "Fine-tuning recipe": "recipes", "Pre-training": "pretraining"}
-    body = [f"<h1>{html.escape(sections[0][0])}</h1>", _md_inline(sections[0][1])]
-    for head, text in sections[1:]:
-        body.append(f"<h2>{html.escape(head)}</h2>")
-        key = next((v for k, v in table_of.items() if head.startswith(k)), None)
-        if head.startswith("AUC vs"):
-            body.append(f'<img alt="AUC vs training-set size" src="data:image/png;base64,{img}">')
-        elif key is not None and not tables.get(key, pd.DataFrame()).empty:
-            # the section's prose (notes, the protocol), then its table from the data frame
-            parts = [p for p in text.split("\n\n") if not p.lstrip().startswith("|")]
-            body.extend(_md_inline(p) for p in parts if not p.lstrip().startswith("!["))
-            body.append(tables[key].to_html(**fmt))
-            body.extend(_md_inline(p, folder) for p in parts if p.lstrip().startswith("!["))
-        else:
-            body.append(_md_inline(text, folder))
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

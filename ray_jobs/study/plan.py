@@ -485,6 +485,14 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
                     peak, peak_why = conc, [f"fine-tuning: {conc} trials at once, 1 GPU each"]
                 elif conc == peak:
                     peak_why.append(f"fine-tuning: {conc} trials at once")
+        elif name == "budget-finetune":
+            pre = study.spec["pretrain"]
+            runs = sum(1 for r in rows if r.stage.startswith("pretrain-"))
+            sizes = pre.get("budgetSizes") or [min(n for n in study.spec["finetune"]["samplesPerClass"]
+                                                   if isinstance(n, int))]
+            row, _ = _finetune_row(study, st, pools, device, gpu_type, cpus, max_gpus, default_recipes, notes,
+                                   encoders=1 + runs * len(spec_budget(study)), sizes=sizes)
+            rows.append(row)
         elif name in ("budget", "linear"):
             runs = sum(1 for r in rows if r.stage.startswith("pretrain-"))
             n = 1 + runs * (len(spec_budget(study)) if name == "budget" else 1)
@@ -492,8 +500,10 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
                     f"{n} encoders probed at {len(study.spec['finetune']['samplesPerClass'])} sizes")
             rows.append(_probe_row(study, st, pools, device, gpu_type, cpus, n, what))
         elif name == "report":
-            trials = next(r for r in rows if r.stage == "finetune").details["trials"]
-            rows.append(Row(name, st.title, f"{trials:,} trials collected",
+            ft = next((r for r in rows if r.stage == "finetune"), None)
+            # a linear-only study's report reads one table from its parent run: about one trial's cost
+            trials = ft.details["trials"] if ft else 1
+            rows.append(Row(name, st.title, f"{trials:,} trials collected" if ft else "the linear probe's cells",
                             trials * report_s_per_trial(),
                             storage_bytes=figure("storage.small_outputs")["report_bytes"],
                             basis=["report.per_trial_s", "storage.small_outputs"]))
@@ -644,8 +654,13 @@ def _probe_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gpu_t
 
 
 def _finetune_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gpu_type: str | None, cpus: int,
-                  max_gpus: int | None, default_recipes: Any, notes: list[str]) -> tuple[Row, int]:
+                  max_gpus: int | None, default_recipes: Any, notes: list[str], encoders: int | None = None,
+                  sizes: list[Any] | None = None) -> tuple[Row, int]:
+    """A fine-tuning stage's row: the study's ``finetune`` stage, or (``encoders``, ``sizes`` given) the
+    budget-finetune stage, which fine-tunes that many encoders at those sizes with the same settings."""
     ft, res = study.spec["finetune"], study.spec["resources"]
+    if sizes is not None:
+        ft = {**ft, "samplesPerClass": list(sizes)}
     p = pools["labelled"]
     classes = p.classes
     basis = ["finetune.cpu_epoch", "finetune.eval_share", "finetune.study_bench", "pretrain.pixel_rule"]
@@ -653,7 +668,8 @@ def _finetune_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gp
         classes = 2
         notes.append("labelled set: 2 classes assumed (--classes N sets them)")
     recipes = 1 if ft["protocol"] == "fixed" else len(ft["recipes"] or default_recipes(ft["epochs"]))
-    encoders = len(study.methods()) * len(study.levels()) + (1 if ft["random"] else 0)
+    if encoders is None:
+        encoders = len(study.methods()) * len(study.levels()) + (1 if ft["random"] else 0)
     backbone = ft["backbone"] or study.method_settings(study.methods()[0])["backbone"]
     size = study.spec["data"]["labelled"]["size"]
     per_image = finetune_core_s_per_image(backbone, size if device == "cpu" else max(size, GPU_MIN_PX))
@@ -687,9 +703,10 @@ def _finetune_row(study: Study, st: Any, pools: dict[str, Pool], device: str, gp
     work = (f"{w.trials:,} trials ({encoders} encoders x {len(ft['samplesPerClass'])} sizes x {ft['folds']} folds"
             f" x {len(ft['seeds'])} seeds), {_plural(recipes, 'recipe')} x {epochs} epochs, {conc} at once, "
             f"{fmt_duration(trial_s)} each")
-    if stopping == "early":
-        notes.append("fine-tuning stops early: its figures are for every recipe running all its epochs (an upper "
-                     "bound unless a recipe is extended)")
+    early = ("fine-tuning stops early: its figures are for every recipe running all its epochs (an upper bound "
+             "unless a recipe is extended)")
+    if stopping == "early" and early not in notes:  # once, for the finetune and budget-finetune rows alike
+        notes.append(early)
     gpus = float(conc) if device == "gpu" else 0.0
     small = figure("storage.small_outputs")
     store = w.trials * (w.test_images * small["trial_bytes_per_test_image"] + small["trial_bytes"])

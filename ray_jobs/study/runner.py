@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from ctssl_base import ray_connect, storage
+from ctssl_base.errors import UserError
 from ctssl_base.lease import Lease
 from ray_jobs import tracking
 from ray_jobs.study.spec import Study
@@ -120,23 +121,36 @@ def resolve_gpus(study: Study) -> float:
     return 1.0 if float(ray.cluster_resources().get("GPU", 0)) > 0 else 0.0
 
 
-def run(study: Study, address: str | None = None) -> dict[str, Any]:
+def run(study: Study, address: str | None = None, until: str | None = None) -> dict[str, Any]:
     """Run every stage that is not already finished with the same settings; returns their results.
 
-    The driver holds the lease on the storage root meanwhile: a second driver of the study is refused
-    in one line naming the holder, and changes nothing."""
+    ``until`` names the last stage to run (with every stage before it in the plan's order, which holds
+    all it needs): an archive's data stages can be prepared and reduced now and pre-trained later, and
+    the next run reuses them. The driver holds the lease on the storage root meanwhile: a second driver of the study
+    is refused in one line naming the holder, and changes nothing."""
 
     with Lease(study.storage, f"study {study.name}"):
-        return _run(study, address)
+        return _run(study, address, until)
 
 
-def _run(study: Study, address: str | None) -> dict[str, Any]:
+def upto(stages: list[Stage], until: str | None, origin: str = "--until") -> list[Stage]:
+    """The stages up to and including ``until`` (all of them for None); an unknown name is refused with
+    the list of the study's stages."""
+    if until is None:
+        return stages
+    names = [s.name for s in stages]
+    if until not in names:
+        raise UserError(f"{origin} {until!r}: no such stage in this study (its stages: {', '.join(names)})")
+    return stages[:names.index(until) + 1]
+
+
+def _run(study: Study, address: str | None, until: str | None = None) -> dict[str, Any]:
     tracking_uri = tracking.resolve_tracking_uri(study.spec["tracking"]["uri"], study.storage)
+    stages = upto(plan(study), until)
     study.workdir.mkdir(parents=True, exist_ok=True)
     markers = Markers(study.storage)
     mark_root(study.storage, study.name)
     mark_root(str(study.workdir.resolve()), study.name)
-    stages = plan(study)
     ray_connect.connect(address)
     ctx = Context(study=study, address=address, tracking_uri=tracking_uri, gpus_per_worker=resolve_gpus(study))
     print(f"study {study.name}: {len(stages)} stages, storage {study.storage}, "

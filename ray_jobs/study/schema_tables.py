@@ -1,6 +1,8 @@
 """The study schema's keywords that the settings tables own: for each section made from a config
-dataclass (``finetune`` from :class:`~ray_jobs.finetune.config.FinetuneConfig`), every key's default,
-description and bounds are written into ``study.schema.json`` from the table (:mod:`ray_jobs.settings`).
+dataclass (``prep`` from :class:`~data_prep.prep.PrepConfig`, ``pretrain`` from
+:class:`~ray_jobs.pretrain.config.PretrainConfig`, ``finetune`` from
+:class:`~ray_jobs.finetune.config.FinetuneConfig`), every key's default,
+description and bounds are written into ``study.schema.json`` from the table (:mod:`ctssl_base.settings`).
 
 ``make schema`` runs this first (then the chart's copy and the docs' key reference follow from the
 file); tests/study/test_settings_table.py fails when the checked-in file is not what it writes.
@@ -13,12 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ray_jobs import settings
+from ctssl_base import settings
+from data_prep.prep import PrepConfig
 from ray_jobs.finetune.config import FinetuneConfig
+from ray_jobs.pretrain.config import PretrainConfig
 from ray_jobs.study.spec import SCHEMA_FILE
 
 #: study-file section -> the config dataclass whose table defines its keys
-SECTIONS: dict[str, type] = {"finetune": FinetuneConfig}
+SECTIONS: dict[str, type] = {"prep": PrepConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 def synced(doc: dict[str, Any], sections: dict[str, type] = SECTIONS) -> dict[str, Any]:

@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctssl_base import storage
+from ctssl_base import settings, storage
 from ctssl_base.errors import UserError
 from data_prep import shards
 from data_prep.deid import load_key
 from data_prep.phantom.cohort import write_cohort
+from data_prep.prep import PrepConfig
 from data_prep.reduce import reduce_dataset
 from data_prep.volume_qc import summary_lines
 from ray_jobs import tracking
 from ray_jobs.finetune.config import FinetuneConfig
-from ray_jobs.pretrain.config import PretrainConfig, parse_duration, parse_monitor_every
+from ray_jobs.pretrain.config import PretrainConfig, parse_monitor_every
 from ray_jobs.study.spec import PHANTOM_KEYS, Study
 from ray_jobs.trial_record import SizeSpec
 
@@ -102,22 +103,23 @@ def _deid_key(study: Study) -> bytes:
 
 def _prep(role: str) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        from data_prep.prep import PrepConfig, run_prep
+        from data_prep.prep import run_prep
 
         study = ctx.study
         src = study.spec["data"][role]
-        check = _volume_check(study)
+        section = study.spec.get("prep", {})  # the prep keys of PrepConfig's table; the source's own below
         if src["type"] == "phantom":
             folder = _phantom_dir(study, role)
             labels = str(folder / f"labels_{src.get('task', 'region')}.csv") if role == "labelled" else None
-            pc = PrepConfig(src=str(folder), dst=ctx.url("shards", role), source="dicom", size=src["size"],
-                            dataset=src.get("dataset") or f"phantom-{role}", labels_csv=labels,
-                            executor="local", volume_check=check)  # the phantom lies on the driver's disk only
+            pc = settings.from_section(
+                PrepConfig, section, src=str(folder), dst=ctx.url("shards", role), source="dicom", size=src["size"],
+                dataset=src.get("dataset") or f"phantom-{role}", labels_csv=labels,
+                executor="local")  # the phantom lies on the driver's disk only
         else:
-            pc = PrepConfig(src=src["path"], dst=ctx.url("shards", role), source=src["type"], size=src["size"],
-                            dataset=src.get("dataset"), labels_csv=src.get("labels"),
-                            workers=study.spec["resources"]["prepWorkers"], executor="ray", address=ctx.address,
-                            volume_check=check)
+            pc = settings.from_section(
+                PrepConfig, section, src=src["path"], dst=ctx.url("shards", role), source=src["type"],
+                size=src["size"], dataset=src.get("dataset"), labels_csv=src.get("labels"),
+                workers=study.spec["resources"]["prepWorkers"], executor="ray", address=ctx.address)
         s = run_prep(pc, _deid_key(study))
         print(f"    {role}: {s.slices_written} slices from {s.series} series, {s.rejected} rejected -> {pc.dst}",
               flush=True)
@@ -187,19 +189,16 @@ def _pretrain(method: str, level: int | None) -> Callable[[Context], dict[str, A
         encoder = study.encoder_name(method, level)
         label = study.level_label(level)
         selection = None if level is None else ctx.results[f"reduce-{label}"]["url"]
-        pc = PretrainConfig(
-            method=method, data=data_url(ctx, "pretrain"), selection=selection, backbone=s["backbone"],
-            **_monitor_settings(ctx),
+        # the pretrain section's keys through PretrainConfig's table, this method's overrides on top
+        pc = settings.from_section(
+            PretrainConfig, {**study.spec["pretrain"], **s}, method=method, data=data_url(ctx, "pretrain"),
+            selection=selection, **_monitor_settings(ctx),
             workers=res["workers"], cpus_per_worker=res["cpusPerWorker"], gpus_per_worker=ctx.gpus_per_worker,
-            epochs=s["epochs"], batch_size=s["batch"], max_steps=s["maxSteps"],
-            time_budget_s=parse_duration(s["timeBudget"]) if s["timeBudget"] else None,
             # the fingerprint in the name: a restarted driver resumes this run, a changed setting starts anew
             storage=ctx.url("runs"), experiment=f"{study.name}-{encoder}-{ctx.fingerprint[:8]}",
-            address=ctx.address, tracking_uri=ctx.tracking_uri,
-            checkpoint_every=study.spec["pretrain"]["checkpointEvery"], seed=study.spec["seed"],
+            address=ctx.address, tracking_uri=ctx.tracking_uri, seed=study.spec["seed"],
             method_options=s["options"], mlflow_experiment=study.name, register_as=f"{study.name}-{encoder}",
-            tags={"ctssl.stage": "pretrain", "ctssl.study": study.name, "encoder": encoder, "reduction": label},
-            keep_at_fractions=list(study.spec["pretrain"].get("budgetCurve") or []))
+            tags={"ctssl.stage": "pretrain", "ctssl.study": study.name, "encoder": encoder, "reduction": label})
         pc.validate()
         r = run_pretrain(pc)
         print(f"    {encoder}: {r.summary()}", flush=True)
@@ -247,6 +246,12 @@ def _finetune(ctx: Context) -> dict[str, Any]:
     return {"parent_run_id": r.parent_run_id, "trials": r.trials, "failed": r.failed}
 
 
+def study_run_id(ctx: Context) -> str:
+    """The study's parent MLflow run: the fine-tuning study's, else (``evaluation: linear``) the linear
+    stage's."""
+    return (ctx.results.get("finetune") or ctx.results["linear"])["parent_run_id"]
+
+
 def _report_done(ctx: Context, r: dict[str, Any]) -> bool:
     """The local report exists, and so does its upload when the storage is remote."""
 
@@ -260,11 +265,12 @@ def _report(ctx: Context) -> dict[str, Any]:
     rep = study.spec["report"]
     local = study.workdir.resolve() / "report"
     paths = build_report(ReportConfig(experiment=study.name, out=str(local), tracking_uri=ctx.tracking_uri,
-                                      study_run=ctx.results["finetune"]["parent_run_id"],
+                                      study_run=study_run_id(ctx),
                                       target_auc=rep["targetAuc"], margin=rep["margin"], log_to_run=True,
                                       prep_manifests={r: data_url(ctx, r) for r in ("pretrain", "labelled")},
                                       embedding_maps=_maps_input(ctx),
                                       budget_curve=ctx.results.get("budget", {}).get("csv"),
+                                      budget_finetune=ctx.results.get("budget-finetune", {}).get("csv"),
                                       linear_probe=ctx.results.get("linear", {}).get("csv")))
     res = {"markdown": paths.markdown, "html": paths.html, "plot": paths.plot, "folder": str(local),
            **_alias_best(ctx, paths.summary_csv)}
@@ -329,7 +335,7 @@ def _alias_best(ctx: Context, summary_csv: str) -> dict[str, Any]:
         cl = tracking.client(ctx.tracking_uri)
         version = tracking.register_alias(cl, names[encoder], pre[encoder]["run_id"], alias, clear=names.values())
         uri = f"models:/{names[encoder]}@{alias}"
-        tracking.set_tags(cl, ctx.results["finetune"]["parent_run_id"], {f"best_encoder_at_{size}": uri})
+        tracking.set_tags(cl, study_run_id(ctx), {f"best_encoder_at_{size}": uri})
     except Exception as e:  # noqa: BLE001 - the registry is down or refuses: the report still stands
         log.warning("could not set alias %s on %s (%s)", alias, names[encoder], e)
         return {}
@@ -377,29 +383,54 @@ def plan(study: Study) -> list[Stage]:
                              _pretrain(method, level), lambda c, r: _exists(r["checkpoint"]), needs=needs))
             pretrain_names.append(f"pretrain-{enc}")
     labelled_needs = [] if spec["data"]["labelled"]["type"] == "shards" else ["prep-labelled"]
-    out.append(Stage("finetune", "fine-tuning study (Ray Tune)",
-                     {**spec["finetune"], "labelled": spec["data"]["labelled"].get("path"),
-                      "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
-                     _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
+    evaluation = spec["finetune"]["evaluation"]
+    if evaluation != "linear":
+        out.append(Stage("finetune", "fine-tuning study (Ray Tune)",
+                         {**{k: v for k, v in spec["finetune"].items() if k != "evaluation"},
+                          "labelled": spec["data"]["labelled"].get("path"),
+                          "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
+                         _finetune, lambda c, r: True, needs=labelled_needs + pretrain_names))
+    # what the probing stages come after: the fine-tuning study (whose folds and parent run they share),
+    # else the labelled set and the encoders themselves
+    after = ["finetune"] if evaluation != "linear" else labelled_needs + pretrain_names
+    probes = []
+    if evaluation != "finetune":
+        from ray_jobs.study import linear_stage
+
+        probes.append(Stage("linear", "linear probe of every encoder at every training-set size",
+                            {k: spec["finetune"][k] for k in ("samplesPerClass", "folds", "seeds", "valFraction",
+                                                              "backbone", "evaluation")},
+                            linear_stage.run_stage, linear_stage.done, needs=list(after)))
     if spec["pretrain"].get("budgetCurve"):
         from ctssl_base.errors import UserError
         from ray_jobs.study.budget_curve import run_stage as _budget
 
         if (fr := spec["pretrain"]["budgetCurve"]) != sorted(fr):
             raise UserError(f"{study.source}: pretrain.budgetCurve must be sorted ascending, got {fr}")
+        # after the stage whose parent MLflow run it logs to: the fine-tuning study's, else the linear one's
+        parent = ["finetune"] if evaluation != "linear" else ["linear"]
+        at = 0 if evaluation != "linear" else 1
+        probes.insert(at, Stage(
+            "budget", "gain versus pre-training budget (linear probe on budget-curve checkpoints)",
+            {k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")}, _budget,
+            lambda c, r: Path(r["csv"]).exists(), needs=list(parent)))
+        if spec["pretrain"].get("budgetFinetune"):
+            from ray_jobs.study.budget_curve import run_finetune_stage
 
-        out.append(Stage("budget", "gain versus pre-training budget (linear probe on budget-curve checkpoints)",
-                         {k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")}, _budget,
-                         lambda c, r: Path(r["csv"]).exists(), needs=["finetune"]))
-    if spec["finetune"]["linearProbe"]:
-        from ray_jobs.study import linear_stage
+            probes.insert(at + 1, Stage(
+                "budget-finetune", "the budget-curve checkpoints fine-tuned (Ray Tune)",
+                {**{k: spec["pretrain"].get(k) for k in ("budgetCurve", "budgetSizes")},
+                 **{k: v for k, v in spec["finetune"].items() if k != "evaluation"},
+                 "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
+                run_finetune_stage, lambda c, r: Path(r["csv"]).exists(), needs=list(parent)))
+    elif spec["pretrain"].get("budgetFinetune"):
+        from ctssl_base.errors import UserError
 
-        out.append(Stage("linear", "linear probe of every encoder at every training-set size",
-                         {k: spec["finetune"][k] for k in ("samplesPerClass", "folds", "seeds", "valFraction",
-                                                           "backbone", "linearProbe")},
-                         linear_stage.run_stage, linear_stage.done, needs=["finetune"]))
+        raise UserError(f"{study.source}: pretrain.budgetFinetune fine-tunes the budget curve's checkpoints: "
+                        "give pretrain.budgetCurve as well")
+    out += probes
     out.append(Stage("report", "report", dict(spec["report"]), _report,
                      _report_done,
-                     needs=["finetune"] + [s.name for s in out if s.name in ("budget", "linear")]))
+                     needs=[s.name for s in out if s.name in ("finetune", "budget", "budget-finetune", "linear")]))
     return out
 

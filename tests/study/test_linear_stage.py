@@ -1,9 +1,12 @@
-"""The study's linear-probe stage: on by default, off with finetune.linearProbe: false, in the plan."""
+"""The study's linear-probe stage: on by default (finetune.evaluation: both), off with evaluation: finetune,
+alone with evaluation: linear; in the plan."""
 
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
+from ctssl_base.errors import UserError
 from ray_jobs.study import plan, spec
 from ray_jobs.study.stages import plan as stage_plan
 from tests.study.test_study_plan import study_text
@@ -17,9 +20,55 @@ def test_the_linear_probe_stage_runs_before_the_report_unless_switched_off(tmp_p
     p = plan.make_plan(study, plan.Options())
     row = next(r for r in p.rows if r.stage == "linear")
     assert row.work.startswith("5 encoders") and row.wall_s > 0  # random + byol, spark at 2 levels
-    text = study_text(tmp_path / "s").replace("epochs: 3, batch: 8}", "epochs: 3, batch: 8, linearProbe: false}")
+    text = study_text(tmp_path / "s").replace("epochs: 3, batch: 8}", "epochs: 3, batch: 8, evaluation: finetune}")
     off = {s.name: s for s in stage_plan(spec.loads(text, "s.yaml"))}
-    assert "linear" not in off and "linear" not in off["report"].needs
+    assert "linear" not in off and "linear" not in off["report"].needs and "finetune" in off
+
+
+def test_a_linear_only_study_has_no_fine_tuning_stage(tmp_path):
+    """evaluation: linear probes straight after pre-training; the budget stage logs to the linear stage's
+    parent run, so it comes after it; the plan's report row has no trials to collect."""
+    text = study_text(tmp_path / "s").replace("epochs: 3, batch: 8}", "epochs: 3, batch: 8, evaluation: linear}")
+    text = text.replace("methods: {byol: {}, spark: {}}}", "methods: {byol: {}, spark: {}}, budgetCurve: [0.5, 1]}")
+    study = spec.loads(text, "s.yaml")
+    stages = stage_plan(study)
+    names = [s.name for s in stages]
+    assert "finetune" not in names and names[-3:] == ["linear", "budget", "report"]
+    by = {s.name: s for s in stages}
+    pretrain = [n for n in names if n.startswith("pretrain-")]
+    assert by["linear"].needs == ["prep-labelled", *pretrain] and by["budget"].needs == ["linear"]
+    assert by["report"].needs == ["linear", "budget"]
+    p = plan.make_plan(study, plan.Options())
+    assert [r.stage for r in p.rows] == names and next(r for r in p.rows if r.stage == "report").work == \
+        "the linear probe's cells"
+
+    # the budget curve also fine-tuned: a stage after the probe's, planned as fine-tuning trials of
+    # random init and each of the 4 runs' 2 checkpoints at the smallest size (9 x 1 x 3 folds x 1 seed)
+    tuned = text.replace("budgetCurve: [0.5, 1]}", "budgetCurve: [0.5, 1], budgetFinetune: true}")
+    study = spec.loads(tuned, "s.yaml")
+    by = {s.name: s for s in stage_plan(study)}
+    assert list(by)[-4:] == ["linear", "budget", "budget-finetune", "report"]
+    assert by["budget-finetune"].needs == ["linear"] and "budget-finetune" in by["report"].needs
+    row = next(r for r in plan.make_plan(study, plan.Options()).rows if r.stage == "budget-finetune")
+    assert row.details["trials"] == 27 and row.wall_s > 0
+    lone = tuned.replace("budgetCurve: [0.5, 1], ", "")
+    with pytest.raises(UserError, match="budgetFinetune .* give pretrain.budgetCurve"):
+        stage_plan(spec.loads(lone, "s.yaml"))
+
+
+def test_fine_tuning_trials_make_the_budget_table_with_random_init_first():
+    from ray_jobs.finetune.config import parse_sizes
+    from ray_jobs.study.budget_curve import finetune_encoders, finetune_table
+
+    encoders = finetune_encoders({"byol": {1.0: "f/1", 0.5: "f/0.5"}})
+    assert list(encoders) == ["byol@0.5", "byol@1"] and encoders["byol@1"] == ("byol", 1.0, "f/1")
+    rows = [{"encoder": e, "size": "n2", "fold": f, "seed": 0, "test_auc": auc + 0.01 * f}
+            for e, auc in (("random", 0.6), ("byol@0.5", 0.7), ("byol@1", 0.8)) for f in range(3)]
+    table = finetune_table(pd.DataFrame(rows), encoders, {"byol@0.5": (12, 30.0), "byol@1": (24, 60.0)},
+                           parse_sizes(samples_per_class="2"))
+    assert list(zip(table["method"], table["fraction"], table["step"], strict=True)) == [
+        ("random", 0.0, 0), ("byol", 0.5, 12), ("byol", 1.0, 24)]
+    assert list(table["n"]) == [3, 3, 3] and abs(table["auc_mean"].iloc[2] - 0.81) < 1e-9
 
 
 def test_the_side_by_side_section_covers_every_size_of_the_linear_table(tmp_path):

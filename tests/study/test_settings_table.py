@@ -1,4 +1,4 @@
-"""A setting is added in one place: a field of its stage's table (ray_jobs.settings) becomes a CLI flag,
+"""A setting is added in one place: a field of its stage's table (ctssl_base.settings) becomes a CLI flag,
 a study key with its default and description in the schema, and a line of the help, with no other edit."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from ray_jobs import settings
+from ctssl_base import settings
 from ray_jobs.commands import finetune as finetune_cmd
 from ray_jobs.finetune.config import FinetuneConfig
 from ray_jobs.study import schema_tables

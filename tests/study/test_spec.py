@@ -41,8 +41,10 @@ def test_every_example_validates_and_plans_its_stages():
     for f in files:
         study = spec.load(f)
         names = [s.name for s in plan(study)]
-        tail = (["finetune"] + (["budget"] if study.spec["pretrain"].get("budgetCurve") else [])
-                + (["linear"] if study.spec["finetune"]["linearProbe"] else []) + ["report"])
+        ev = study.spec["finetune"]["evaluation"]
+        budget = ["budget"] if study.spec["pretrain"].get("budgetCurve") else []
+        tail = {"both": ["finetune", *budget, "linear"], "finetune": ["finetune", *budget],
+                "linear": ["linear", *budget]}[ev] + ["report"]
         assert names[-len(tail):] == tail, (f, names)
         assert sum(n.startswith("pretrain-") for n in names) == len(study.methods()) * len(study.levels())
 

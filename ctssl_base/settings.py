@@ -58,6 +58,13 @@ class Setting:
     required: bool = False
     #: the CLI default differs from the field's default (e.g. None there, to tell "not given")
     cli_default: Any = SAME
+    #: said in the study reference only, after ``help``: what the key does there beyond the flag (the
+    #: stage that reads it, a per-method override)
+    study_note: str | None = None
+    #: turns the text a user wrote, a flag's or a study value's, into the field's value (a duration "12m"
+    #: into seconds, "0.25,1" into a list), after argparse: its UserError reaches the user as one line.
+    #: A value that is not text (a study's list, a default) is kept as it is
+    read: Callable[[str], Any] | None = None
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
@@ -125,7 +132,8 @@ def render(text: str, table: dict[str, Entry], default: Any, style: str) -> str:
             return e.flag or word
         return f"`{e.key}`" if e.key else (e.flag or word)
 
-    return re.sub(r"\{(\w+)\}", name, text)
+    text = re.sub(r"\{(\w+)\}", name, text)
+    return text if style == "cli" else text.replace("%%", "%")  # argparse's escape, for argparse only
 
 
 def table(cls: type) -> dict[str, Entry]:
@@ -151,6 +159,8 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, skip: Iterable[s
             kw["default"] = default
         parse = s.parse or (type(e.default) if isinstance(e.default, int | float | str)
                             and not isinstance(e.default, bool) else None)
+        if s.read is not None:
+            parse = None  # the text as written; from_args reads it
         if parse is not None:
             kw["type"] = parse
         if s.choices:
@@ -162,9 +172,13 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, skip: Iterable[s
         parser.add_argument(e.flag, **kw)
 
 
+def _read(e: Entry, value: Any) -> Any:
+    return e.setting.read(value) if e.setting.read is not None and isinstance(value, str) else value
+
+
 def from_args(cls: type, args: argparse.Namespace, **rest: Any) -> Any:
     """``cls`` from parsed flags (every setting with a flag) and ``rest`` (what the command derives)."""
-    kw = {e.name: getattr(args, e.name) for e in entries(cls) if e.flag is not None and hasattr(args, e.name)}
+    kw = {e.name: _read(e, getattr(args, e.name)) for e in entries(cls) if e.flag is not None and hasattr(args, e.name)}
     return cls(**{**kw, **rest})
 
 
@@ -175,7 +189,8 @@ def study_keys(cls: type) -> dict[str, str]:
 
 def from_section(cls: type, section: dict[str, Any], **rest: Any) -> Any:
     """``cls`` from a study file's section (its schema's defaults filled in) and ``rest``."""
-    kw = {name: section[key] for key, name in study_keys(cls).items() if key in section}
+    every = table(cls)
+    kw = {name: _read(every[name], section[key]) for key, name in study_keys(cls).items() if key in section}
     return cls(**{**kw, **rest})
 
 
@@ -189,6 +204,8 @@ def schema_fields(cls: type) -> dict[str, dict[str, Any]]:
         if not s.key:
             continue
         text = render(s.help, every, e.default, "study")
+        if s.study_note:
+            text = text.rstrip(".") + ". " + render(s.study_note, every, e.default, "study")
         d: dict[str, Any] = {"default": list(e.default) if isinstance(e.default, tuple) else e.default,
                              **({"enum": list(s.choices)} if s.choices else {}), **s.schema,
                              "description": text + ("" if text.endswith(".") else ".")}
