@@ -67,6 +67,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
 
 def measure(n: int, work: Path) -> dict[str, float]:
     src, gen = pool(n)
+    print(f"{n} slices: pool ready ({gen:.0f} s to generate)", flush=True)
     out = work / f"prep-{n}"
     shutil.rmtree(out, ignore_errors=True)
     row: dict[str, float] = {"n": n, "gen_s": gen}
@@ -162,12 +163,15 @@ torch.set_num_threads(1)
 t0 = time.perf_counter()
 stream = ShardStream(inspect_data(sys.argv[1], None))
 first, n, t1 = None, 0, None
-for b in stream.iter_batches(batch_size=256, local_shuffle_buffer_size=1024):
-    x = to_training_tensor(decode_batch(b), None, torch.device("cpu"))
-    if first is None:
-        first, t1 = time.perf_counter() - t0, time.perf_counter()
-        continue
-    n += len(x)
+for _epoch in range(3):  # a small pool is read again until the limit (each epoch a new shard order)
+    for b in stream.iter_batches(batch_size=64, local_shuffle_buffer_size=1024):
+        x = to_training_tensor(decode_batch(b), None, torch.device("cpu"))
+        if first is None:
+            first, t1 = time.perf_counter() - t0, time.perf_counter()
+            continue
+        n += len(x)
+        if n >= int(sys.argv[2]):
+            break
     if n >= int(sys.argv[2]):
         break
 print(json.dumps({"first_batch_s": first, "read_rate": n / (time.perf_counter() - t1)}))
@@ -275,7 +279,10 @@ def main() -> int:
     work = CACHE / "scale-work"
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
-    rows = [measure(n, work) for n in sizes]
+    rows = []
+    for n in sizes:
+        rows.append(measure(n, work))
+        print(f"measured {n}: {json.dumps(rows[-1], default=str)}", flush=True)  # kept if a later size fails
     print(f"\n{'slices':>8s} {'gen s':>7s} {'prep s/1k':>9s} {'prep MB':>8s} {'shards':>6s} {'shard MB':>8s} "
           f"{'manif KB':>8s} {'commit KB':>9s} {'vol s/1k':>8s} {'vol MB':>7s} {'glob s/1k':>9s} {'glob MB':>7s}")
     for r in rows:
