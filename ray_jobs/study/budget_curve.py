@@ -146,12 +146,12 @@ def probe_inputs(ctx: Any) -> tuple[Any, list, Any]:
 def _sizes(ctx: Any) -> tuple[list[int], list[Any]]:
     """The labelled sizes the budget curve is probed at (``pretrain.budgetSizes``, default the smallest
     integer of ``finetune.samplesPerClass``): as written and parsed."""
-    ft, pre = ctx.study.spec["finetune"], ctx.study.spec["pretrain"]
-    wanted = pre.get("budgetSizes") or [min(n for n in ft["samplesPerClass"] if isinstance(n, int))]
+    ft = ctx.study.spec["finetune"]
+    wanted = ctx.study.budget_sizes()
     unknown = [n for n in wanted if n not in ft["samplesPerClass"]]
     if unknown:
         raise ValueError(f"pretrain.budgetSizes {unknown}: not in finetune.samplesPerClass {ft['samplesPerClass']}")
-    return list(wanted), parse_sizes(samples_per_class=",".join(map(str, wanted)))
+    return wanted, parse_sizes(samples_per_class=",".join(map(str, wanted)))
 
 
 def _milestones(ctx: Any) -> dict[str, dict[float, str]]:

@@ -486,12 +486,9 @@ def make_plan(study: Study, opts: Options | None = None) -> Plan:
                 elif conc == peak:
                     peak_why.append(f"fine-tuning: {conc} trials at once")
         elif name == "budget-finetune":
-            pre = study.spec["pretrain"]
             runs = sum(1 for r in rows if r.stage.startswith("pretrain-"))
-            sizes = pre.get("budgetSizes") or [min(n for n in study.spec["finetune"]["samplesPerClass"]
-                                                   if isinstance(n, int))]
             row, _ = _finetune_row(study, st, pools, device, gpu_type, cpus, max_gpus, default_recipes, notes,
-                                   encoders=1 + runs * len(spec_budget(study)), sizes=sizes)
+                                   encoders=1 + runs * len(spec_budget(study)), sizes=study.budget_sizes())
             rows.append(row)
         elif name in ("budget", "linear"):
             runs = sum(1 for r in rows if r.stage.startswith("pretrain-"))

@@ -242,6 +242,12 @@ class Study:
         return {**{k: pre[k] for k in keys}, **{k: own[k] for k in keys if k in own},
                 "options": dict(own.get("options") or {})}
 
+    def budget_sizes(self) -> list[int]:
+        """The labelled sizes (images per class) the budget curve is evaluated at: ``pretrain.budgetSizes``,
+        else the smallest integer size of ``finetune.samplesPerClass``."""
+        return list(self.spec["pretrain"].get("budgetSizes")
+                    or [min(n for n in self.spec["finetune"]["samplesPerClass"] if isinstance(n, int))])
+
     def levels(self) -> list[int | None]:
         return list(self.spec["reduction"]["levels"])
 

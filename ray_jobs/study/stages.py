@@ -402,7 +402,6 @@ def plan(study: Study) -> list[Stage]:
                                                               "backbone", "evaluation")},
                             linear_stage.run_stage, linear_stage.done, needs=list(after)))
     if spec["pretrain"].get("budgetCurve"):
-        from ctssl_base.errors import UserError
         from ray_jobs.study.budget_curve import run_stage as _budget
 
         if (fr := spec["pretrain"]["budgetCurve"]) != sorted(fr):
@@ -424,8 +423,6 @@ def plan(study: Study) -> list[Stage]:
                  "maxConcurrentTrials": spec["resources"]["maxConcurrentTrials"], "seed": spec["seed"]},
                 run_finetune_stage, lambda c, r: Path(r["csv"]).exists(), needs=list(parent)))
     elif spec["pretrain"].get("budgetFinetune"):
-        from ctssl_base.errors import UserError
-
         raise UserError(f"{study.source}: pretrain.budgetFinetune fine-tunes the budget curve's checkpoints: "
                         "give pretrain.budgetCurve as well")
     out += probes
